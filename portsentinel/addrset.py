@@ -1,0 +1,73 @@
+"""An immutable set of IPv4/IPv6 networks with O(log n) membership tests.
+
+Networks are merged into sorted, disjoint integer ranges per family, so a
+lookup is one bisect, whatever the number of entries.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from typing import Iterable
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _merged(ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    starts: list[int] = []
+    ends: list[int] = []
+    for start, end in sorted(ranges):
+        if ends and start <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], end)
+        else:
+            starts.append(start)
+            ends.append(end)
+    return starts, ends
+
+
+class AddressSet:
+    """Networks of both families; `address in s` is a bisect per lookup."""
+
+    __slots__ = ("_networks", "_ranges")
+
+    def __init__(self, networks: Iterable[Network | Address | str] = ()):
+        nets = {_as_network(n) for n in networks}
+        self._networks = frozenset(nets)
+        by_family: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in nets:
+            by_family[net.version].append(
+                (int(net.network_address), int(net.broadcast_address))
+            )
+        self._ranges = {v: _merged(r) for v, r in by_family.items()}
+
+    def __contains__(self, address: Address | str) -> bool:
+        if isinstance(address, str):
+            address = ipaddress.ip_address(address)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        starts, ends = self._ranges[address.version]
+        value = int(address)
+        i = bisect.bisect_right(starts, value) - 1
+        return i >= 0 and value <= ends[i]
+
+    def __len__(self) -> int:
+        return len(self._networks)
+
+    def __iter__(self):
+        return iter(sorted(self._networks, key=lambda n: (n.version, n)))
+
+    def __or__(self, other: "AddressSet") -> "AddressSet":
+        return AddressSet(self._networks | other._networks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AddressSet) and self._networks == other._networks
+
+    def __repr__(self) -> str:
+        return f"AddressSet({[str(n) for n in self]})"
+
+
+def _as_network(value: Network | Address | str) -> Network:
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return value
+    return ipaddress.ip_network(value, strict=False)

@@ -1,0 +1,197 @@
+"""Command line: `portsentinel run|check-config`, and PortSentry's own
+`portsentinel -atcp` style for people used to it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__, config as configuration, logs
+from .config import TCP_MODES, UDP_MODES, ConfigError
+
+PID_FILE = Path("/run/portsentinel.pid")
+
+DESCRIPTION = """\
+Detects port scans and blocks the scanner in the kernel firewall.
+A drop-in successor of PortSentry 1.2: it reads portsentry.conf and the
+ignore files, speaks the same log lines and writes the same history file.
+
+modes (one TCP and one UDP mode may run together in one process):
+  -tcp / -udp     listen on TCP_PORTS / UDP_PORTS; only completed TCP
+                  handshakes count, so the source cannot be spoofed
+  -stcp / -sudp   watch TCP_PORTS / UDP_PORTS with a packet sensor:
+                  SYN, FIN, NULL, XMAS and UDP scans
+  -atcp / -audp   watch every port below ADVANCED_PORTS_* that no local
+                  service uses (minus ADVANCED_EXCLUDE_*)
+Modes come from the command line, else TCP_MODE/UDP_MODE in the config,
+else /etc/default/portsentry, else atcp + audp."""
+
+
+def _modes_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("modes")
+    for mode in TCP_MODES:
+        group.add_argument(f"-{mode}", dest="tcp_mode", action="store_const", const=mode,
+                           help=argparse.SUPPRESS)
+    for mode in UDP_MODES:
+        group.add_argument(f"-{mode}", dest="udp_mode", action="store_const", const=mode,
+                           help=argparse.SUPPRESS)
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, metavar="FILE",
+                        help="portsentry.conf to read (default: the embedded default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portsentinel", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"portsentinel {__version__} (PortSentry 1.2 compatible)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="detect and block (the daemon)",
+                              description="Start the daemon. " + DESCRIPTION.split("\n\n")[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_argument(run)
+    _modes_arguments(run)
+    run.add_argument("--foreground", action="store_true",
+                     help="stay in the foreground (for systemd and containers)")
+    run.add_argument("--log", default=None, metavar="TARGETS",
+                     help="where log lines go: syslog, stdout or syslog,stdout "
+                          "(default: syslog; syslog,stdout with --foreground)")
+    run.add_argument("--pid-file", type=Path, default=PID_FILE, help=f"default {PID_FILE}")
+
+    check = commands.add_parser("check-config", help="validate the configuration and exit",
+                                description="Read the config and the ignore files; print "
+                                            "what would run, or the first error as file:line.")
+    _config_argument(check)
+    _modes_arguments(check)
+    return parser
+
+
+def _legacy(argv: list[str]) -> list[str]:
+    """`portsentinel -atcp -audp` (PortSentry style) means `portsentinel run -atcp -audp`."""
+    legacy = {f"-{m}" for m in TCP_MODES + UDP_MODES}
+    if argv and argv[0] in legacy:
+        return ["run", *argv]
+    return argv
+
+
+def resolve_modes(args, config) -> tuple[str | None, str | None]:
+    tcp, udp = args.tcp_mode, args.udp_mode
+    if tcp or udp:
+        return tcp, udp
+    if config.tcp_mode or config.udp_mode:
+        return config.tcp_mode, config.udp_mode
+    if args.config is not None:
+        file_tcp, file_udp = configuration.read_modes_file()
+        if file_tcp or file_udp:
+            return file_tcp, file_udp
+    return "atcp", "audp"
+
+
+def load_checked(args):
+    """Config, modes and never-block set, or ConfigError: nothing half-loaded."""
+    from .ignore import never_block_set
+
+    config = configuration.load(args.config)
+    tcp, udp = resolve_modes(args, config)
+    never_block = never_block_set(config.ignore_file, [],
+                                  configuration.where(config, "IGNORE_FILE"))
+    return config, tcp, udp, never_block
+
+
+def check_config(args) -> int:
+    try:
+        config, tcp, udp, never_block = load_checked(args)
+    except ConfigError as err:
+        print(f"portsentinel: {err}", file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        print(f"portsentinel: warning: {warning}", file=sys.stderr)
+    firewall = ("nftables table inet " + config.nft_table) if config.nftables else "none"
+    print(f"config: {config.source}: OK")
+    print(f"modes: tcp={tcp or 'off'} udp={udp or 'off'}")
+    print(f"blocking: BLOCK_TCP={config.block_tcp} BLOCK_UDP={config.block_udp} "
+          f"firewall={firewall} KILL_ROUTE={'set' if config.kill_route else 'unset'} "
+          f"KILL_HOSTS_DENY={'set' if config.kill_hosts_deny else 'unset'} "
+          f"KILL_RUN_CMD={'set' if config.kill_run_cmd else 'unset'}")
+    print(f"ignore entries: {len(never_block)} (plus this host's own addresses at run time)")
+    return 0
+
+
+def _log_for(args) -> logs.Log:
+    targets = set((args.log or ("syslog,stdout" if args.foreground else "syslog")).split(","))
+    unknown = targets - {"syslog", "stdout"}
+    if unknown:
+        raise ConfigError(f"--log: unknown target {', '.join(sorted(unknown))}")
+    return logs.Log(ident=args.syslog_ident, facility=args.syslog_facility,
+                    to_syslog="syslog" in targets,
+                    stream=sys.stdout if "stdout" in targets else None)
+
+
+def run(args) -> int:
+    from .daemon import Daemon
+
+    if os.geteuid() != 0:
+        print("portsentinel: run needs root (raw sockets and the firewall)", file=sys.stderr)
+        return 1
+    try:
+        config, tcp, udp, _ = load_checked(args)
+        args.syslog_ident, args.syslog_facility = config.syslog_ident, config.syslog_facility
+        log = _log_for(args)
+    except ConfigError as err:
+        print(f"portsentinel: {err}", file=sys.stderr)
+        return 1
+    if tcp is None and udp is None:
+        print("portsentinel: no mode to run (TCP_MODE and UDP_MODE are both empty)",
+              file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        log(f"adminalert: warning: {warning}", logs.WARNING)
+    try:
+        daemon = Daemon(config, tcp, udp, log)
+        daemon.start()
+    except (ConfigError, OSError) as err:
+        print(f"portsentinel: cannot start: {err}", file=sys.stderr)
+        log.error(f"adminalert: ERROR: cannot start: {err}")
+        return 1
+    if not args.foreground:
+        _daemonize(args.pid_file)
+    daemon.install_signal_handlers()
+    daemon.run()
+    return 0
+
+
+def _daemonize(pid_file: Path) -> None:
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    try:
+        pid_file.write_text(f"{os.getpid()}\n")
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_legacy(list(sys.argv[1:] if argv is None else argv)))
+    if args.command == "run":
+        return run(args)
+    if args.command == "check-config":
+        return check_config(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""PortSentry 1.2 configuration: `portsentry.conf` and `/etc/default/portsentry`.
+
+Lines are `KEY="value"` (spaces around `=` allowed), `#` starts a comment.
+Unlike 1.2, every problem is an error naming file:line instead of a silently
+skipped option, port lists have no 64-entry cap and accept ranges (`1-1023`).
+1.2 takes the first occurrence of a key; so do we, with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+TCP_MODES = ("tcp", "stcp", "atcp")
+UDP_MODES = ("udp", "sudp", "audp")
+TOKENS = ("$TARGET$", "$PORT$", "$MODE$")
+DEFAULT_MODES_FILE = Path("/etc/default/portsentry")
+EMBEDDED = "<embedded default>"
+
+_LINE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$')
+_SHELL_SYNTAX = re.compile(r"[|;&<>`]|\$\(")
+
+
+class ConfigError(Exception):
+    """A configuration problem, located at file:line when it has one."""
+
+    def __init__(self, message: str, source: str | None = None, line: int | None = None):
+        self.message, self.source, self.line = message, source, line
+        where = f"{source}:{line}: " if source and line else f"{source}: " if source else ""
+        super().__init__(where + message)
+
+
+@dataclass
+class Config:
+    tcp_ports: tuple[int, ...] = ()
+    udp_ports: tuple[int, ...] = ()
+    advanced_ports_tcp: int = 1024
+    advanced_ports_udp: int = 1024
+    advanced_exclude_tcp: frozenset[int] = frozenset({113, 139})
+    advanced_exclude_udp: frozenset[int] = frozenset({520, 138, 137, 67})
+    ignore_file: Path | None = None
+    history_file: Path = Path("/var/lib/portsentinel/portsentry.history")
+    blocked_file: Path = Path("/var/lib/portsentinel/portsentry.blocked")
+    resolve_host: bool = False
+    block_tcp: int = 1
+    block_udp: int = 1
+    kill_route: str | None = None
+    kill_hosts_deny: str | None = None
+    kill_run_cmd: str | None = None
+    kill_run_cmd_first: bool = False
+    scan_trigger: int = 0
+    port_banner: str | None = None
+    # portsentinel extensions
+    tcp_mode: str | None = None
+    udp_mode: str | None = None
+    scan_window: float = 300.0
+    ban_time: float = 86400.0
+    block_nftables: str = "auto"  # auto: on when KILL_ROUTE is unset
+    nft_table: str = "portsentinel"
+    hosts_deny_file: Path = Path("/etc/hosts.deny")
+    syslog_ident: str = "portsentry"
+    syslog_facility: str = "daemon"
+    host_capacity: int = 65536
+    source: str = EMBEDDED
+    warnings: list[str] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # KEY -> line it was read from
+
+    @property
+    def nftables(self) -> bool:
+        if self.block_nftables == "auto":
+            return self.kill_route is None
+        return self.block_nftables == "1"
+
+
+# -- value parsers: each takes the raw string, returns a value or raises ValueError
+def parse_port(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a port number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return port
+
+
+def parse_port_list(text: str) -> tuple[int, ...]:
+    """`1,11,15` and ranges `1-1023`; order kept, duplicates dropped."""
+    ports: dict[int, None] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        low, sep, high = item.partition("-")
+        if not sep:
+            ports[parse_port(low)] = None
+            continue
+        first, last = parse_port(low), parse_port(high)
+        if first > last:
+            raise ValueError(f"range {item!r} runs backwards")
+        ports.update(dict.fromkeys(range(first, last + 1)))
+    return tuple(ports)
+
+
+def _boolean(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(f"{text!r} must be 0 or 1")
+    return text == "1"
+
+
+def _block_level(text: str) -> int:
+    if text not in ("0", "1", "2"):
+        raise ValueError(f"{text!r} must be 0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """`3600`, or with a unit: `90s`, `30m`, `12h`, `7d`."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (e.g. 3600, 30m, 12h, 7d)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _advanced_limit(text: str) -> int:
+    value = _count(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{value} must be within 1-65535")
+    return value
+
+
+def _path(text: str) -> Path:
+    if not text:
+        raise ValueError("path is empty")
+    return Path(text)
+
+
+def _command(text: str) -> str:
+    """A command template run as argv, never through a shell."""
+    if _SHELL_SYNTAX.search(text):
+        raise ValueError(
+            "uses shell syntax (| ; & < > ` $( ); commands run without a shell - "
+            "put the pipeline in a script and call that")
+    try:
+        argv = shlex.split(text)
+    except ValueError as err:
+        raise ValueError(f"cannot be split into arguments: {err}") from None
+    if not argv:
+        raise ValueError("command is empty")
+    return text
+
+
+def _target_template(text: str) -> str:
+    if "$TARGET$" not in text:
+        raise ValueError("must contain $TARGET$")
+    return text
+
+
+def _choice(*allowed: str):
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"{text!r} must be one of: {', '.join(allowed)}")
+        return text
+    return parse
+
+
+def _optional(parse):
+    def wrapped(text: str):
+        return None if text == "" else parse(text)
+    return wrapped
+
+
+def _identifier(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,31}", text):
+        raise ValueError(f"{text!r} must be a short name of letters, digits, _ or -")
+    return text
+
+
+def _kill_route(text: str) -> str:
+    return _command(_target_template(text))
+
+
+# KEY -> (attribute, parser)
+KEYS = {
+    "TCP_PORTS": ("tcp_ports", parse_port_list),
+    "UDP_PORTS": ("udp_ports", parse_port_list),
+    "ADVANCED_PORTS_TCP": ("advanced_ports_tcp", _advanced_limit),
+    "ADVANCED_PORTS_UDP": ("advanced_ports_udp", _advanced_limit),
+    "ADVANCED_EXCLUDE_TCP": ("advanced_exclude_tcp", lambda t: frozenset(parse_port_list(t))),
+    "ADVANCED_EXCLUDE_UDP": ("advanced_exclude_udp", lambda t: frozenset(parse_port_list(t))),
+    "IGNORE_FILE": ("ignore_file", _path),
+    "HISTORY_FILE": ("history_file", _path),
+    "BLOCKED_FILE": ("blocked_file", _path),
+    "RESOLVE_HOST": ("resolve_host", _boolean),
+    "BLOCK_TCP": ("block_tcp", _block_level),
+    "BLOCK_UDP": ("block_udp", _block_level),
+    "KILL_ROUTE": ("kill_route", _optional(_kill_route)),
+    "KILL_HOSTS_DENY": ("kill_hosts_deny", _optional(_target_template)),
+    "KILL_RUN_CMD": ("kill_run_cmd", _optional(_command)),
+    "KILL_RUN_CMD_FIRST": ("kill_run_cmd_first", _boolean),
+    "SCAN_TRIGGER": ("scan_trigger", _count),
+    "PORT_BANNER": ("port_banner", lambda t: t or None),
+    # portsentinel extensions
+    "TCP_MODE": ("tcp_mode", _optional(_choice(*TCP_MODES))),
+    "UDP_MODE": ("udp_mode", _optional(_choice(*UDP_MODES))),
+    "SCAN_WINDOW": ("scan_window", _seconds),
+    "BAN_TIME": ("ban_time", _seconds),
+    "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
+    "NFT_TABLE": ("nft_table", _identifier),
+    "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
+    "SYSLOG_IDENT": ("syslog_ident", _identifier),
+    "SYSLOG_FACILITY": ("syslog_facility", _choice(
+        "daemon", "auth", "authpriv", "security", "user", "local0", "local1", "local2",
+        "local3", "local4", "local5", "local6", "local7")),
+    "HOST_CAPACITY": ("host_capacity", _count),
+}
+
+
+def _unquote(raw: str, key: str, source: str, number: int) -> str:
+    if len(raw) >= 2 and raw[0] == '"' and raw.rfind('"') > 0:
+        end = raw.rfind('"')
+        rest = raw[end + 1:].strip()
+        if rest and not rest.startswith("#"):
+            raise ConfigError(f"{key}: unexpected text after the closing quote: {rest!r}",
+                              source, number)
+        return raw[1:end]
+    raise ConfigError(f'{key}: value must be in double quotes, e.g. {key}="{raw}"',
+                      source, number)
+
+
+def read_assignments(text: str, source: str) -> list[tuple[str, str, int]]:
+    """(KEY, unquoted value, line number) for every assignment, in order."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _LINE.match(stripped)
+        if not match:
+            raise ConfigError(f"cannot read this line (expected KEY=\"value\"): {stripped[:60]!r}",
+                              source, number)
+        key, raw = match[1], match[2]
+        found.append((key, _unquote(raw, key, source, number), number))
+    return found
+
+
+def parse(text: str, source: str = EMBEDDED) -> Config:
+    config = Config(source=source)
+    seen: dict[str, int] = {}
+    for key, value, number in read_assignments(text, source):
+        if key not in KEYS:
+            raise ConfigError(f"unknown key {key}", source, number)
+        if key in seen:
+            config.warnings.append(
+                f"{source}:{number}: {key} repeats line {seen[key]}; the first one is used")
+            continue
+        seen[key] = number
+        attribute, parse_value = KEYS[key]
+        try:
+            setattr(config, attribute, parse_value(value))
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}", source, number) from None
+    config.lines = seen
+    _check_whole(config)
+    return config
+
+
+def _check_whole(config: Config) -> None:
+    if config.block_tcp == 2 or config.block_udp == 2:
+        if config.kill_run_cmd is None:
+            config.warnings.append(f"{config.source}: BLOCK_*=2 runs only KILL_RUN_CMD, "
+                                   "which is not set: nothing will be blocked")
+    for key in ("KILL_ROUTE", "KILL_RUN_CMD"):
+        template = getattr(config, KEYS[key][0])
+        if template is None:
+            continue
+        program = shlex.split(template)[0]
+        if not shutil.which(program):
+            config.warnings.append(f"{config.source}:{config.lines.get(key)}: {key}: "
+                                   f"{program} is not an executable here; blocks will fail")
+
+
+def where(config: Config, key: str) -> tuple[str, int | None]:
+    """(file, line) a key was read from, for error messages."""
+    return config.source, config.lines.get(key)
+
+
+def embedded_text() -> str:
+    return resources.files("portsentinel").joinpath("default.conf").read_text()
+
+
+def load(path: Path | None) -> Config:
+    """The file at `path`, or the embedded default when None."""
+    if path is None:
+        return parse(embedded_text(), EMBEDDED)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config: {err.strerror}", str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config is not text (UTF-8)", str(path)) from None
+    return parse(text, str(path))
+
+
+def read_modes_file(path: Path = DEFAULT_MODES_FILE) -> tuple[str | None, str | None]:
+    """TCP_MODE / UDP_MODE from Debian's /etc/default/portsentry (a shell file)."""
+    modes: dict[str, str | None] = {"TCP_MODE": None, "UDP_MODE": None}
+    allowed = {"TCP_MODE": TCP_MODES, "UDP_MODE": UDP_MODES}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read: {err}", str(path)) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _LINE.match(line.strip())
+        if not match or match[1] not in modes:
+            continue
+        value = match[2].strip().strip("\"'")
+        if value and value not in allowed[match[1]]:
+            raise ConfigError(f"{match[1]}: {value!r} must be one of "
+                              f"{', '.join(allowed[match[1]])} or empty", str(path), number)
+        modes[match[1]] = value or None
+    return modes["TCP_MODE"], modes["UDP_MODE"]
+
+
+def command_argv(template: str, target: str, port: int, mode: str) -> list[str]:
+    """Split a command template, then fill the tokens in each argument.
+
+    Splitting first means a token's value can never add or merge arguments;
+    `target` must already be a validated IP address string.
+    """
+    values = {"$TARGET$": target, "$PORT$": str(port), "$MODE$": mode}
+    argv = []
+    for arg in shlex.split(template):
+        for token, value in values.items():
+            arg = arg.replace(token, value)
+        argv.append(arg)
+    return argv
+
+
+def fill(template: str, target: str, port: int, mode: str) -> str:
+    for token, value in (("$TARGET$", target), ("$PORT$", str(port)), ("$MODE$", mode)):
+        template = template.replace(token, value)
+    return template

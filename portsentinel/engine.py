@@ -1,0 +1,219 @@
+"""The detection engine: probes in, decisions out. Pure: no I/O, no clock.
+
+Time is whatever the caller puts in `Probe.time` (seconds, any epoch), so the
+engine is driven by tests and by kernel packet timestamps alike.
+
+Counting (SCAN_TRIGGER): a host triggers when it has touched
+max(1, scan_trigger) *distinct* ports (per protocol) within `scan_window`
+seconds; repeats to one port do not add up. 0 and 1 both react on the first
+probe, as in PortSentry 1.2.
+
+Memory is bounded: pending hosts live in a fixed-capacity LRU table (the
+oldest evicted first) keyed by the packed address, whose `bytes` hash is
+randomised per process (SipHash), so attackers cannot aim collisions at it.
+The blocked table is bounded the same way (`ban_capacity`).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .addrset import Address, AddressSet
+
+TCP = "tcp"
+UDP = "udp"
+
+# TCP flag bits
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+class Kind(enum.Enum):
+    CONNECT = "connect"  # a completed handshake / a datagram to a bound port
+    SYN = "syn"
+    FIN = "fin"
+    NULL = "null"
+    XMAS = "xmas"
+    OTHER = "other"  # any other flag mix without ACK/RST
+    UDP = "udp"  # a datagram seen by the packet sensor
+
+
+def classify_tcp(flags: int) -> Kind:
+    """Name a stealth TCP probe by its flags, as PortSentry 1.2 does."""
+    significant = flags & (FIN | SYN | RST | PSH | ACK | URG)
+    if significant == SYN:
+        return Kind.SYN
+    if significant == FIN:
+        return Kind.FIN
+    if significant == 0:
+        return Kind.NULL
+    if significant == FIN | URG | PSH:
+        return Kind.XMAS
+    return Kind.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    source: Address
+    port: int
+    protocol: str  # TCP or UDP
+    kind: Kind
+    time: float
+    flags: int = 0
+    ip_options: bool = False
+
+
+class Verdict(enum.Enum):
+    IGNORED = "ignored"  # source is in the never-block set
+    PENDING = "pending"  # counted, below SCAN_TRIGGER
+    ALERT = "alert"  # triggered; BLOCK_* = 0 says log only
+    BLOCK = "block"  # triggered; run `actions` in order
+    ALREADY_BLOCKED = "already_blocked"
+
+
+# Action names, in the order they are run.
+NFTABLES = "nftables"
+HOSTS_DENY = "hosts_deny"
+KILL_ROUTE = "kill_route"
+RUN_CMD = "run_cmd"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    probe: Probe
+    actions: tuple[str, ...] = ()
+    report: bool = True  # False: a repeat that should not be logged again
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the engine needs from the configuration."""
+
+    scan_trigger: int = 0
+    scan_window: float = 300.0
+    block_tcp: int = 1  # 0 log only, 1 all actions, 2 KILL_RUN_CMD only
+    block_udp: int = 1
+    nftables: bool = True
+    hosts_deny: bool = False
+    kill_route: bool = False
+    run_cmd: bool = False
+    run_cmd_first: bool = False
+    ban_time: float = 0.0  # seconds; 0 = forever
+    host_capacity: int = 65536
+    ban_capacity: int = 1_000_000
+    repeat_report_interval: float = 60.0
+    never_block: AddressSet = field(default_factory=AddressSet)
+
+    def actions_for(self, protocol: str) -> tuple[str, ...]:
+        level = self.block_tcp if protocol == TCP else self.block_udp
+        if level == 2:
+            return (RUN_CMD,) if self.run_cmd else ()
+        if level != 1:
+            return ()
+        firewall = [a for a, on in ((NFTABLES, self.nftables),
+                                    (HOSTS_DENY, self.hosts_deny),
+                                    (KILL_ROUTE, self.kill_route)) if on]
+        if not self.run_cmd:
+            return tuple(firewall)
+        if self.run_cmd_first:
+            return (RUN_CMD, *firewall)
+        return (*firewall, RUN_CMD)
+
+
+@dataclass(slots=True)
+class Ban:
+    address: Address
+    since: float
+    until: float | None  # None = forever
+    last_report: float
+
+
+def _key(address: Address) -> bytes:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.packed
+
+
+class Engine:
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        # key -> {(protocol, port): last seen}
+        self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
+        self._bans: OrderedDict[bytes, Ban] = OrderedDict()
+
+    # -- probes -----------------------------------------------------------
+    def observe(self, probe: Probe) -> Decision:
+        policy = self.policy
+        if probe.source in policy.never_block:
+            return Decision(Verdict.IGNORED, probe)
+        key = _key(probe.source)
+        ban = self._bans.get(key)
+        if ban is not None:
+            if ban.until is None or probe.time < ban.until:
+                return self._repeat(ban, probe)
+            del self._bans[key]
+        if not self._triggered(key, probe):
+            return Decision(Verdict.PENDING, probe)
+        actions = policy.actions_for(probe.protocol)
+        if not actions:
+            return Decision(Verdict.ALERT, probe)
+        self._add_ban(key, probe)
+        return Decision(Verdict.BLOCK, probe, actions)
+
+    def _repeat(self, ban: Ban, probe: Probe) -> Decision:
+        report = probe.time - ban.last_report >= self.policy.repeat_report_interval
+        if report:
+            ban.last_report = probe.time
+        return Decision(Verdict.ALREADY_BLOCKED, probe, report=report)
+
+    def _triggered(self, key: bytes, probe: Probe) -> bool:
+        threshold = max(1, self.policy.scan_trigger)
+        if threshold == 1:
+            return True
+        ports = self._pending.get(key)
+        if ports is None:
+            ports = self._pending[key] = {}
+            if len(self._pending) > self.policy.host_capacity:
+                self._pending.popitem(last=False)
+        else:
+            self._pending.move_to_end(key)
+        horizon = probe.time - self.policy.scan_window
+        for seen_key in [k for k, t in ports.items() if t < horizon]:
+            del ports[seen_key]
+        ports[(probe.protocol, probe.port)] = probe.time
+        if len(ports) < threshold:
+            return False
+        del self._pending[key]
+        return True
+
+    # -- bans -------------------------------------------------------------
+    def _add_ban(self, key: bytes, probe: Probe) -> None:
+        until = probe.time + self.policy.ban_time if self.policy.ban_time > 0 else None
+        self._bans[key] = Ban(probe.source, probe.time, until, probe.time)
+        if len(self._bans) > self.policy.ban_capacity:
+            self._bans.popitem(last=False)
+
+    def is_blocked(self, address: Address) -> bool:
+        return _key(address) in self._bans
+
+    def forget(self, address: Address) -> bool:
+        """Drop a ban (unblocked, or every action failed so it may retry)."""
+        return self._bans.pop(_key(address), None) is not None
+
+    def restore(self, address: Address, since: float, until: float | None) -> None:
+        self._bans[_key(address)] = Ban(address, since, until, since)
+
+    def expired(self, now: float) -> list[Address]:
+        """Bans whose time is up, removed from the table."""
+        gone = [k for k, b in self._bans.items() if b.until is not None and b.until <= now]
+        return [self._bans.pop(k).address for k in gone]
+
+    def bans(self) -> list[Ban]:
+        return list(self._bans.values())
+
+    @property
+    def pending_hosts(self) -> int:
+        return len(self._pending)

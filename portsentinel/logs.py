@@ -1,0 +1,125 @@
+"""PortSentry 1.2's log lines, word for word, and where they go.
+
+The format functions are pure so the wording is tested exactly; `Log` sends
+lines to syslog (ident `portsentry` by default) and/or stdout, at a priority
+that fits the message (1.2 used one priority for everything).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import syslog
+import threading
+import time
+
+from .engine import FIN, SYN, ACK, PSH, URG, RST, TCP, Kind, Probe
+
+_SCAN_NAMES = {
+    Kind.SYN: "TCP SYN/Normal scan",
+    Kind.FIN: "TCP FIN scan",
+    Kind.NULL: " TCP NULL scan",  # 1.2 prints two spaces here; filters may rely on it
+    Kind.XMAS: "TCP XMAS scan",
+    Kind.UDP: "UDP scan",
+}
+
+
+def host_label(probe_source: str, name: str | None) -> str:
+    """`name/IP` as 1.2 writes it (the IP twice when names are not resolved)."""
+    return f"{name or probe_source}/{probe_source}"
+
+
+def _flag(flags: int, bit: int) -> int:
+    return 1 if flags & bit else 0
+
+
+def scan_name(probe: Probe) -> str:
+    if probe.kind is Kind.OTHER:
+        f = probe.flags
+        return (f"Unknown Type: TCP Packet Flags: SYN: {_flag(f, SYN)} FIN: {_flag(f, FIN)} "
+                f"ACK: {_flag(f, ACK)} PSH: {_flag(f, PSH)} URG: {_flag(f, URG)} "
+                f"RST: {_flag(f, RST)}")
+    return _SCAN_NAMES[probe.kind]
+
+
+def alert_line(probe: Probe, name: str | None = None) -> str:
+    host = host_label(str(probe.source), name)
+    proto = probe.protocol.upper()
+    if probe.kind is Kind.CONNECT:
+        return f"attackalert: Connect from host: {host} to {proto} port: {probe.port}"
+    return f"attackalert: {scan_name(probe)} from host: {host} to {proto} port: {probe.port}"
+
+
+def ip_options_line(probe: Probe, name: str | None = None) -> str:
+    return (f"attackalert: Packet from host: {host_label(str(probe.source), name)} to "
+            f"{probe.protocol.upper()} port: {probe.port} has IP options set "
+            "(detection avoidance technique).")
+
+
+def wrappers_line(target: str, line: str) -> str:
+    return f'attackalert: Host {target} has been blocked via wrappers with string: "{line}"'
+
+
+def route_line(target: str, command: str) -> str:
+    return f'attackalert: Host {target} has been blocked via dropped route using command: "{command}"'
+
+
+def run_cmd_line(target: str, command: str) -> str:
+    return f'attackalert: External command run for host: {target} using command: "{command}"'
+
+
+def already_blocked_line(target: str) -> str:
+    return f"attackalert: Host: {target} is already blocked. Ignoring"
+
+
+def ignoring_response_line(protocol: str) -> str:
+    return f"attackalert: Ignoring {protocol.upper()} response per configuration file setting."
+
+
+def could_not_block_line(target: str) -> str:
+    return f"attackalert: ERROR: Could not block host {target} !!"
+
+
+def history_line(epoch: float, target: str, name: str | None, port: int, protocol: str) -> str:
+    """`942286729 - 11/10/1999 20:18:49 Host: 192.0.2.12/192.0.2.12 Port: 111 TCP Blocked`"""
+    t = time.localtime(epoch)
+    stamp = time.strftime("%m/%d/%Y %H:%M:%S", t)
+    return (f"{int(epoch)} - {stamp} Host: {host_label(target, name)} "
+            f"Port: {port} {protocol.upper()} Blocked")
+
+
+FACILITIES = {name: getattr(syslog, f"LOG_{name.upper()}") for name in (
+    "daemon", "auth", "authpriv", "user", "local0", "local1", "local2", "local3",
+    "local4", "local5", "local6", "local7")}
+FACILITIES["security"] = syslog.LOG_AUTH
+
+NOTICE, INFO, WARNING, ERROR = syslog.LOG_NOTICE, syslog.LOG_INFO, syslog.LOG_WARNING, syslog.LOG_ERR
+
+
+class Log:
+    """Thread-safe sink for the classic lines: syslog and/or stdout."""
+
+    def __init__(self, ident: str = "portsentry", facility: str = "daemon",
+                 to_syslog: bool = True, stream=None):
+        self.to_syslog = to_syslog
+        self.stream = stream
+        self.ident = ident
+        self._lock = threading.Lock()
+        if to_syslog:
+            syslog.openlog(ident, syslog.LOG_PID, FACILITIES[facility])
+
+    def __call__(self, message: str, priority: int = NOTICE) -> None:
+        if self.to_syslog:
+            syslog.syslog(priority, message)
+        if self.stream is not None:
+            stamp = time.strftime("%b %d %H:%M:%S")
+            with self._lock:
+                self.stream.write(f"{stamp} {self.ident}[{os.getpid()}]: {message}\n")
+                self.stream.flush()
+
+    def error(self, message: str) -> None:
+        self(message, ERROR)
+
+
+def stdout_log(ident: str = "portsentry") -> Log:
+    return Log(ident, to_syslog=False, stream=sys.stdout)

@@ -1,0 +1,104 @@
+"""Parse IPv4/IPv6 packets (starting at the IP header) into probe fields.
+
+Pure and defensive: any truncated or malformed packet gives None, never an
+exception, so one bad packet cannot stop the sensor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .engine import ACK, RST, TCP, UDP
+
+PROTO_TCP, PROTO_UDP = 6, 17
+# IPv6 extension headers that may precede TCP/UDP
+_HOP, _ROUTING, _FRAGMENT, _DSTOPTS, _AH = 0, 43, 44, 60, 51
+_MAX_EXTENSIONS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address
+    destination: ipaddress.IPv4Address | ipaddress.IPv6Address
+    protocol: str  # TCP or UDP
+    port: int  # destination port
+    flags: int  # TCP flags, 0 for UDP
+    ip_options: bool
+
+
+def parse(data: bytes) -> Packet | None:
+    if not data:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        return _parse_ipv4(data)
+    if version == 6:
+        return _parse_ipv6(data)
+    return None
+
+
+def _parse_ipv4(data: bytes) -> Packet | None:
+    if len(data) < 20:
+        return None
+    header_len = (data[0] & 0x0F) * 4
+    if header_len < 20 or len(data) < header_len:
+        return None
+    if int.from_bytes(data[6:8], "big") & 0x1FFF:  # a later fragment: no L4 header
+        return None
+    return _transport(
+        data[9], data[header_len:],
+        ipaddress.IPv4Address(data[12:16]), ipaddress.IPv4Address(data[16:20]),
+        ip_options=header_len > 20)
+
+
+def _parse_ipv6(data: bytes) -> Packet | None:
+    if len(data) < 40:
+        return None
+    next_header, offset = data[6], 40
+    options = False
+    for _ in range(_MAX_EXTENSIONS):
+        if next_header in (PROTO_TCP, PROTO_UDP):
+            break
+        if next_header in (_HOP, _ROUTING, _DSTOPTS):
+            if len(data) < offset + 2:
+                return None
+            options = options or next_header != _ROUTING
+            next_header, offset = data[offset], offset + (data[offset + 1] + 1) * 8
+        elif next_header == _FRAGMENT:
+            if len(data) < offset + 8:
+                return None
+            if int.from_bytes(data[offset + 2:offset + 4], "big") & 0xFFF8:
+                return None  # a later fragment
+            next_header, offset = data[offset], offset + 8
+        elif next_header == _AH:
+            if len(data) < offset + 2:
+                return None
+            next_header, offset = data[offset], offset + (data[offset + 1] + 2) * 4
+        else:
+            return None
+    else:
+        return None
+    if offset > len(data):
+        return None
+    return _transport(
+        next_header, data[offset:],
+        ipaddress.IPv6Address(data[8:24]), ipaddress.IPv6Address(data[24:40]),
+        ip_options=options)
+
+
+def _transport(proto: int, segment: bytes, source, destination, ip_options: bool) -> Packet | None:
+    if proto == PROTO_TCP:
+        if len(segment) < 14:
+            return None
+        flags = segment[13]
+        if flags & (ACK | RST):  # part of a conversation, not a probe
+            return None
+        return Packet(source, destination, TCP, int.from_bytes(segment[2:4], "big"),
+                      flags, ip_options)
+    if proto == PROTO_UDP:
+        if len(segment) < 4:
+            return None
+        return Packet(source, destination, UDP, int.from_bytes(segment[2:4], "big"),
+                      0, ip_options)
+    return None

@@ -1,0 +1,202 @@
+"""Sensors: turn network activity into probes for the engine.
+
+- `ListenSensor` (tcp/udp modes): binds the trap ports; a TCP probe is only a
+  completed handshake (accept), so its source cannot be spoofed.
+- `PacketSensor` (stcp/sudp/atcp/audp): one AF_PACKET socket for IPv4 and IPv6
+  with a kernel BPF filter; each candidate is parsed, checked against the trap
+  ports and against the ports real services use right now.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from . import bpf, packets
+from .addrset import AddressSet
+from .engine import TCP, UDP, Kind, Probe, classify_tcp
+from .listeners import ListeningPorts
+
+ETH_P_ALL = 0x0003
+SO_TIMESTAMPNS = 35
+BATCH = 256  # most packets handled per wake-up, so one sensor cannot starve the rest
+
+
+@dataclass(frozen=True)
+class TrapPorts:
+    """Which ports are traps for one protocol's mode (before the in-use check)."""
+
+    mode: str  # tcp, stcp, atcp, udp, sudp, audp
+    ports: frozenset[int] = frozenset()
+    advanced_limit: int = 1024
+    exclude: frozenset[int] = frozenset()
+
+    @property
+    def advanced(self) -> bool:
+        return self.mode.startswith("a")
+
+    @property
+    def limit(self) -> int:
+        """Ports at or above this are never traps (lets BPF drop them)."""
+        return self.advanced_limit if self.advanced else max(self.ports, default=0) + 1
+
+    def watches(self, port: int) -> bool:
+        if self.advanced:
+            return port < self.advanced_limit and port not in self.exclude
+        return port in self.ports
+
+
+class PacketSensor:
+    def __init__(self, traps: dict[str, TrapPorts], listening: ListeningPorts,
+                 local: AddressSet):
+        self.traps = traps  # protocol -> TrapPorts, for the protocols watched here
+        self.listening = listening
+        self.local = local
+        self.malformed = 0
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        try:
+            bpf.attach(self.sock, bpf.probe_filter(
+                tcp=TCP in traps, udp=UDP in traps,
+                tcp_limit=traps[TCP].limit if TCP in traps else 0,
+                udp_limit=traps[UDP].limit if UDP in traps else 0))
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self) -> list[Probe]:
+        probes = []
+        for _ in range(BATCH):
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(bpf.SNAPLEN, 64)
+            except (BlockingIOError, InterruptedError):
+                break
+            probe = self.to_probe(data, _kernel_time(ancillary))
+            if probe is not None:
+                probes.append(probe)
+        return probes
+
+    def to_probe(self, data: bytes, stamp: float) -> Probe | None:
+        packet = packets.parse(data)
+        if packet is None:
+            self.malformed += 1
+            return None
+        traps = self.traps.get(packet.protocol)
+        if traps is None or not traps.watches(packet.port):
+            return None
+        if packet.destination not in self.local:
+            return None  # routed through, not for us
+        if self.listening.in_use(packet.protocol, packet.port):
+            return None
+        kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
+        return Probe(packet.source, packet.port, packet.protocol, kind, stamp,
+                     packet.flags, packet.ip_options)
+
+
+def _kernel_time(ancillary) -> float:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanos = struct.unpack("qq", data[:16])
+            return seconds + nanos / 1e9
+    return time.time()
+
+
+def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+class ListenSensor:
+    """One bound socket (dual-stack when IPv6 is available) on a trap port."""
+
+    def __init__(self, protocol: str, port: int, banner: str | None = None):
+        self.protocol, self.port = protocol, port
+        self.banner = (banner.encode() + b"\n") if banner else None
+        kind = socket.SOCK_STREAM if protocol == TCP else socket.SOCK_DGRAM
+        self.sock = _bind_dual_stack(kind, port)
+        if protocol == TCP:
+            self.sock.listen(64)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self) -> list[Probe]:
+        probes = []
+        for _ in range(BATCH):
+            try:
+                peer = self._take_one()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:  # e.g. ECONNABORTED: the peer gave up; keep going
+                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET):
+                    continue
+                raise
+            probes.append(Probe(_unmapped(peer[0]), self.port, self.protocol,
+                                Kind.CONNECT, time.time()))
+        return probes
+
+    def _take_one(self):
+        if self.protocol == TCP:
+            conn, peer = self.sock.accept()
+            with conn:
+                if self.banner:
+                    try:
+                        conn.setblocking(False)
+                        conn.send(self.banner)
+                    except OSError:
+                        pass
+            return peer
+        _, peer = self.sock.recvfrom(2048)
+        if self.banner:
+            try:
+                self.sock.sendto(self.banner, peer)
+            except OSError:
+                pass
+        return peer
+
+
+def _bind_dual_stack(kind: int, port: int) -> socket.socket:
+    if socket.has_ipv6:
+        sock = socket.socket(socket.AF_INET6, kind)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            _reuse_if_stream(sock, kind)
+            sock.bind(("::", port))
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        _reuse_if_stream(sock, kind)
+        sock.bind(("0.0.0.0", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _reuse_if_stream(sock: socket.socket, kind: int) -> None:
+    # TCP: rebind over TIME_WAIT after a restart. Never for UDP, where
+    # SO_REUSEADDR would let us share a port with a real service.
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
