@@ -45,7 +45,11 @@ class AddressSet:
         if isinstance(address, str):
             address = ipaddress.ip_address(address)
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
+            # ::ffff:a.b.c.d is the IPv4 host a.b.c.d: either form may be listed
+            return self._has(address.ipv4_mapped) or self._has(address)
+        return self._has(address)
+
+    def _has(self, address: Address) -> bool:
         starts, ends = self._ranges[address.version]
         value = int(address)
         i = bisect.bisect_right(starts, value) - 1

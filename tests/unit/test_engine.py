@@ -1,0 +1,176 @@
+import ipaddress
+
+import pytest
+
+from portsentinel.addrset import AddressSet
+from portsentinel.engine import (ACK, FIN, HOSTS_DENY, KILL_ROUTE, NFTABLES, PSH, RST,
+                                 RUN_CMD, SYN, TCP, UDP, URG, Engine, Kind, Policy, Probe,
+                                 Verdict, classify_tcp)
+
+A = ipaddress.ip_address
+
+
+def probe(src="198.51.100.2", port=1, proto=TCP, t=0.0, kind=Kind.SYN):
+    return Probe(A(src), port, proto, kind, t)
+
+
+def test_first_probe_blocks_with_trigger_0_and_1():
+    for trigger in (0, 1):
+        engine = Engine(Policy(scan_trigger=trigger))
+        decision = engine.observe(probe())
+        assert decision.verdict is Verdict.BLOCK
+        assert decision.actions == (NFTABLES,)
+
+
+def test_trigger_counts_distinct_ports_not_packets():
+    engine = Engine(Policy(scan_trigger=3))
+    assert engine.observe(probe(port=1)).verdict is Verdict.PENDING
+    for _ in range(10):  # repeats to one port never add up
+        assert engine.observe(probe(port=1)).verdict is Verdict.PENDING
+    assert engine.observe(probe(port=2)).verdict is Verdict.PENDING
+    assert engine.observe(probe(port=3)).verdict is Verdict.BLOCK
+
+
+def test_trigger_forgets_ports_outside_the_window():
+    engine = Engine(Policy(scan_trigger=2, scan_window=10))
+    assert engine.observe(probe(port=1, t=0)).verdict is Verdict.PENDING
+    assert engine.observe(probe(port=2, t=10.5)).verdict is Verdict.PENDING  # port 1 aged out
+    assert engine.observe(probe(port=3, t=11)).verdict is Verdict.BLOCK
+
+
+def test_tcp_and_udp_ports_are_distinct():
+    engine = Engine(Policy(scan_trigger=2))
+    assert engine.observe(probe(port=7, proto=TCP)).verdict is Verdict.PENDING
+    assert engine.observe(probe(port=7, proto=UDP, kind=Kind.UDP)).verdict is Verdict.BLOCK
+
+
+def test_hosts_counted_separately():
+    engine = Engine(Policy(scan_trigger=2))
+    assert engine.observe(probe(src="198.51.100.2", port=1)).verdict is Verdict.PENDING
+    assert engine.observe(probe(src="198.51.100.3", port=2)).verdict is Verdict.PENDING
+
+
+def test_never_block_set_wins():
+    engine = Engine(Policy(never_block=AddressSet(["198.51.100.0/24", "2001:db8::/64"])))
+    assert engine.observe(probe()).verdict is Verdict.IGNORED
+    assert engine.observe(probe(src="2001:db8::2")).verdict is Verdict.IGNORED
+    assert engine.observe(probe(src="2001:db9::2")).verdict is Verdict.BLOCK
+
+
+def test_already_blocked_is_exact_address_not_substring():
+    engine = Engine(Policy())
+    engine.observe(probe(src="11.2.3.4"))
+    assert engine.is_blocked(A("11.2.3.4"))
+    assert not engine.is_blocked(A("1.2.3.4"))
+    assert engine.observe(probe(src="1.2.3.4")).verdict is Verdict.BLOCK
+
+
+def test_repeats_from_a_blocked_host_are_reported_once_per_interval():
+    engine = Engine(Policy(repeat_report_interval=60))
+    engine.observe(probe(t=0))
+    first = engine.observe(probe(port=2, t=1))
+    assert first.verdict is Verdict.ALREADY_BLOCKED and first.report is False
+    later = engine.observe(probe(port=3, t=61))
+    assert later.verdict is Verdict.ALREADY_BLOCKED and later.report is True
+    assert engine.observe(probe(port=4, t=62)).report is False
+
+
+def test_ipv4_mapped_ipv6_is_the_same_host():
+    engine = Engine(Policy())
+    engine.observe(probe(src="198.51.100.2"))
+    assert engine.observe(probe(src="::ffff:198.51.100.2")).verdict is Verdict.ALREADY_BLOCKED
+
+
+@pytest.mark.parametrize("level, expected", [
+    (0, Verdict.ALERT), (1, Verdict.BLOCK), (2, Verdict.BLOCK)])
+def test_block_levels(level, expected):
+    engine = Engine(Policy(block_tcp=level, run_cmd=True))
+    decision = engine.observe(probe())
+    assert decision.verdict is expected
+    if level == 2:
+        assert decision.actions == (RUN_CMD,)
+
+
+def test_block_0_does_not_record_the_host_as_blocked():
+    engine = Engine(Policy(block_tcp=0))
+    assert engine.observe(probe()).verdict is Verdict.ALERT
+    assert not engine.is_blocked(A("198.51.100.2"))
+    assert engine.observe(probe(port=2)).verdict is Verdict.ALERT
+
+
+def test_block_udp_is_separate_from_block_tcp():
+    engine = Engine(Policy(block_tcp=1, block_udp=0))
+    assert engine.observe(probe(proto=UDP, kind=Kind.UDP)).verdict is Verdict.ALERT
+    assert engine.observe(probe(proto=TCP)).verdict is Verdict.BLOCK
+
+
+def test_block_2_without_run_cmd_only_alerts():
+    engine = Engine(Policy(block_tcp=2, run_cmd=False))
+    assert engine.observe(probe()).verdict is Verdict.ALERT
+
+
+def test_action_order_follows_portsentry():
+    policy = Policy(nftables=False, hosts_deny=True, kill_route=True, run_cmd=True)
+    assert policy.actions_for(TCP) == (HOSTS_DENY, KILL_ROUTE, RUN_CMD)
+    first = Policy(nftables=False, hosts_deny=True, kill_route=True, run_cmd=True,
+                   run_cmd_first=True)
+    assert first.actions_for(TCP) == (RUN_CMD, HOSTS_DENY, KILL_ROUTE)
+    assert Policy(nftables=True, kill_route=False).actions_for(UDP) == (NFTABLES,)
+
+
+def test_forget_lets_a_failed_block_retry():
+    engine = Engine(Policy())
+    engine.observe(probe())
+    assert engine.forget(A("198.51.100.2"))
+    assert engine.observe(probe(port=2)).verdict is Verdict.BLOCK
+
+
+def test_bans_expire_after_ban_time():
+    engine = Engine(Policy(ban_time=100))
+    engine.observe(probe(t=0))
+    assert engine.expired(99) == []
+    assert engine.expired(100) == [A("198.51.100.2")]
+    assert not engine.is_blocked(A("198.51.100.2"))
+
+
+def test_expired_ban_is_blocked_again_on_next_probe():
+    engine = Engine(Policy(ban_time=10))
+    engine.observe(probe(t=0))
+    assert engine.observe(probe(t=11)).verdict is Verdict.BLOCK
+
+
+def test_ban_time_0_is_forever():
+    engine = Engine(Policy(ban_time=0))
+    engine.observe(probe(t=0))
+    assert engine.expired(10**9) == []
+
+
+def test_pending_hosts_are_bounded_oldest_evicted():
+    engine = Engine(Policy(scan_trigger=2, host_capacity=100))
+    for i in range(10_000):
+        engine.observe(probe(src=str(ipaddress.IPv4Address(0x0A000000 + i)), port=1))
+    assert engine.pending_hosts == 100
+    # the oldest were evicted: their first port no longer counts
+    assert engine.observe(probe(src="10.0.0.0", port=2)).verdict is Verdict.PENDING
+    # the newest are remembered
+    assert engine.observe(probe(src=str(ipaddress.IPv4Address(0x0A000000 + 9999)),
+                                port=2)).verdict is Verdict.BLOCK
+
+
+def test_bans_are_bounded():
+    engine = Engine(Policy(ban_capacity=50))
+    for i in range(500):
+        engine.observe(probe(src=str(ipaddress.IPv4Address(0x0A000000 + i))))
+    assert len(engine.bans()) == 50
+
+
+@pytest.mark.parametrize("flags, kind", [
+    (SYN, Kind.SYN), (FIN, Kind.FIN), (0, Kind.NULL), (FIN | URG | PSH, Kind.XMAS),
+    (SYN | FIN, Kind.OTHER), (FIN | PSH, Kind.OTHER), (SYN | 0x40 | 0x80, Kind.SYN)])
+def test_classify_tcp(flags, kind):
+    assert classify_tcp(flags) is kind
+
+
+def test_ack_and_rst_are_not_classified_as_stealth_kinds():
+    assert classify_tcp(SYN | ACK) is Kind.OTHER
+    assert classify_tcp(RST) is Kind.OTHER
