@@ -142,12 +142,21 @@ class Daemon:
         selector = selectors.DefaultSelector()
         for sensor in self.sensors:
             selector.register(sensor, selectors.EVENT_READ)
+        # a signal writes a byte here, so SIGTERM/SIGHUP act at once, not at the next timeout
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        selector.register(wake_r, selectors.EVENT_READ)
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
         next_housekeeping = next_addresses = 0.0
         try:
             while not self.stopping.is_set():
                 for key, _ in selector.select(timeout=HOUSEKEEPING_EVERY):
+                    if key.fileobj is wake_r:
+                        _drain(wake_r)
+                        continue
                     for probe in key.fileobj.read():
                         self.handle(probe)
                 while not self.failed.empty():
@@ -162,7 +171,10 @@ class Daemon:
                     if now >= next_addresses:
                         next_addresses = now + ADDRESSES_EVERY
         finally:
+            signal.set_wakeup_fd(previous_wakeup)
             selector.close()
+            wake_r.close()
+            wake_w.close()
             self.reports.put(None)
             reporter.join(timeout=10)
             for sensor in self.sensors:
@@ -253,6 +265,7 @@ class Daemon:
         self.records.blocked(time.time(), target, name, probe.port, probe.protocol, mode)
 
     def install_signal_handlers(self) -> None:
+        """Handlers only set flags; the wake-up fd makes the loop see them at once."""
         def stop(*_):
             self.stopping.set()
 
@@ -262,3 +275,11 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(512):
+            pass
+    except BlockingIOError:
+        pass

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install portsentinel on Debian 12 as root and start it.
+#   bash scripts/install.sh                      # embedded default config (atcp+audp, nftables)
+#   bash scripts/install.sh /etc/portsentry/portsentry.conf   # your PortSentry config
+#   bash scripts/install.sh --no-start [CONFIG]               # install, check, do not start
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=1
+if [[ ${1:-} == --no-start ]]; then start=0; shift; fi
+config=${1:-}
+if [[ -n $config ]]; then
+    config=$(realpath "$config")
+fi
+
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    python3 python3-venv nftables iproute2 >/dev/null
+python3 -m venv /opt/portsentinel
+/opt/portsentinel/bin/pip install -q --disable-pip-version-check .
+ln -sf /opt/portsentinel/bin/portsentinel /usr/local/sbin/portsentinel
+
+args=()
+[[ -n $config ]] && args=(-c "$config")
+portsentinel check-config "${args[@]}"
+
+install -D -m 0644 packaging/portsentinel.service /etc/systemd/system/portsentinel.service
+[[ -e /etc/default/portsentinel ]] || printf 'PORTSENTINEL_ARGS="%s"\n' "${args[*]}" \
+    >/etc/default/portsentinel
+install -D -m 0644 packaging/portsentinel.logrotate /etc/logrotate.d/portsentinel
+install -D -m 0644 README.md /opt/portsentinel/README.md
+
+if ((start == 0)); then
+    echo "installed; start with: systemctl enable --now portsentinel (or: portsentinel run ${args[*]})"
+elif [[ -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+    systemctl enable --now portsentinel
+    systemctl --no-pager status portsentinel | head -5
+else  # no systemd (a container): run it as a classic daemon
+    portsentinel run "${args[@]}"
+    echo "portsentinel started (pid $(cat /run/portsentinel.pid))"
+fi

@@ -1,0 +1,185 @@
+"""Real nmap scans against the real daemon, in network namespaces.
+
+Each scan comes from its own attacker address so every scan type meets a
+daemon that has not yet blocked its source. Throughout, a legitimate client
+fetches port 80 over IPv4 and IPv6 and must never fail nor be blocked.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import netlab
+from netlab import TARGET4, TARGET6, extra4, extra6
+from conftest import Client, can_connect, nmap
+
+REAL_TCP = {22, 80, 443, 8080}
+TCP_SCAN_PORTS = "20-25,79-81,111,443,8080"
+UDP_SCAN_PORTS = "53,67-69,161"
+
+
+def assert_blocked(daemon, lab, source: str, alert: str, proto: str = "TCP"):
+    """The 1.2 alert line, the nftables ban, the history line, and the drop."""
+    host = f"{source}/{source}"
+    line = daemon.wait_log(f"{alert} from host: {host} to {proto} port: ")
+    port = int(line.rsplit(" ", 1)[1])
+    daemon.wait_log(f'attackalert: Host {source} has been blocked via dropped route using '
+                    f'command: "add element inet portsentinel ')
+    assert source in daemon.banned()
+    history = daemon.history.read_text()
+    assert re.search(rf"^\d+ - \d\d/\d\d/\d{{4}} \d\d:\d\d:\d\d Host: {re.escape(host)} "
+                     rf"Port: {port} {proto} Blocked$", history, re.M), history
+    target = TARGET6 if ":" in source else TARGET4
+    assert not can_connect(lab, source, target, 80), f"{source} still reaches port 80"
+    return port
+
+
+def assert_client_untouched(daemon, client_stats: dict):
+    assert client_stats["ok"] > 0
+    assert client_stats["failed"] == 0, client_stats
+    banned = daemon.banned()
+    assert netlab.CLIENT4 not in banned and netlab.CLIENT6 not in banned
+
+
+ADVANCED = [
+    ("-sS", extra4(10), "attackalert: TCP SYN/Normal scan", "TCP"),
+    ("-sF", extra4(11), "attackalert: TCP FIN scan", "TCP"),
+    ("-sN", extra4(12), "attackalert:  TCP NULL scan", "TCP"),
+    ("-sX", extra4(13), "attackalert: TCP XMAS scan", "TCP"),
+    ("-sT", extra4(14), "attackalert: TCP SYN/Normal scan", "TCP"),
+    ("-sU", extra4(15), "attackalert: UDP scan", "UDP"),
+    ("-sS", extra6(16), "attackalert: TCP SYN/Normal scan", "TCP"),
+    ("-sT", extra6(17), "attackalert: TCP SYN/Normal scan", "TCP"),
+    ("-sU", extra6(18), "attackalert: UDP scan", "UDP"),
+]
+
+
+def test_advanced_modes_detect_and_block_every_scan_type(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\nBLOCK_TCP="1"\nBLOCK_UDP="1"\n')
+    client = Client(lab)
+    for scan, source, alert, proto in ADVANCED:
+        ports = UDP_SCAN_PORTS if scan == "-sU" else TCP_SCAN_PORTS
+        nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4, ports)
+        port = assert_blocked(daemon, lab, source, alert, proto)
+        assert port not in REAL_TCP | {53}, "a real service's port was taken for a trap"
+    assert_client_untouched(daemon, client.finish())
+    log = daemon.log_text()
+    assert "Ignored TCP port: 22" in log and "Ignored UDP port: 53" in log
+    assert not re.search(r"to TCP port: (22|80|443)$", log, re.M)
+
+
+def test_a_service_started_later_is_not_a_trap(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="atcp"\n')
+    late = lab.start("target", "python3", "-c",
+                     "import socket,time\ns=socket.socket(socket.AF_INET6)\n"
+                     "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+                     "s.bind(('::', 631)); s.listen(); print('up', flush=True); time.sleep(60)",
+                     stdout=subprocess.PIPE)
+    assert late.stdout.readline().strip() == b"up"
+    client_check = lab.exec("client", "python3", "-c",
+                            "import socket; socket.create_connection(('198.51.100.1', 631), 2)"
+                            ".close(); print('ok')")
+    assert client_check.stdout.strip() == "ok", client_check.stderr
+    assert netlab.CLIENT4 not in daemon.banned()
+    assert "to TCP port: 631" not in daemon.log_text()
+    lab.stop(late)
+
+
+def test_classic_modes_count_completed_connections(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="tcp"\nUDP_MODE="udp"\n'
+                          'TCP_PORTS="1,11,15,79,111"\nUDP_PORTS="7,9,69,161"\n'
+                          'PORT_BANNER="GO AWAY"\n')
+    client = Client(lab)
+    assert "Going into listen mode on TCP port: 111" in daemon.log_text()
+    nmap(lab, "-sT", extra4(20), TARGET4, "1-25,79-81,111")
+    assert_blocked(daemon, lab, extra4(20), "attackalert: Connect", "TCP")
+    nmap(lab, "-sU", extra4(21), TARGET4, "7,9,53,69,161")
+    assert_blocked(daemon, lab, extra4(21), "attackalert: Connect", "UDP")
+    nmap(lab, "-sT", extra6(22), TARGET6, "1-25,79-81,111")
+    assert_blocked(daemon, lab, extra6(22), "attackalert: Connect", "TCP")
+    # a SYN scan never completes a handshake: tcp mode must not react to it
+    nmap(lab, "-sS", extra4(23), TARGET4, "1,11,15")
+    assert extra4(23) not in daemon.banned()
+    assert_client_untouched(daemon, client.finish())
+
+
+def test_stealth_modes_watch_only_the_listed_ports(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="stcp"\nUDP_MODE="sudp"\n'
+                          'TCP_PORTS="1,11,15,79,111"\nUDP_PORTS="7,9,69,161"\n')
+    client = Client(lab)
+    assert "Going into stealth listen mode on TCP port: 111" in daemon.log_text()
+    nmap(lab, "-sS", extra4(24), TARGET4, "20-25,80,443")  # no listed port: no alert
+    assert extra4(24) not in daemon.banned()
+    assert can_connect(lab, extra4(24), TARGET4, 80)
+    nmap(lab, "-sX", extra4(25), TARGET4, "1,11,15,22,80")
+    assert_blocked(daemon, lab, extra4(25), "attackalert: TCP XMAS scan", "TCP")
+    nmap(lab, "-sU", extra6(26), TARGET6, "7,9,53,69")
+    assert_blocked(daemon, lab, extra6(26), "attackalert: UDP scan", "UDP")
+    assert_client_untouched(daemon, client.finish())
+
+
+@pytest.mark.skipif(not shutil.which("iptables"), reason="iptables missing")
+def test_kill_route_hosts_deny_and_run_cmd(lab, start_daemon, tmp_path):
+    marks = tmp_path / "ran"
+    marks.mkdir()
+    iptables = shutil.which("iptables")
+    daemon = start_daemon(
+        'TCP_MODE="atcp"\nBLOCK_TCP="1"\n'
+        f'KILL_ROUTE="{iptables} -I INPUT -s $TARGET$ -j DROP"\n'
+        'KILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n'
+        f'KILL_RUN_CMD="/usr/bin/touch {marks}/$TARGET$-$PORT$-$MODE$"\n')
+    client = Client(lab)
+    source = extra4(27)
+    nmap(lab, "-sS", source, TARGET4, TCP_SCAN_PORTS)
+    route = daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    assert f'"{iptables} -I INPUT -s {source} -j DROP"' in route
+    daemon.wait_log(f"attackalert: External command run for host: {source}")
+    rules = lab.exec("target", "iptables", "-S", "INPUT").stdout
+    assert f"-A INPUT -s {source}/32 -j DROP" in rules
+    assert rules.count(source) == 1
+    assert f"ALL: {source} : DENY" in daemon.hosts_deny.read_text().splitlines()
+    ran = [p.name for p in marks.iterdir()]
+    assert len(ran) == 1 and re.fullmatch(rf"{re.escape(source)}-\d+-atcp", ran[0])
+    log = daemon.log_text()
+    order = [log.index(f"via wrappers with string: \"ALL: {source} : DENY\""),
+             log.index(f"Host {source} has been blocked via dropped route"),
+             log.index(f"External command run for host: {source}")]
+    assert order == sorted(order), "1.2 order: hosts.deny, KILL_ROUTE, KILL_RUN_CMD"
+    assert "inet portsentinel" not in lab.exec("target", "nft", "list", "tables").stdout
+    assert not can_connect(lab, source, TARGET4, 80)
+    assert_client_untouched(daemon, client.finish())
+
+
+def test_block_0_only_logs(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="atcp"\nBLOCK_TCP="0"\n')
+    source = extra4(28)
+    nmap(lab, "-sS", source, TARGET4, "20-25")
+    daemon.wait_log(f"attackalert: TCP SYN/Normal scan from host: {source}/{source}")
+    daemon.wait_log("attackalert: Ignoring TCP response per configuration file setting.")
+    assert source not in daemon.banned()
+    assert not daemon.history.exists() or source not in daemon.history.read_text()
+    assert can_connect(lab, source, TARGET4, 80)
+
+
+def test_failed_kill_route_is_reported_and_retried(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="atcp"\nBLOCK_TCP="1"\n'
+                          'KILL_ROUTE="/bin/false $TARGET$"\n')
+    source = extra4(29)
+    nmap(lab, "-sS", source, TARGET4, "20-25")
+    daemon.wait_log("kill_route for host " + source + " failed: exit status 1")
+    daemon.wait_log(f"attackalert: ERROR: Could not block host {source} !!")
+    assert not daemon.history.exists() or source not in daemon.history.read_text()
+
+
+def test_shutdown_is_clean_and_keeps_bans(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="atcp"\n')
+    source = extra6(29)
+    nmap(lab, "-sS", source, TARGET6, "20-25")
+    daemon.wait_log(f"has been blocked via dropped route")
+    assert daemon.stop() == 0
+    assert "adminalert: PortSentry is shutting down" in daemon.log_text()
+    assert source in daemon.banned()  # the kernel keeps enforcing it
