@@ -29,14 +29,24 @@ Modes come from the command line, else TCP_MODE/UDP_MODE in the config,
 else /etc/default/portsentry, else atcp + audp."""
 
 
+MODE_HELP = {
+    "tcp": "listen on TCP_PORTS (completed handshakes)",
+    "stcp": "packet sensor on TCP_PORTS (SYN/FIN/NULL/XMAS)",
+    "atcp": "packet sensor on unused ports below ADVANCED_PORTS_TCP",
+    "udp": "bind UDP_PORTS",
+    "sudp": "packet sensor on UDP_PORTS",
+    "audp": "packet sensor on unused ports below ADVANCED_PORTS_UDP",
+}
+
+
 def _modes_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("modes")
+    group = parser.add_argument_group("modes (one TCP and one UDP mode)")
     for mode in TCP_MODES:
         group.add_argument(f"-{mode}", dest="tcp_mode", action="store_const", const=mode,
-                           help=argparse.SUPPRESS)
+                           help=MODE_HELP[mode])
     for mode in UDP_MODES:
         group.add_argument(f"-{mode}", dest="udp_mode", action="store_const", const=mode,
-                           help=argparse.SUPPRESS)
+                           help=MODE_HELP[mode])
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:

@@ -70,6 +70,26 @@ def test_advanced_modes_detect_and_block_every_scan_type(lab, start_daemon):
     log = daemon.log_text()
     assert "Ignored TCP port: 22" in log and "Ignored UDP port: 53" in log
     assert not re.search(r"to TCP port: (22|80|443)$", log, re.M)
+    if shutil.which("fail2ban-regex"):  # fail2ban's stock filter reads our history file
+        done = subprocess.run(["fail2ban-regex", str(daemon.history),
+                               "/etc/fail2ban/filter.d/portsentry.conf"],
+                              capture_output=True, text=True)
+        assert f"Failregex: {len(ADVANCED)} total" in done.stdout, done.stdout
+
+
+def test_excluded_ports_and_ip_options(lab, start_daemon):
+    daemon = start_daemon('TCP_MODE="atcp"\nADVANCED_EXCLUDE_TCP="21,23"\n')
+    nmap(lab, "-sS", extra4(19), TARGET4, "21,23")  # only excluded ports: no alert
+    assert extra4(19) not in daemon.banned()
+    assert "Advanced mode will manually exclude port: 23" in daemon.log_text()
+    source = extra4(18)
+    done = lab.exec("attacker", "nmap", "-sS", "-Pn", "-n", "--max-retries", "0",
+                    "--ip-options", r"\x01\x01\x01\x01", "-e", "eth0", "-S", source,
+                    "-p", "24", TARGET4, timeout=60)
+    assert done.returncode == 0, done.stderr
+    daemon.wait_log(f"attackalert: Packet from host: {source}/{source} to TCP port: 24 "
+                    "has IP options set (detection avoidance technique).")
+    assert source in daemon.banned()
 
 
 def test_a_service_started_later_is_not_a_trap(lab, start_daemon):
