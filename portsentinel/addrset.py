@@ -55,6 +55,11 @@ class AddressSet:
         i = bisect.bisect_right(starts, value) - 1
         return i >= 0 and value <= ends[i]
 
+    def ranges(self, version: int) -> list[tuple[int, int]]:
+        """Merged, sorted, disjoint (first, last) integer ranges of one family."""
+        starts, ends = self._ranges[version]
+        return list(zip(starts, ends))
+
     def __len__(self) -> int:
         return len(self._networks)
 

@@ -60,6 +60,7 @@ class Config:
     scan_window: float = 300.0
     ban_time: float = 86400.0
     block_nftables: str = "auto"  # auto: on when KILL_ROUTE is unset
+    kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
     nft_table: str = "portsentinel"
     hosts_deny_file: Path = Path("/etc/hosts.deny")
     syslog_ident: str = "portsentry"
@@ -68,6 +69,13 @@ class Config:
     source: str = EMBEDDED
     warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # KEY -> line it was read from
+
+    def kernel_trap_for(self, protocol: str, mode: str | None) -> bool:
+        """The in-kernel trap does exactly what the engine would: ban on the
+        first probe to a stealth/advanced trap port, into the nftables set."""
+        level = self.block_tcp if protocol == "tcp" else self.block_udp
+        return (self.kernel_trap == "auto" and self.nftables and self.scan_trigger <= 1
+                and level == 1 and mode is not None and mode[0] in "sa")
 
     @property
     def nftables(self) -> bool:
@@ -215,6 +223,7 @@ KEYS = {
     "SCAN_WINDOW": ("scan_window", _seconds),
     "BAN_TIME": ("ban_time", _seconds),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
+    "KERNEL_TRAP": ("kernel_trap", _choice("auto", "0")),
     "NFT_TABLE": ("nft_table", _identifier),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),

@@ -25,7 +25,7 @@ from .engine import (HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, TCP, UDP, Decisi
                      Engine, Policy, Verdict)
 from .ignore import IgnoreFilesStamp, local_addresses, never_block_set
 from .listeners import ListeningPorts
-from .nft import Nft, NftBans, NftError
+from .nft import KernelTrap, Nft, NftBans, NftError, port_ranges
 from .responders import ActionFailed, CompatActions, Records
 from .sensors import ListenSensor, PacketSensor, TrapPorts
 
@@ -75,9 +75,6 @@ class Daemon:
     def start(self) -> None:
         self.log(f"adminalert: portsentinel {__version__} (PortSentry 1.2 compatible) is starting.",
                  logs.INFO)
-        if self.config.nftables:
-            self.bans = NftBans(Nft(), self.config.nft_table)
-            self.bans.install()
         stealth: dict[str, TrapPorts] = {}
         for protocol, mode in self.modes.items():
             if mode is None:
@@ -87,9 +84,21 @@ class Daemon:
             else:
                 stealth[protocol] = self._stealth_traps(protocol, mode)
         if stealth:
-            self.sensors.append(PacketSensor(stealth, self.listening,
-                                             AddressSet(self.host_addresses)))
+            self.sensors.append(PacketSensor(stealth, AddressSet(self.host_addresses)))
+        if self.config.nftables:
+            self._install_nftables(stealth)
         self.log("adminalert: PortSentry is now active and listening.", logs.INFO)
+
+    def _install_nftables(self, stealth: dict[str, TrapPorts]) -> None:
+        trapped = {p: port_ranges(t.all_ports()) for p, t in stealth.items()
+                   if self.config.kernel_trap_for(p, self.modes[p])}
+        self.bans = NftBans(Nft(), self.config.nft_table)
+        self.bans.install(KernelTrap(trapped.get(TCP, ()), trapped.get(UDP, ())),
+                          self.config.ban_time)
+        self.bans.set_never_block(self.engine.policy.never_block)
+        for protocol in trapped:
+            self.log(f"adminalert: kernel trap armed for {protocol.upper()}: the first probe "
+                     "to a trap port is banned inside the kernel", logs.INFO)
 
     def _bind_traps(self, protocol: str) -> None:
         ports = self.config.tcp_ports if protocol == TCP else self.config.udp_ports
@@ -122,8 +131,13 @@ class Daemon:
         return TrapPorts(mode, advanced_limit=limit, exclude=exclude)
 
     # -- the packet path --------------------------------------------------
-    def handle(self, probe) -> Decision:
-        decision = self.engine.observe(probe)
+    def handle(self, probe, check_listener: bool = False) -> Decision | None:
+        decision = self.engine.check(probe)
+        if decision is None:
+            # only now, for a source that still counts: is the port really served?
+            if check_listener and self.listening.in_use(probe.protocol, probe.port):
+                return None
+            decision = self.engine.count(probe)
         if decision.verdict in (Verdict.IGNORED, Verdict.PENDING) or not decision.report:
             return decision
         nft_result: str | Exception | None = None
@@ -157,8 +171,9 @@ class Daemon:
                     if key.fileobj is wake_r:
                         _drain(wake_r)
                         continue
-                    for probe in key.fileobj.read():
-                        self.handle(probe)
+                    sensor = key.fileobj
+                    for probe in sensor.read():
+                        self.handle(probe, sensor.needs_listener_check)
                 while not self.failed.empty():
                     self.engine.forget(self.failed.get())
                 now = time.monotonic()
@@ -179,6 +194,8 @@ class Daemon:
             reporter.join(timeout=10)
             for sensor in self.sensors:
                 sensor.close()
+            if self.bans is not None:
+                self.bans.disarm_trap()  # no trap without the daemon; bans stay
             self.log("securityalert: PortSentry is shutting down", logs.NOTICE)
             self.log("adminalert: PortSentry is shutting down", logs.INFO)
 
@@ -215,6 +232,11 @@ class Daemon:
             return
         self.ignore_stamp = stamp
         self.engine.policy = dataclasses.replace(self.engine.policy, never_block=never_block)
+        if self.bans is not None:
+            try:
+                self.bans.set_never_block(never_block)
+            except NftError as err:
+                self.log.error(f"adminalert: ERROR: kernel never-block set not updated: {err}")
         self.log(f"adminalert: ignore list loaded: {len(never_block)} entries", logs.INFO)
 
     # -- the reporter thread ----------------------------------------------

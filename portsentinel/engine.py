@@ -146,8 +146,15 @@ class Engine:
 
     # -- probes -----------------------------------------------------------
     def observe(self, probe: Probe) -> Decision:
-        policy = self.policy
-        if probe.source in policy.never_block:
+        return self.check(probe) or self.count(probe)
+
+    def check(self, probe: Probe) -> Decision | None:
+        """The cheap part: IGNORED or ALREADY_BLOCKED, else None (count it).
+
+        Lets the caller do costlier checks (is the port served?) only for
+        probes that can still matter.
+        """
+        if probe.source in self.policy.never_block:
             return Decision(Verdict.IGNORED, probe)
         key = _key(probe.source)
         ban = self._bans.get(key)
@@ -155,6 +162,12 @@ class Engine:
             if ban.until is None or probe.time < ban.until:
                 return self._repeat(ban, probe)
             del self._bans[key]
+        return None
+
+    def count(self, probe: Probe) -> Decision:
+        """Count a probe that `check` let through; maybe trigger."""
+        policy = self.policy
+        key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
         actions = policy.actions_for(probe.protocol)

@@ -8,8 +8,10 @@ bind-tested. Results are cached briefly, so the cost is bounded under a flood.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -22,30 +24,41 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBBI48x")  # inet_diag_req_v2 with a zero sockid
 
 
+_local = threading.local()
+
+
+def _socket() -> socket.socket:
+    """One netlink socket per thread, kept open: a dump is then one round trip."""
+    sock = getattr(_local, "sock", None)
+    if sock is None:
+        sock = _local.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    return sock
+
+
 def _dump(protocol: int, family: int, states: int) -> set[int]:
     ports: set[int] = set()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
-        body = _REQ.pack(family, protocol, 0, 0, states)
-        nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
-                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
-        while True:
-            data = nl.recv(65536)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-                if kind == NLMSG_DONE:
-                    return ports
-                if kind == NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                    if error == 0:
-                        return ports
-                    raise OSError(-error, f"sock_diag: {socket.errno.errorcode.get(-error, error)}")
-                # inet_diag_msg: family, state, timer, retrans, then sockid (sport first)
-                sport_at = offset + _NLMSGHDR.size + 4
-                ports.add(int.from_bytes(data[sport_at:sport_at + 2], "big"))
-                offset += (length + 3) & ~3
-            if not data:
+    nl = _socket()
+    body = _REQ.pack(family, protocol, 0, 0, states)
+    nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                           NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+    while True:
+        data = nl.recv(65536)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
+            if kind == NLMSG_DONE:
                 return ports
+            if kind == NLMSG_ERROR:
+                (error,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+                if error == 0:
+                    return ports
+                raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
+            # inet_diag_msg: family, state, timer, retrans, then sockid (sport first)
+            sport_at = offset + _NLMSGHDR.size + 4
+            ports.add(int.from_bytes(data[sport_at:sport_at + 2], "big"))
+            offset += (length + 3) & ~3
+        if not data:
+            return ports
 
 
 def tcp_listening() -> set[int]:

@@ -3,6 +3,15 @@
 Each call runs a batch of nft commands inside this process: no fork per ban.
 Our rules live in their own table, `inet <name>`, so we never touch the
 admin's other tables, and everything we add can be removed in one command.
+
+The table:
+- `ban4`/`ban6`: banned sources, with per-element timeouts; dropped in
+  prerouting (priority raw), before connection tracking.
+- the kernel trap (optional): in the input hook, a TCP packet without ACK/RST
+  or a UDP datagram to a trap port that no local socket serves adds its
+  source to the ban set right there, so the very next packet is dropped. The
+  never-block sets are checked first. The daemon's packet sensor still sees
+  every probe and does the alerting and records.
 """
 
 from __future__ import annotations
@@ -12,8 +21,13 @@ import ctypes.util
 import ipaddress
 import json
 import threading
+from dataclasses import dataclass
+
+from .addrset import AddressSet
+from .nfnetlink import SetElements
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
+BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
 
 
 class NftError(Exception):
@@ -59,27 +73,103 @@ class Nft:
             self._ctx = None
 
 
+@dataclass(frozen=True)
+class KernelTrap:
+    """Trap ports per protocol as (first, last) ranges; empty = no trap."""
+
+    tcp: tuple[tuple[int, int], ...] = ()
+    udp: tuple[tuple[int, int], ...] = ()
+
+
+def port_ranges(ports) -> tuple[tuple[int, int], ...]:
+    ranges: list[list[int]] = []
+    for port in sorted(set(ports)):
+        if ranges and port == ranges[-1][1] + 1:
+            ranges[-1][1] = port
+        else:
+            ranges.append([port, port])
+    return tuple((a, b) for a, b in ranges)
+
+
 def _set_for(address) -> str:
     return "ban4" if address.version == 4 else "ban6"
 
 
+def _elements(ranges, fmt) -> str:
+    return ", ".join(fmt(a) if a == b else f"{fmt(a)}-{fmt(b)}" for a, b in ranges)
+
+
 class NftBans:
-    """The `inet <table>` table: two timeout sets and one drop rule each."""
+    """The `inet <table>` table: ban sets, their drop rules, the kernel trap."""
 
     def __init__(self, nft: Nft, table: str = "portsentinel"):
         self.nft, self.table = nft, table
+        self.elements = SetElements(table)  # the fast path for bans
 
-    def install(self) -> None:
-        """Create the table, sets and chain; existing bans are kept (restart)."""
+    def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
+        """Create or refresh the table in one transaction; bans already in
+        the sets are kept (restart), rules are replaced (never duplicated)."""
         t = self.table
-        self.nft.run(
-            f"add table inet {t}\n"
-            f"add set inet {t} ban4 {{ type ipv4_addr; flags timeout; }}\n"
-            f"add set inet {t} ban6 {{ type ipv6_addr; flags timeout; }}\n"
-            f"add chain inet {t} prerouting {{ type filter hook prerouting priority -300; policy accept; }}\n"
-            f"flush chain inet {t} prerouting\n"
-            f"add rule inet {t} prerouting ip saddr @ban4 counter drop\n"
-            f"add rule inet {t} prerouting ip6 saddr @ban6 counter drop\n")
+        ban_flags = f"flags dynamic, timeout; size {BAN_SET_SIZE};"
+        commands = [
+            f"add table inet {t}",
+            f"add set inet {t} ban4 {{ type ipv4_addr; {ban_flags} }}",
+            f"add set inet {t} ban6 {{ type ipv6_addr; {ban_flags} }}",
+            f"add set inet {t} never4 {{ type ipv4_addr; flags interval; }}",
+            f"add set inet {t} never6 {{ type ipv6_addr; flags interval; }}",
+            f"add set inet {t} trap_tcp {{ type inet_service; flags interval; }}",
+            f"add set inet {t} trap_udp {{ type inet_service; flags interval; }}",
+            f"add chain inet {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}",
+            f"add chain inet {t} input {{ type filter hook input priority filter - 10; policy accept; }}",
+            f"add chain inet {t} trap",
+            f"flush chain inet {t} prerouting",
+            f"flush chain inet {t} input",
+            f"flush chain inet {t} trap",
+            f"flush set inet {t} trap_tcp",
+            f"flush set inet {t} trap_udp",
+            f"add rule inet {t} prerouting ip saddr @ban4 counter drop",
+            f"add rule inet {t} prerouting ip6 saddr @ban6 counter drop",
+        ]
+        if trap and (trap.tcp or trap.udp):
+            expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
+            commands += [
+                f"add rule inet {t} input meta pkttype != host return",
+                f"add rule inet {t} input ip saddr @never4 return",
+                f"add rule inet {t} input ip6 saddr @never6 return",
+            ]
+            if trap.tcp:
+                commands += [
+                    f"add element inet {t} trap_tcp {{ {_elements(trap.tcp, str)} }}",
+                    f"add rule inet {t} input tcp flags & (ack | rst) == 0 tcp dport @trap_tcp jump trap",
+                ]
+            if trap.udp:
+                commands += [
+                    f"add element inet {t} trap_udp {{ {_elements(trap.udp, str)} }}",
+                    f"add rule inet {t} input udp dport @trap_udp jump trap",
+                ]
+            commands += [
+                # a local socket serves this port: a real service, not a trap
+                f"add rule inet {t} trap socket wildcard le 1 return",
+                f"add rule inet {t} trap meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }} counter drop",
+                f"add rule inet {t} trap meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }} counter drop",
+            ]
+        self.nft.run("\n".join(commands) + "\n")
+
+    def set_never_block(self, never: AddressSet) -> None:
+        """Replace the never-block sets atomically."""
+        t = self.table
+        commands = [f"flush set inet {t} never4", f"flush set inet {t} never6"]
+        for version, name in ((4, "never4"), (6, "never6")):
+            cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+            ranges = never.ranges(version)
+            if ranges:
+                commands.append(f"add element inet {t} {name} {{ "
+                                f"{_elements(ranges, lambda v: str(cls(v)))} }}")
+        self.nft.run("\n".join(commands) + "\n")
+
+    def disarm_trap(self) -> None:
+        """Stop trapping (daemon stopping); bans stay enforced."""
+        self.nft.run(f"flush chain inet {self.table} input\n")
 
     def command(self, address, timeout: float) -> str:
         ip = ipaddress.ip_address(address)  # never format anything but an address
@@ -87,16 +177,19 @@ class NftBans:
         return f"add element inet {self.table} {_set_for(ip)} {{ {ip}{expiry} }}"
 
     def ban(self, address, timeout: float = 0) -> str:
-        command = self.command(address, timeout)
-        self.nft.run(command + "\n")
-        return command
+        """Ban now (one netlink batch); returns the equivalent nft command for the log."""
+        try:
+            self.elements.add([address], timeout)
+        except OSError as err:
+            raise NftError(str(err)) from None
+        return self.command(address, timeout)
 
     def unban(self, address) -> bool:
-        ip = ipaddress.ip_address(address)
+        """False when the address was not banned."""
         try:
-            self.nft.run(f"delete element inet {self.table} {_set_for(ip)} {{ {ip} }}\n")
+            self.elements.delete([address])
             return True
-        except NftError:
+        except OSError:
             return False
 
     def banned(self) -> dict[str, float | None]:

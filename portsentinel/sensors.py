@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from . import bpf, packets
 from .addrset import AddressSet
 from .engine import TCP, UDP, Kind, Probe, classify_tcp
-from .listeners import ListeningPorts
 
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = 35
@@ -44,6 +43,11 @@ class TrapPorts:
         """Ports at or above this are never traps (lets BPF drop them)."""
         return self.advanced_limit if self.advanced else max(self.ports, default=0) + 1
 
+    def all_ports(self) -> frozenset[int]:
+        if self.advanced:
+            return frozenset(range(self.advanced_limit)) - self.exclude
+        return self.ports
+
     def watches(self, port: int) -> bool:
         if self.advanced:
             return port < self.advanced_limit and port not in self.exclude
@@ -51,10 +55,12 @@ class TrapPorts:
 
 
 class PacketSensor:
-    def __init__(self, traps: dict[str, TrapPorts], listening: ListeningPorts,
-                 local: AddressSet):
+    # Probes come out before the "is the port served?" check: the daemon asks
+    # that (ListeningPorts) only for sources the engine still cares about.
+    needs_listener_check = True
+
+    def __init__(self, traps: dict[str, TrapPorts], local: AddressSet):
         self.traps = traps  # protocol -> TrapPorts, for the protocols watched here
-        self.listening = listening
         self.local = local
         self.malformed = 0
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
@@ -98,8 +104,6 @@ class PacketSensor:
             return None
         if packet.destination not in self.local:
             return None  # routed through, not for us
-        if self.listening.in_use(packet.protocol, packet.port):
-            return None
         kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
         return Probe(packet.source, packet.port, packet.protocol, kind, stamp,
                      packet.flags, packet.ip_options)
@@ -122,6 +126,8 @@ def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 class ListenSensor:
     """One bound socket (dual-stack when IPv6 is available) on a trap port."""
+
+    needs_listener_check = False  # we own the port
 
     def __init__(self, protocol: str, port: int, banner: str | None = None):
         self.protocol, self.port = protocol, port

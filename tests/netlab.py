@@ -129,8 +129,23 @@ class Lab:
                 pass
         self.procs.clear()
         for name in reversed(self.created):
+            self._kill_members(name)  # e.g. daemons that forked away from us
             sh("ip", "netns", "del", name, check=False)
         self.created.clear()
+
+    @staticmethod
+    def _kill_members(name: str) -> None:
+        """Kill, by PID, every process still inside the namespace `name`."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = [int(p) for p in sh("ip", "netns", "pids", name, check=False).stdout.split()]
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if not pids:
+                return
+            time.sleep(0.5)
 
     def __enter__(self) -> "Lab":
         return self.up()

@@ -1,0 +1,441 @@
+"""Side-by-side benchmark: PortSentry 1.2 vs portsentinel, in one run.
+
+    sudo bash scripts/test.sh --co -q >/dev/null   # once: installs tools, unpacks Debian's portsentry
+    sudo .venv/bin/python bench/run.py [--quick]    # writes docs/benchmarks.md
+
+Contenders, each started fresh for every measurement in the same lab:
+  portsentry-1.2   Debian's binary (unpacked, never installed), -atcp and -audp,
+                   KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP",
+                   run only inside the target namespace with a private /etc overlay
+  userspace        portsentinel with KERNEL_TRAP="0": sensor -> engine -> nftables
+  kernel-trap      portsentinel defaults: the first trap probe is banned in-kernel
+All traffic stays between the lab's namespaces (198.51.100.0/24, 2001:db8::/64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import netlab  # noqa: E402
+from netlab import TARGET4, TARGET6, ATTACKER4, ATTACKER6  # noqa: E402
+
+PROBES = ROOT / "bench" / "probes.py"
+PORTSENTINEL = Path(sys.executable).with_name("portsentinel")
+DEB_ROOT = Path(os.environ.get("PORTSENTRY_DEB_ROOT", ROOT / ".cache/portsentry/root"))
+REAL_TCP, REAL_UDP = {22, 80, 443, 8080}, {53}
+CLK = os.sysconf("SC_CLK_TCK")
+
+SCANS = [  # (name, nmap arguments, IPv6?)
+    ("SYN -sS", ["-sS"], False),
+    ("connect -sT", ["-sT"], False),
+    ("FIN -sF", ["-sF"], False),
+    ("NULL -sN", ["-sN"], False),
+    ("XMAS -sX", ["-sX"], False),
+    ("UDP -sU --top-ports 100", ["-sU", "--top-ports", "100"], False),
+    ("all ports -sS -T5 -p-", ["-sS", "-T5", "-p-"], False),
+    ("slow -sS -T2 --top-ports 20", ["-sS", "-T2", "--top-ports", "20"], False),
+    ("IPv6 SYN -sS", ["-sS"], True),
+    ("IPv6 connect -sT", ["-sT"], True),
+    ("IPv6 UDP -sU --top-ports 100", ["-sU", "--top-ports", "100"], True),
+]
+
+PORTSENTRY_CONF = """\
+TCP_PORTS="1,11,15,79,111,119,143,540,635,1080,1524,2000,5742,6667,12345,12346,20034,27665,31337,32771,32772,32773,32774,40421,49724,54320"
+UDP_PORTS="1,7,9,69,161,162,513,635,640,641,700,37444,34555,31335,32770,32771,32772,32773,32774,31337,54321"
+ADVANCED_PORTS_TCP="1024"
+ADVANCED_PORTS_UDP="1024"
+ADVANCED_EXCLUDE_TCP="113,139"
+ADVANCED_EXCLUDE_UDP="520,138,137,67"
+IGNORE_FILE="/etc/portsentry/portsentry.ignore"
+HISTORY_FILE="{work}/portsentry.history"
+BLOCKED_FILE="{work}/portsentry.blocked"
+RESOLVE_HOST="0"
+BLOCK_UDP="1"
+BLOCK_TCP="1"
+KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"
+SCAN_TRIGGER="0"
+"""
+
+
+def proc_stats(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds incl. waited-for children, peak RSS kB) summed over pids."""
+    cpu, rss = 0.0, 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += sum(int(f) for f in fields[11:15]) / CLK
+            status = Path(f"/proc/{pid}/status").read_text()
+            rss += int(re.search(r"VmHWM:\s+(\d+)", status)[1])
+        except (OSError, TypeError):
+            pass
+    return cpu, rss
+
+
+class Contender:
+    name = ""
+
+    def __init__(self, lab: netlab.Lab, work: Path):
+        self.lab, self.work = lab, work
+
+    def reset_firewall(self) -> None:
+        self.lab.exec("target", "nft", "delete", "table", "inet", "portsentinel")
+        self.lab.exec("target", "iptables", "-F", "INPUT")
+        self.lab.exec("target", "ip6tables", "-F", "INPUT")
+
+    def blocked(self, source: str) -> bool:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+
+class Portsentinel(Contender):
+    def __init__(self, lab, work, kernel_trap: bool):
+        super().__init__(lab, work)
+        self.name = "portsentinel kernel-trap" if kernel_trap else "portsentinel userspace"
+        self.kernel_trap = kernel_trap
+        self.proc = None
+
+    def start(self) -> None:
+        self.reset_firewall()
+        conf = self.work / "portsentinel.conf"
+        conf.write_text('TCP_MODE="atcp"\nUDP_MODE="audp"\n'
+                        f'HISTORY_FILE="{self.work}/ps.history"\n'
+                        f'BLOCKED_FILE="{self.work}/ps.blocked"\n'
+                        + ('' if self.kernel_trap else 'KERNEL_TRAP="0"\n'))
+        self.log = self.work / "portsentinel.log"
+        self.proc = self.lab.start("target", str(PORTSENTINEL), "run", "-c", str(conf),
+                                   "--foreground", "--log", "stdout",
+                                   "--pid-file", str(self.work / "pid"),
+                                   stdout=self.log.open("w"))
+        netlab.wait_for_line(self.log, "now active and listening", 15)
+
+    def stop(self) -> None:
+        self.lab.stop(self.proc)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def blocked(self, source: str) -> bool:
+        out = self.lab.exec("target", "nft", "list", "table", "inet", "portsentinel").stdout
+        return re.search(rf"[{{ ,]{re.escape(source)}[ ,}}]", out) is not None
+
+    def alerts(self) -> int:
+        return self.log.read_text().count("attackalert: TCP SYN/Normal scan")
+
+
+class Portsentry12(Contender):
+    name = "PortSentry 1.2"
+
+    def __init__(self, lab, work):
+        super().__init__(lab, work)
+        self.binary = DEB_ROOT / "usr/sbin/portsentry"
+        if not self.binary.exists():
+            sys.exit(f"{self.binary} missing: run scripts/test.sh once (it unpacks Debian's package)")
+        self._pids: list[int] = []
+
+    def start(self) -> None:
+        self.reset_firewall()
+        upper, workdir = self.work / "etc-upper", self.work / "etc-work"
+        subprocess.run(["rm", "-rf", str(upper), str(workdir)], check=True)
+        (upper / "portsentry").mkdir(parents=True)
+        workdir.mkdir()
+        (upper / "portsentry/portsentry.conf").write_text(PORTSENTRY_CONF.format(work=self.work))
+        (upper / "portsentry/portsentry.ignore").write_text(
+            f"127.0.0.1/32\n0.0.0.0\n{TARGET4}\n")
+        before = self._netns_pids()
+        script = (f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={workdir} /etc"
+                  f" && {self.binary} -atcp && {self.binary} -audp")
+        done = self.lab.exec("target", "unshare", "--mount", "--propagation", "private",
+                             "sh", "-c", script, timeout=30)
+        if done.returncode:
+            raise RuntimeError(f"portsentry 1.2 failed: {done.stderr}")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self._pids = [p for p in self._netns_pids() - before
+                          if os.path.realpath(f"/proc/{p}/exe") == str(self.binary)]
+            if len(self._pids) == 2:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # 1.2 opens its raw sockets after it forks
+
+    def _netns_pids(self) -> set[int]:
+        out = netlab.sh("ip", "netns", "pids", self.lab.ns["target"], check=False).stdout
+        return {int(p) for p in out.split()}
+
+    def stop(self) -> None:
+        for pid in self._pids:  # by PID, never by name
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+        self._pids = []
+
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    def blocked(self, source: str) -> bool:
+        out = self.lab.exec("target", "iptables", "-S", "INPUT").stdout
+        return f"-s {source}/32" in out
+
+
+# -- measurements -------------------------------------------------------------
+def counters_install(lab: netlab.Lab, source: str) -> None:
+    match = "ip6 saddr" if ":" in source else "ip saddr"
+    tcp = f"{match} {source} tcp flags & (ack | rst) == 0"
+    udp = f"{match} {source} meta l4proto udp"
+    rules = f"""
+table inet bench {{
+  counter arrived {{}}
+  counter passed {{}}
+  chain pre {{
+    type filter hook prerouting priority -400; policy accept;
+    {tcp} counter name arrived
+    {udp} counter name arrived
+  }}
+  chain post {{
+    type filter hook input priority 100; policy accept;
+    {tcp} counter name passed
+    {udp} counter name passed
+  }}
+}}
+"""
+    lab.exec("target", "nft", "delete", "table", "inet", "bench")
+    done = lab.exec("target", "nft", "-f", "-", input=rules)
+    assert done.returncode == 0, done.stderr
+
+
+def counters_read(lab: netlab.Lab) -> dict[str, int]:
+    out = json.loads(lab.exec("target", "nft", "-j", "list", "counters", "table", "inet",
+                              "bench").stdout)
+    return {item["counter"]["name"]: item["counter"]["packets"]
+            for item in out["nftables"] if "counter" in item}
+
+
+def parse_nmap(text: str) -> tuple[dict[int, str], bool, bool]:
+    """(port -> state, any closed port seen, host timed out)."""
+    states = {int(m[1]): m[3] for m in re.finditer(r"^(\d+)/(tcp|udp)\s+(\S+)", text, re.M)}
+    closed = "closed" in states.values() or re.search(r"Not shown: \d+ closed", text) is not None
+    return states, closed, "host timeout" in text
+
+
+def revealed(states: dict[int, str], closed_seen: bool, real: set[int]) -> set[int]:
+    """Real ports the scanner can tell apart: `open`, or `open|filtered` next to closed ones."""
+    return {p for p, s in states.items() if p in real
+            and (s == "open" or (s == "open|filtered" and closed_seen))}
+
+
+def run_scan(lab, contender, name, args, v6) -> dict:
+    source = ATTACKER6 if v6 else ATTACKER4
+    target = TARGET6 if v6 else TARGET4
+    contender.start()
+    counters_install(lab, source)
+    cpu0, _ = proc_stats(contender.pids())
+    t0 = time.monotonic()
+    argv = ["nmap", *(["-6"] if v6 else []), *args, "-Pn", "-n", "--max-retries", "1",
+            "--max-rtt-timeout", "200ms", "--host-timeout", "300s", "-e", "eth0", "-S", source,
+            target]
+    if not any(a.startswith("-T") for a in args):
+        argv.insert(1, "-T4")
+    done = lab.exec("attacker", *argv, timeout=400)
+    seconds = time.monotonic() - t0
+    cpu1, rss = proc_stats(contender.pids())
+    counts = counters_read(lab)
+    states, closed, timed_out = parse_nmap(done.stdout)
+    real = REAL_UDP if "-sU" in args else REAL_TCP
+    result = {
+        "contender": contender.name, "scan": name, "detected": contender.blocked(source),
+        "revealed": len(revealed(states, closed, real)), "real": len(real),
+        "arrived": counts.get("arrived", 0), "passed": counts.get("passed", 0),
+        "cpu": cpu1 - cpu0, "rss_kb": rss, "nmap_s": seconds, "timeout": timed_out,
+    }
+    contender.stop()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def latency_trial(lab, contender, gap_us: float, count: int) -> tuple[float | None, int]:
+    """(ms from the trap probe to the block, probes answered after the trap probe)."""
+    contender.start()
+    sniffer = lab.start("target", sys.executable, str(PROBES), "sniff", "4", ATTACKER4,
+                        stdout=subprocess.PIPE)
+    assert sniffer.stdout.readline().strip() == b"ready"
+    lab.exec("attacker", sys.executable, str(PROBES), "stream", ATTACKER4, TARGET4, "1", "2000",
+             str(gap_us), str(count), timeout=30)
+    data = json.loads(sniffer.stdout.readline())
+    sniffer.wait(10)
+    blocked = contender.blocked(ATTACKER4)
+    contender.stop()
+    trap = next((t for t, port, _ in data["in"] if port == 1), None)
+    follow = [t for t, port, _ in data["in"] if port == 2000]
+    answered = sum(1 for _, port, flags in data["out"] if port == 2000)
+    if trap is None or not blocked:
+        return None, answered
+    if answered == 0:
+        return 0.0, 0
+    return (follow[answered - 1] - trap) * 1000, answered
+
+
+def capacity(lab, contender, rates: list[int], seconds: float) -> list[dict]:
+    mac = re.search(r"link/ether (\S+)", lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
+    rows = []
+    for rate in rates:
+        contender.start()
+        alerts0 = contender.alerts()
+        cpu0, _ = proc_stats(contender.pids())
+        t0 = time.monotonic()
+        out = lab.exec("attacker", sys.executable, str(PROBES), "flood", "eth0", mac, TARGET6,
+                       str(rate), str(seconds), "1", timeout=seconds + 60).stdout
+        sent = json.loads(out)["sent"]
+        deadline = time.monotonic() + 10  # let it drain
+        while contender.alerts() - alerts0 < sent and time.monotonic() < deadline:
+            time.sleep(0.2)
+        wall = time.monotonic() - t0
+        cpu1, rss = proc_stats(contender.pids())
+        handled = contender.alerts() - alerts0
+        row = {"contender": contender.name, "rate": rate, "sent": sent, "handled": handled,
+               "cpu_pct": 100 * (cpu1 - cpu0) / wall, "rss_kb": rss, "wall": wall}
+        contender.stop()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+# -- report -------------------------------------------------------------------
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(scans, latency, cap, args) -> str:
+    nmap_version = netlab.sh("nmap", "--version").stdout.split("\n")[0]
+    names = [c for c in dict.fromkeys(r["contender"] for r in scans)]
+    by = {(r["contender"], r["scan"]): r for r in scans}
+    scan_rows = []
+    for name, _, _ in SCANS:
+        row = [name]
+        for c in names:
+            r = by.get((c, name))
+            if r is None:
+                row.append("-")
+                continue
+            detected = "yes" if r["detected"] else "**no**"
+            row.append(f"{detected}; {r['revealed']}/{r['real']} open; "
+                       f"{r['passed']}/{r['arrived']} probes in; {r['cpu']:.2f}s CPU"
+                       + ("; nmap timed out" if r["timeout"] else ""))
+        scan_rows.append(row)
+    rss_rows = [[c, max(r["rss_kb"] for r in scans if r["contender"] == c) // 1024]
+                for c in names]
+    lat_rows = []
+    for c, values in latency.items():
+        blocked = [v for v, _ in values if v is not None]
+        through = [n for _, n in values]
+        if blocked:
+            lat_rows.append([c, f"{len(blocked)}/{len(values)}", f"{statistics.median(blocked):.2f}",
+                             f"{max(blocked):.2f}", f"{statistics.median(through):.0f}"])
+        else:
+            lat_rows.append([c, f"0/{len(values)}", "-", "-", "-"])
+    return f"""# Benchmarks
+
+Produced by `bench/run.py` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores,
+kernel {platform.release()}, {nmap_version}); all contenders measured in one run, in the
+same namespace lab (target 198.51.100.1 / 2001:db8::1 serving TCP 22, 80, 443, 8080 and
+UDP 53; attacker .2 / ::2). Each cell is a fresh start of the contender.{' Quick mode.' if args.quick else ''}
+
+Contenders:
+- **PortSentry 1.2**: Debian's binary, `-atcp` and `-audp`, `SCAN_TRIGGER="0"`,
+  `KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"`.
+- **portsentinel userspace**: atcp + audp, `KERNEL_TRAP="0"`: packet sensor → engine →
+  nftables set (no fork), the path every mode and `SCAN_TRIGGER` > 1 use.
+- **portsentinel kernel-trap**: the defaults: the first probe to a trap port is banned
+  by an nftables rule before the next packet is processed.
+
+## Scans: what nmap learns
+
+Per cell: detected and blocked?; real open ports nmap can tell apart (`open`, or
+`open|filtered` while other ports show `closed`) of those it probed; probes (TCP
+without ACK/RST, and UDP) that got past every firewall rule of the target / probes that
+arrived (nftables counters at prerouting -400 and input +100); daemon CPU time during
+the scan (with children, e.g. 1.2's iptables). nmap runs with `-T4` unless stated,
+`--max-retries 1 --max-rtt-timeout 200ms`.
+
+{table(["scan", *names], scan_rows)}
+
+Peak RSS (MiB, largest over the scans):
+
+{table(["contender", "peak RSS MiB"], rss_rows)}
+
+## First probe to block
+
+One SYN to trap port 1, then a SYN to port 2000 (closed, not watched) every
+{args.gap:.0f} µs; a sniffer in the target records kernel timestamps. The block time is
+from the trap probe to the last follow-up probe that was still answered (so the
+resolution is one gap; 0 means not even the next probe got through).
+{args.trials} trials per contender.
+
+{table(["contender", "blocked", "median ms", "max ms", "median probes through"], lat_rows)}
+
+## Capacity (userspace path)
+
+SYN floods to a trap port from distinct IPv6 sources in 2001:db8::/64, {args.flood_seconds:.0f} s
+per rate; handled = sources alerted and banned by the daemon (within 10 s after the
+flood); CPU = daemon CPU over the flood and the drain. PortSentry 1.2 is not run here:
+it forks iptables for each source.
+
+{table(["contender", "probes/s", "sent", "handled", "CPU %", "peak RSS MiB"],
+       [[r["contender"], r["rate"], r["sent"], r["handled"], f"{r['cpu_pct']:.0f}",
+         r["rss_kb"] // 1024] for r in cap])}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer scans and trials")
+    parser.add_argument("--trials", type=int, default=15)
+    parser.add_argument("--gap", type=float, default=100.0, help="µs between follow-up probes")
+    parser.add_argument("--flood-seconds", type=float, default=3.0)
+    parser.add_argument("--output", type=Path, default=ROOT / "docs/benchmarks.md")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (it builds network namespaces)")
+    scans = SCANS[:2] + SCANS[8:9] if args.quick else SCANS
+    if args.quick:
+        args.trials = min(args.trials, 5)
+    rates = [2000, 5000] if args.quick else [2000, 5000, 10000, 20000]
+    with netlab.Lab("bn") as lab, tempfile.TemporaryDirectory() as tmp:
+        services = lab.start("target", sys.executable, str(ROOT / "tests/services.py"), "7200",
+                             stdout=subprocess.PIPE)
+        assert services.stdout.readline().strip() == b"ready"
+        work = Path(tmp)
+        contenders = [Portsentry12(lab, work), Portsentinel(lab, work, False),
+                      Portsentinel(lab, work, True)]
+        results, latency = [], {}
+        for name, nmap_args, v6 in scans:
+            for contender in contenders:
+                results.append(run_scan(lab, contender, name, nmap_args, v6))
+        for contender in contenders:
+            latency[contender.name] = [latency_trial(lab, contender, args.gap, 400)
+                                       for _ in range(args.trials)]
+            print(contender.name, latency[contender.name], flush=True)
+        cap = capacity(lab, contenders[1], rates, args.flood_seconds)
+        args.output.write_text(report(results, latency, cap, args))
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
