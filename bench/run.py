@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -413,6 +414,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it builds network namespaces)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # run the cleanup
     scans = SCANS[:2] + SCANS[8:9] if args.quick else SCANS
     if args.quick:
         args.trials = min(args.trials, 5)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__, config as configuration, logs
@@ -54,6 +56,12 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
                         help="portsentry.conf to read (default: the embedded default)")
 
 
+def _socket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                        help="the daemon's control socket (default: CONTROL_SOCKET of the "
+                             "embedded config, /run/portsentinel.sock)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portsentinel", description=DESCRIPTION,
@@ -74,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: syslog; syslog,stdout with --foreground)")
     run.add_argument("--pid-file", type=Path, default=PID_FILE, help=f"default {PID_FILE}")
 
+    for name, text in (("status", "show what the running daemon is doing"),
+                       ("list", "list the bans in force"),
+                       ("reload", "re-read the config and ignore files (like SIGHUP); bans are kept")):
+        sub = commands.add_parser(name, help=text, description=text)
+        _socket_argument(sub)
+        if name == "list":
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+    unblock = commands.add_parser("unblock", help="lift a ban (an address, or every ban in a CIDR)",
+                                  description="Lift bans: from nftables, hosts.deny (and "
+                                              "KILL_ROUTE, when it can be undone) and the state.")
+    unblock.add_argument("target", metavar="IP|CIDR")
+    _socket_argument(unblock)
+    block = commands.add_parser("block", help="ban an address by hand",
+                                description="Ban an address with the configured firewall actions.")
+    block.add_argument("address", metavar="IP")
+    block.add_argument("--for", dest="duration", metavar="DURATION",
+                       help="how long: 3600, 90m, 12h, 7d (default: BAN_TIME, escalated for "
+                            "repeat offenders); 0 = forever")
+    _socket_argument(block)
+
     check = commands.add_parser("check-config", help="validate the configuration and exit",
                                 description="Read the config and the ignore files; print "
                                             "what would run, or the first error as file:line.")
@@ -90,25 +118,13 @@ def _legacy(argv: list[str]) -> list[str]:
     return argv
 
 
-def resolve_modes(args, config) -> tuple[str | None, str | None]:
-    tcp, udp = args.tcp_mode, args.udp_mode
-    if tcp or udp:
-        return tcp, udp
-    if config.tcp_mode or config.udp_mode:
-        return config.tcp_mode, config.udp_mode
-    if args.config is not None:
-        file_tcp, file_udp = configuration.read_modes_file()
-        if file_tcp or file_udp:
-            return file_tcp, file_udp
-    return "atcp", "audp"
-
-
 def load_checked(args):
     """Config, modes and never-block set, or ConfigError: nothing half-loaded."""
     from .ignore import never_block_set
 
     config = configuration.load(args.config)
-    tcp, udp = resolve_modes(args, config)
+    tcp, udp = configuration.resolve_modes(args.tcp_mode, args.udp_mode, config,
+                                           args.config is not None)
     never_block = never_block_set(config.ignore_file, [],
                                   configuration.where(config, "IGNORE_FILE"))
     return config, tcp, udp, never_block
@@ -163,7 +179,8 @@ def run(args) -> int:
     for warning in config.warnings:
         log(f"adminalert: warning: {warning}", logs.WARNING)
     try:
-        daemon = Daemon(config, tcp, udp, log)
+        daemon = Daemon(config, tcp, udp, log, config_path=args.config,
+                        cli_modes=(args.tcp_mode, args.udp_mode))
         daemon.start()
     except (ConfigError, OSError) as err:
         print(f"portsentinel: cannot start: {err}", file=sys.stderr)
@@ -192,6 +209,91 @@ def _daemonize(pid_file: Path) -> None:
         pass
 
 
+def _when(epoch) -> str:
+    return "never" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _left(seconds) -> str:
+    if seconds is None:
+        return "forever"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{int(seconds)}s"
+
+
+def print_bans(bans: list[dict]) -> None:
+    if not bans:
+        print("no bans")
+        return
+    rows = [("ADDRESS", "SINCE", "EXPIRES", "LEFT", "PORT", "REASON", "ORIGIN")]
+    for b in bans:
+        port = f"{b['port']}/{b['protocol']}" if b.get("port") else "-"
+        rows.append((b["address"], _when(b["since"]), _when(b["until"]), _left(b["remaining"]),
+                     port, b["reason"], b["origin"]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def print_status(status: dict) -> None:
+    modes = status["modes"]
+    print(f"portsentinel {status['version']} (pid {status['pid']}) running since "
+          f"{_when(status['since'])}")
+    print(f"config: {status['config']}")
+    print(f"modes: tcp={modes['tcp'] or 'off'} udp={modes['udp'] or 'off'}; "
+          f"firewall: {status['firewall']}; kernel trap: {', '.join(status['kernel_trap']) or 'off'}")
+    print(f"bans in force: {status['active_bans']}; hosts being counted: {status['pending_hosts']}; "
+          f"report queue: {status['report_queue']}")
+    for name, value in sorted(status["counters"].items()):
+        if name.startswith(("portsentinel_probes", "portsentinel_alerts", "portsentinel_bans",
+                            "portsentinel_unbans", "portsentinel_dropped")) and value:
+            print(f"  {name} {int(value)}")
+
+
+def control(args) -> int:
+    from .control import ControlError, request
+
+    path = args.socket or configuration.load(None).control_socket
+    message: dict = {"command": args.command}
+    if args.command == "unblock":
+        message["target"] = args.target
+    if args.command == "block":
+        message["address"] = args.address
+        if args.duration is not None:
+            try:
+                message["seconds"] = configuration.KEYS["BAN_TIME"][1](args.duration)
+            except ValueError as err:
+                print(f"portsentinel: --for: {err}", file=sys.stderr)
+                return 2
+    try:
+        reply = request(path, message)
+    except (ControlError, OSError, ValueError) as err:
+        print(f"portsentinel: {err}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"portsentinel: {reply.get('error', 'failed')}", file=sys.stderr)
+        return 1
+    if args.command == "status":
+        print_status(reply)
+    elif args.command == "list":
+        if args.json:
+            print(json.dumps(reply["bans"], indent=2))
+        else:
+            print_bans(reply["bans"])
+    elif args.command == "unblock":
+        print("unblocked: " + ", ".join(reply["unblocked"]))
+        for address, problems in reply.get("problems", {}).items():
+            for problem in problems:
+                print(f"warning: {address}: {problem}", file=sys.stderr)
+    elif args.command == "block":
+        print(f"blocked {reply['address']} until {_when(reply['until'])}")
+    elif args.command == "reload":
+        note = reply.get("restart_needed")
+        print("reloaded" + (f" ({', '.join(note)} need a restart)" if note else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_legacy(list(sys.argv[1:] if argv is None else argv)))
@@ -199,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "check-config":
         return check_config(args)
+    if args.command in ("status", "list", "unblock", "block", "reload"):
+        return control(args)
     parser.print_help()
     return 2
 

@@ -61,6 +61,13 @@ class Config:
     ban_time: float = 86400.0
     block_nftables: str = "auto"  # auto: on when KILL_ROUTE is unset
     kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
+    ban_time_increment: float = 2.0
+    ban_time_max: float = 30 * 86400.0
+    kill_route_undo: str | None = None
+    state_file: Path = Path("/var/lib/portsentinel/state.db")
+    control_socket: Path = Path("/run/portsentinel.sock")
+    metrics_address: tuple[str, int] | None = None
+    json_log: Path | None = None
     nft_table: str = "portsentinel"
     hosts_deny_file: Path = Path("/etc/hosts.deny")
     syslog_ident: str = "portsentry"
@@ -137,6 +144,23 @@ def _seconds(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration (e.g. 3600, 30m, 12h, 7d)")
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 100:
+        raise ValueError(f"{value} must be within 1-100 (1 = no escalation)")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} must be ADDRESS:PORT, e.g. 127.0.0.1:9310")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _advanced_limit(text: str) -> int:
@@ -224,6 +248,13 @@ KEYS = {
     "BAN_TIME": ("ban_time", _seconds),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
     "KERNEL_TRAP": ("kernel_trap", _choice("auto", "0")),
+    "BAN_TIME_INCREMENT": ("ban_time_increment", lambda t: _factor(t)),
+    "BAN_TIME_MAX": ("ban_time_max", _seconds),
+    "KILL_ROUTE_UNDO": ("kill_route_undo", _optional(_kill_route)),
+    "STATE_FILE": ("state_file", _path),
+    "CONTROL_SOCKET": ("control_socket", _path),
+    "METRICS_ADDRESS": ("metrics_address", _optional(lambda t: _host_port(t))),
+    "JSON_LOG": ("json_log", _optional(_path)),
     "NFT_TABLE": ("nft_table", _identifier),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),
@@ -342,6 +373,21 @@ def read_modes_file(path: Path = DEFAULT_MODES_FILE) -> tuple[str | None, str | 
     return modes["TCP_MODE"], modes["UDP_MODE"]
 
 
+def resolve_modes(cli_tcp: str | None, cli_udp: str | None, config: Config,
+                  read_default_file: bool) -> tuple[str | None, str | None]:
+    """Command line, else TCP_MODE/UDP_MODE in the config, else Debian's
+    /etc/default/portsentry (for a user config), else atcp + audp."""
+    if cli_tcp or cli_udp:
+        return cli_tcp, cli_udp
+    if config.tcp_mode or config.udp_mode:
+        return config.tcp_mode, config.udp_mode
+    if read_default_file:
+        file_tcp, file_udp = read_modes_file()
+        if file_tcp or file_udp:
+            return file_tcp, file_udp
+    return "atcp", "audp"
+
+
 def command_argv(template: str, target: str, port: int, mode: str) -> list[str]:
     """Split a command template, then fill the tokens in each argument.
 
@@ -355,6 +401,27 @@ def command_argv(template: str, target: str, port: int, mode: str) -> list[str]:
             arg = arg.replace(token, value)
         argv.append(arg)
     return argv
+
+
+def undo_command(command: str) -> str | None:
+    """The command that reverses a KILL_ROUTE (template or filled), if known:
+    iptables/ip6tables -I/-A -> -D, route add -> route del, ip route add -> del."""
+    argv = shlex.split(command)
+    program = argv[0].rsplit("/", 1)[-1]
+    if program.startswith(("iptables", "ip6tables")):
+        for flag in ("-I", "--insert", "-A", "--append"):
+            if flag in argv[:-1]:
+                i = argv.index(flag)
+                rest = argv[i + 2:]
+                if flag in ("-I", "--insert") and rest and rest[0].isdigit():
+                    rest = rest[1:]  # -I INPUT 1 ...: the position is not part of -D
+                return shlex.join([*argv[:i], "-D", argv[i + 1], *rest])
+        return None
+    if program == "route" and "add" in argv:
+        return shlex.join([a if a != "add" else "del" for a in argv])
+    if program == "ip" and "route" in argv and "add" in argv:
+        return shlex.join([a if a != "add" else "del" for a in argv])
+    return None
 
 
 def fill(template: str, target: str, port: int, mode: str) -> str:

@@ -1,14 +1,20 @@
 """The daemon: sensors feed the engine; decisions go to the responders.
 
-One thread runs the packet path (select on the sensors, engine, inline
-nftables ban). A reporter thread does the slow work in order: name lookups,
-log lines, the compatibility commands, history files. Nothing on the packet
-path forks, sleeps or resolves names.
+Threads:
+- main: select on the sensors, engine, inline nftables ban (netlink, no fork);
+  housekeeping once a second (listeners, ignore files, expiry); reload.
+- reporter: slow work in order, fed by a bounded queue of jobs: name lookups,
+  log lines, hosts.deny / KILL_ROUTE / KILL_RUN_CMD, history files, the store.
+- control: the unix socket for status/list/block/unblock/reload.
+The engine is shared under `self.lock`; nothing on the packet path forks,
+sleeps or resolves names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import json
 import os
 import queue
 import selectors
@@ -16,18 +22,22 @@ import signal
 import socket
 import threading
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
+from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, config as configuration, logs
 from .addrset import AddressSet
-from .config import Config
-from .engine import (HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, TCP, UDP, Decision,
-                     Engine, Policy, Verdict)
+from .config import Config, ConfigError
+from .control import ControlServer
+from .engine import (HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, TCP, UDP, Decision, Engine,
+                     Kind, Policy, Verdict)
 from .ignore import IgnoreFilesStamp, local_addresses, never_block_set
 from .listeners import ListeningPorts
+from .metrics import Metrics
 from .nft import KernelTrap, Nft, NftBans, NftError, port_ranges
 from .responders import ActionFailed, CompatActions, Records
 from .sensors import ListenSensor, PacketSensor, TrapPorts
+from .store import BanRecord, Store
 
 HOUSEKEEPING_EVERY = 1.0
 ADDRESSES_EVERY = 30.0
@@ -41,6 +51,7 @@ def policy_for(config: Config, never_block: AddressSet) -> Policy:
         nftables=config.nftables, hosts_deny=config.kill_hosts_deny is not None,
         kill_route=config.kill_route is not None, run_cmd=config.kill_run_cmd is not None,
         run_cmd_first=config.kill_run_cmd_first, ban_time=config.ban_time,
+        ban_time_increment=config.ban_time_increment, ban_time_max=config.ban_time_max,
         host_capacity=config.host_capacity, never_block=never_block)
 
 
@@ -52,29 +63,64 @@ def _resolve(address: str) -> str | None:
         return None
 
 
+def _reason(decision: Decision) -> str:
+    probe = decision.probe
+    if probe.kind is Kind.CONNECT:
+        return f"Connect to {probe.protocol.upper()} port {probe.port}"
+    return logs.scan_name(probe).strip()
+
+
 class Daemon:
     def __init__(self, config: Config, tcp_mode: str | None, udp_mode: str | None,
-                 log: logs.Log):
+                 log: logs.Log, config_path: Path | None = None,
+                 cli_modes: tuple[str | None, str | None] = (None, None)):
         self.config, self.log = config, log
+        self.config_path, self.cli_modes = config_path, cli_modes
         self.modes = {TCP: tcp_mode, UDP: udp_mode}
         self.sensors: list = []
+        self.selector: selectors.BaseSelector | None = None
         self.bans: NftBans | None = None
+        self.control: ControlServer | None = None
         self.listening = ListeningPorts(time.monotonic)
         self.reports: queue.Queue = queue.Queue(REPORT_QUEUE)
-        self.failed: queue.SimpleQueue = queue.SimpleQueue()  # addresses whose block failed
-        self.dropped_reports = 0
+        self.lock = threading.RLock()
+        self.metrics = Metrics()
+        self.started = time.time()
         self.stopping = threading.Event()
         self.reload_requested = False
-        self.compat = CompatActions(config, log)
-        self.records = Records(config.history_file, config.blocked_file, log)
+        self._reload_waiters: list[queue.SimpleQueue] = []
+        self._expiring: set[str] = set()  # lifts queued, not done yet
+        self._wake_w: socket.socket | None = None
         self.host_addresses = local_addresses()
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
-        self.engine = Engine(policy_for(config, never_block_set(config.ignore_file, self.host_addresses)))
+        never = never_block_set(config.ignore_file, self.host_addresses,
+                                configuration.where(config, "IGNORE_FILE"))
+        self.engine = Engine(policy_for(config, never))
+        self.store = Store(config.state_file)
+        self._set_responders(config)
+
+    def _set_responders(self, config: Config) -> None:
+        self.compat = CompatActions(config, self.log)
+        self.records = Records(config.history_file, config.blocked_file, self.log)
 
     # -- start-up ---------------------------------------------------------
     def start(self) -> None:
         self.log(f"adminalert: portsentinel {__version__} (PortSentry 1.2 compatible) is starting.",
                  logs.INFO)
+        stealth = self._start_sensors()
+        if self.config.nftables:
+            self.bans = NftBans(Nft(), self.config.nft_table)
+            self._install_nftables(stealth)
+        self._restore()
+        self.control = ControlServer(self.config.control_socket, self.handle_control,
+                                     self.log.error)
+        if self.config.metrics_address:
+            self.metrics.serve(self.config.metrics_address)
+            host, port = self.config.metrics_address
+            self.log(f"adminalert: metrics on http://{host}:{port}/metrics", logs.INFO)
+        self.log("adminalert: PortSentry is now active and listening.", logs.INFO)
+
+    def _start_sensors(self) -> dict[str, TrapPorts]:
         stealth: dict[str, TrapPorts] = {}
         for protocol, mode in self.modes.items():
             if mode is None:
@@ -85,14 +131,11 @@ class Daemon:
                 stealth[protocol] = self._stealth_traps(protocol, mode)
         if stealth:
             self.sensors.append(PacketSensor(stealth, AddressSet(self.host_addresses)))
-        if self.config.nftables:
-            self._install_nftables(stealth)
-        self.log("adminalert: PortSentry is now active and listening.", logs.INFO)
+        return stealth
 
     def _install_nftables(self, stealth: dict[str, TrapPorts]) -> None:
         trapped = {p: port_ranges(t.all_ports()) for p, t in stealth.items()
                    if self.config.kernel_trap_for(p, self.modes[p])}
-        self.bans = NftBans(Nft(), self.config.nft_table)
         self.bans.install(KernelTrap(trapped.get(TCP, ()), trapped.get(UDP, ())),
                           self.config.ban_time)
         self.bans.set_never_block(self.engine.policy.never_block)
@@ -130,89 +173,170 @@ class Daemon:
                      f"Ignored {name} port: {port}", logs.INFO)
         return TrapPorts(mode, advanced_limit=limit, exclude=exclude)
 
+    def _restore(self) -> None:
+        """Bring engine and firewall in line with the store (after a restart or
+        a crash): expired bans lifted, missing ones re-added in one batch, bans
+        found only in our nftables sets adopted. Compatibility commands are not
+        re-run (that would duplicate their rules, 1.2's bug)."""
+        now = time.time()
+        expired = self.store.expired(now)
+        for record in expired:
+            self._lift(record, "expire")
+        records = self.store.bans()
+        with self.lock:
+            for r in records:
+                self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
+            self.engine.restore_offences(
+                {ipaddress.ip_address(a): n for a, n in self.store.offences().items()})
+        readded = adopted = 0
+        if self.bans is not None:
+            in_kernel = self.bans.banned()
+            missing = [r for r in records if r.address not in in_kernel]
+            for record in missing:
+                remaining = record.remaining(now)
+                self.bans.elements.add([record.address], remaining or 0)
+            readded = len(missing)
+            known = {r.address for r in records}
+            found = [BanRecord(a, now, None if left is None else now + left,
+                               reason="found in the firewall", origin="kernel")
+                     for a, left in in_kernel.items() if a not in known]
+            if found:
+                self.store.add_bans(found)
+                with self.lock:
+                    for r in found:
+                        self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
+            adopted = len(found)
+        self.metrics.active_bans.set(self.store.count())
+        if records or expired or adopted:
+            self.log(f"adminalert: restored {len(records)} bans ({readded} re-added to the "
+                     f"firewall), adopted {adopted} from the firewall, lifted {len(expired)} "
+                     "expired", logs.INFO)
+
     # -- the packet path --------------------------------------------------
     def handle(self, probe, check_listener: bool = False) -> Decision | None:
-        decision = self.engine.check(probe)
+        self.metrics.probes.labels(probe.protocol, probe.kind.value).inc()
+        with self.lock:
+            decision = self.engine.check(probe)
         if decision is None:
             # only now, for a source that still counts: is the port really served?
             if check_listener and self.listening.in_use(probe.protocol, probe.port):
                 return None
-            decision = self.engine.count(probe)
+            with self.lock:
+                decision = self.engine.count(probe)
         if decision.verdict in (Verdict.IGNORED, Verdict.PENDING) or not decision.report:
             return decision
         nft_result: str | Exception | None = None
-        if decision.verdict is Verdict.BLOCK and NFTABLES in decision.actions:
-            try:
-                nft_result = self.bans.ban(probe.source, self.config.ban_time)
-            except NftError as err:
-                nft_result = err
-        try:
-            self.reports.put_nowait((decision, nft_result))
-        except queue.Full:
-            self.dropped_reports += 1
+        if decision.verdict is Verdict.BLOCK:
+            self.metrics.alerts.labels(probe.protocol).inc()
+            if NFTABLES in decision.actions:
+                try:
+                    # an escalated ban replaces the kernel trap's base timeout
+                    nft_result = self.bans.ban(probe.source, decision.ban_seconds,
+                                               replace=decision.ban_seconds != self.config.ban_time)
+                    self.metrics.ban_latency.observe(max(0.0, time.time() - probe.time))
+                except NftError as err:
+                    nft_result = err
+        elif decision.verdict is Verdict.ALERT:
+            self.metrics.alerts.labels(probe.protocol).inc()
+        self._queue(partial(self._report, decision, nft_result))
         return decision
 
+    def _queue(self, job) -> None:
+        try:
+            self.reports.put_nowait(job)
+        except queue.Full:
+            self.metrics.dropped.labels("report queue full").inc()
+
     def run(self) -> None:
-        selector = selectors.DefaultSelector()
+        self.selector = selectors.DefaultSelector()
         for sensor in self.sensors:
-            selector.register(sensor, selectors.EVENT_READ)
+            self.selector.register(sensor, selectors.EVENT_READ)
         # a signal writes a byte here, so SIGTERM/SIGHUP act at once, not at the next timeout
-        wake_r, wake_w = socket.socketpair()
+        wake_r, self._wake_w = socket.socketpair()
         wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        selector.register(wake_r, selectors.EVENT_READ)
+        self._wake_w.setblocking(False)
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.selector.register(wake_r, selectors.EVENT_READ)
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
         next_housekeeping = next_addresses = 0.0
         try:
             while not self.stopping.is_set():
-                for key, _ in selector.select(timeout=HOUSEKEEPING_EVERY):
+                for key, _ in self.selector.select(timeout=HOUSEKEEPING_EVERY):
                     if key.fileobj is wake_r:
                         _drain(wake_r)
                         continue
                     sensor = key.fileobj
                     for probe in sensor.read():
                         self.handle(probe, sensor.needs_listener_check)
-                while not self.failed.empty():
-                    self.engine.forget(self.failed.get())
                 now = time.monotonic()
                 if self.reload_requested:
                     self.reload_requested = False
-                    self.reload()
+                    with self.lock:
+                        waiters, self._reload_waiters = self._reload_waiters, []
+                    result = self.reload()
+                    for waiter in waiters:
+                        waiter.put(result)
                 if now >= next_housekeeping:
                     next_housekeeping = now + HOUSEKEEPING_EVERY
                     self._housekeeping(now >= next_addresses)
                     if now >= next_addresses:
                         next_addresses = now + ADDRESSES_EVERY
         finally:
-            signal.set_wakeup_fd(previous_wakeup)
-            selector.close()
-            wake_r.close()
-            wake_w.close()
-            self.reports.put(None)
-            reporter.join(timeout=10)
-            for sensor in self.sensors:
-                sensor.close()
-            if self.bans is not None:
-                self.bans.disarm_trap()  # no trap without the daemon; bans stay
-            self.log("securityalert: PortSentry is shutting down", logs.NOTICE)
-            self.log("adminalert: PortSentry is shutting down", logs.INFO)
+            self._shutdown(previous_wakeup, wake_r, reporter)
+
+    def _shutdown(self, previous_wakeup, wake_r, reporter) -> None:
+        signal.set_wakeup_fd(previous_wakeup)
+        self.selector.close()
+        wake_r.close()
+        self._wake_w.close()
+        if self.control is not None:
+            self.control.close()
+        self.reports.put(None)
+        reporter.join(timeout=10)
+        self._close_sensors()
+        if self.bans is not None:
+            self.bans.disarm_trap()  # no trap without the daemon; bans stay
+        self.store.save_counters(self._counters())
+        self.store.close()
+        self.log("securityalert: PortSentry is shutting down", logs.NOTICE)
+        self.log("adminalert: PortSentry is shutting down", logs.INFO)
+
+    def _close_sensors(self) -> None:
+        for sensor in self.sensors:
+            if self.selector is not None:
+                try:
+                    self.selector.unregister(sensor)
+                except (KeyError, ValueError):
+                    pass
+            sensor.close()
+        self.sensors = []
+
+    def wake(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
 
     def _housekeeping(self, addresses_too: bool) -> None:
         for protocol in (TCP, UDP):
             self.listening.refresh(protocol)
-        self.engine.expired(time.time())
+        now = time.time()
+        with self.lock:
+            self.engine.expired(now)
+        for record in self.store.expired(now):
+            if record.address not in self._expiring:
+                self._expiring.add(record.address)
+                self._queue(partial(self._lift, record, "expire"))
+        self.metrics.active_bans.set(self.store.count())
         if addresses_too:
             self._refresh_never_block(force=False, addresses=True)
+            self.store.prune_events()
         elif IgnoreFilesStamp.of(self.config.ignore_file) != self.ignore_stamp:
             self._refresh_never_block(force=True)
 
-    def reload(self) -> None:
-        self.log("adminalert: reloading ignore files and host addresses", logs.INFO)
-        self._refresh_never_block(force=True, addresses=True)
-
-    def _refresh_never_block(self, force: bool, addresses: bool = False) -> None:
+    def _refresh_never_block(self, force: bool, addresses: bool = False) -> str | None:
         changed = force
         if addresses:
             current = local_addresses()
@@ -224,20 +348,62 @@ class Daemon:
         stamp = IgnoreFilesStamp.of(self.config.ignore_file)
         changed = changed or stamp != self.ignore_stamp
         if not changed:
-            return
+            return None
         try:
-            never_block = never_block_set(self.config.ignore_file, self.host_addresses)
-        except Exception as err:  # keep the last good set; say why
+            never_block = never_block_set(self.config.ignore_file, self.host_addresses,
+                                          configuration.where(self.config, "IGNORE_FILE"))
+        except ConfigError as err:  # keep the last good set; say why
             self.log.error(f"adminalert: ERROR: ignore list not reloaded: {err}")
-            return
+            return str(err)
         self.ignore_stamp = stamp
-        self.engine.policy = dataclasses.replace(self.engine.policy, never_block=never_block)
+        with self.lock:
+            self.engine.policy = dataclasses.replace(self.engine.policy, never_block=never_block)
         if self.bans is not None:
             try:
                 self.bans.set_never_block(never_block)
             except NftError as err:
                 self.log.error(f"adminalert: ERROR: kernel never-block set not updated: {err}")
         self.log(f"adminalert: ignore list loaded: {len(never_block)} entries", logs.INFO)
+        return None
+
+    # -- reload (main thread) -------------------------------------------------
+    def reload(self) -> dict:
+        """Re-read the config and the ignore files; bans and counts are kept.
+        A config with an error changes nothing."""
+        try:
+            config = configuration.load(self.config_path)
+            tcp, udp = configuration.resolve_modes(*self.cli_modes, config,
+                                                   self.config_path is not None)
+            never = never_block_set(config.ignore_file, self.host_addresses,
+                                    configuration.where(config, "IGNORE_FILE"))
+        except ConfigError as err:
+            self.log.error(f"adminalert: ERROR: reload refused, configuration unchanged: {err}")
+            return {"ok": False, "error": str(err)}
+        restart_needed = [k for k, a in (("STATE_FILE", "state_file"),
+                                         ("CONTROL_SOCKET", "control_socket"),
+                                         ("METRICS_ADDRESS", "metrics_address"),
+                                         ("NFT_TABLE", "nft_table"))
+                          if getattr(config, a) != getattr(self.config, a)]
+        for key in restart_needed:
+            setattr(config, KEY_ATTRIBUTES[key], getattr(self.config, KEY_ATTRIBUTES[key]))
+        self._close_sensors()
+        self.config, self.modes = config, {TCP: tcp, UDP: udp}
+        self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
+        self._set_responders(config)
+        with self.lock:
+            self.engine.policy = policy_for(config, never)
+        stealth = self._start_sensors()
+        for sensor in self.sensors:
+            self.selector.register(sensor, selectors.EVENT_READ)
+        if config.nftables:
+            self.bans = self.bans or NftBans(Nft(), config.nft_table)
+            self._install_nftables(stealth)
+        elif self.bans is not None:
+            self.bans.disarm_trap()
+        note = f" ({', '.join(restart_needed)} need a restart)" if restart_needed else ""
+        self.log(f"adminalert: configuration reloaded: tcp={tcp or 'off'} udp={udp or 'off'}{note}",
+                 logs.INFO)
+        return {"ok": True, "restart_needed": restart_needed}
 
     # -- the reporter thread ----------------------------------------------
     def _report_loop(self) -> None:
@@ -246,7 +412,7 @@ class Daemon:
             if job is None:
                 return
             try:
-                self._report(*job)
+                job()
             except Exception as err:  # a report must never kill the reporter
                 self.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
 
@@ -262,29 +428,168 @@ class Daemon:
             return
         if decision.verdict is Verdict.ALERT:
             self.log(logs.ignoring_response_line(probe.protocol))
+            self._json_event("alert", target, port=probe.port, protocol=probe.protocol,
+                             kind=probe.kind.value)
             return
         mode = self.modes[probe.protocol]
+        record = BanRecord(target, probe.time,
+                           probe.time + decision.ban_seconds if decision.ban_seconds else None,
+                           probe.port, probe.protocol, mode, _reason(decision), "local")
+        if not self._apply(decision.actions, record, nft_result):
+            self.log.error(logs.could_not_block_line(target))
+            with self.lock:
+                self.engine.forget(probe.source)  # the next probe tries again
+            return
+        self.records.blocked(time.time(), target, name, probe.port, probe.protocol, mode)
+
+    def _apply(self, actions, record: BanRecord, nft_result) -> bool:
+        """Run the block actions in order, store the ban; False if none worked."""
+        target, port, mode = record.address, record.port or 0, record.mode or ""
         done = 0
-        for action in decision.actions:
+        for action in actions:
             try:
                 if action == NFTABLES:
                     if isinstance(nft_result, Exception):
                         raise ActionFailed(f"nftables: {nft_result}")
                     self.log(logs.route_line(target, nft_result))
                 elif action == HOSTS_DENY:
-                    self.compat.hosts_deny(target, probe.port, mode)
+                    record.hosts_deny_line = self.compat.hosts_deny(target, port, mode)
                 elif action == KILL_ROUTE:
-                    self.compat.kill_route(target, probe.port, mode)
+                    record.kill_route_command = self.compat.kill_route(target, port, mode)
                 elif action == RUN_CMD:
-                    self.compat.run_cmd(target, probe.port, mode)
+                    self.compat.run_cmd(target, port, mode)
                 done += 1
             except (ActionFailed, OSError) as err:
                 self.log.error(f"adminalert: ERROR: {action} for host {target} failed: {err}")
         if done == 0:
-            self.log.error(logs.could_not_block_line(target))
-            self.failed.put(probe.source)
+            return False
+        self.store.add_ban(record)
+        self.metrics.bans.labels(record.origin).inc()
+        self._json_event("block", target, port=record.port, protocol=record.protocol,
+                         mode=record.mode, reason=record.reason, origin=record.origin,
+                         until=record.until, actions=list(actions))
+        return True
+
+    def _lift(self, record: BanRecord, cause: str) -> list[str]:
+        """Undo one ban everywhere: engine, nftables, compat actions, store."""
+        address = ipaddress.ip_address(record.address)
+        with self.lock:
+            self.engine.forget(address)
+        if self.bans is not None:
+            self.bans.unban(address)
+        problems = self.compat.undo(record.address, record.hosts_deny_line,
+                                    record.kill_route_command, record.port or 0,
+                                    record.mode or "")
+        self.store.remove_ban(record.address, cause)
+        self._expiring.discard(record.address)
+        self.metrics.unbans.labels(cause).inc()
+        what = "expired" if cause == "expire" else "lifted by command"
+        self.log(f"adminalert: Host {record.address} ban {what}; unblocked", logs.NOTICE)
+        for problem in problems:
+            self.log.error(f"adminalert: ERROR: unblock {record.address}: {problem}")
+        self._json_event("expire" if cause == "expire" else "unblock", record.address,
+                         problems=problems)
+        return problems
+
+    def _json_event(self, event: str, address: str, **fields) -> None:
+        if self.config.json_log is None:
             return
-        self.records.blocked(time.time(), target, name, probe.port, probe.protocol, mode)
+        line = json.dumps({"time": round(time.time(), 6), "event": event, "address": address,
+                           **fields})
+        try:
+            with open(self.config.json_log, "a") as f:
+                f.write(line + "\n")
+        except OSError as err:
+            self.metrics.dropped.labels("json log unwritable").inc()
+            self.log.error(f"adminalert: ERROR: cannot write {self.config.json_log}: {err.strerror}")
+
+    # -- control requests (control thread) --------------------------------
+    def handle_control(self, request: dict) -> dict:
+        command = request.get("command")
+        if command == "status":
+            return self.status()
+        if command == "list":
+            return {"ok": True, "bans": self.list_bans()}
+        if command == "unblock":
+            return self.unblock(str(request.get("target", "")))
+        if command == "block":
+            return self.block(str(request.get("address", "")), request.get("seconds"))
+        if command == "reload":
+            waiter: queue.SimpleQueue = queue.SimpleQueue()
+            with self.lock:
+                self._reload_waiters.append(waiter)
+            self.reload_requested = True
+            self.wake()
+            return waiter.get(timeout=60)
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _counters(self) -> dict[str, int]:
+        return {name: int(value) for name, value in self.metrics.snapshot().items()}
+
+    def status(self) -> dict:
+        with self.lock:
+            pending = self.engine.pending_hosts
+        return {"ok": True, "version": __version__, "pid": os.getpid(), "since": self.started,
+                "modes": {"tcp": self.modes[TCP], "udp": self.modes[UDP]},
+                "config": self.config.source,
+                "firewall": f"nftables inet {self.config.nft_table}" if self.bans else "none",
+                "kernel_trap": [p for p in (TCP, UDP)
+                                if self.config.kernel_trap_for(p, self.modes[p])],
+                "active_bans": self.store.count(), "pending_hosts": pending,
+                "report_queue": self.reports.qsize(), "counters": self._counters()}
+
+    def list_bans(self) -> list[dict]:
+        now = time.time()
+        return [{**dataclasses.asdict(r), "remaining": r.remaining(now)} for r in self.store.bans()]
+
+    def unblock(self, target: str) -> dict:
+        try:
+            network = ipaddress.ip_network(target, strict=False)
+        except ValueError:
+            return {"ok": False, "error": f"{target!r} is not an IP address or CIDR network"}
+        records = [r for r in self.store.bans()
+                   if ipaddress.ip_address(r.address) in network]
+        with self.lock:  # bans the engine holds without a stored record (e.g. mid-report)
+            engine_only = [b for b in self.engine.bans() if b.address in network
+                           and b.address.compressed not in {r.address for r in records}]
+        for ban in engine_only:
+            records.append(BanRecord(str(ban.address), ban.since, ban.until))
+        if not records:
+            return {"ok": False, "error": f"{target} is not blocked"}
+        problems = {r.address: self._lift(r, "unblock") for r in records}
+        return {"ok": True, "unblocked": [r.address for r in records],
+                "problems": {a: p for a, p in problems.items() if p}}
+
+    def block(self, address: str, seconds) -> dict:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return {"ok": False, "error": f"{address!r} is not an IP address"}
+        if ip in self.engine.policy.never_block:
+            return {"ok": False, "error": f"{ip} is never blocked (this host, loopback or the "
+                                          "ignore files)"}
+        now = time.time()
+        with self.lock:
+            length = self.engine.ban(ip, now, None if seconds is None else float(seconds))
+        record = BanRecord(str(ip), now, now + length if length else None, reason="manual",
+                           origin="cli")
+        # the firewall actions as configured; KILL_RUN_CMD is for scans, not manual blocks
+        actions = tuple(a for a, on in ((NFTABLES, self.bans is not None),
+                                        (HOSTS_DENY, self.config.kill_hosts_deny is not None),
+                                        (KILL_ROUTE, self.config.kill_route is not None)) if on)
+        nft_result: str | Exception | None = None
+        if NFTABLES in actions:
+            try:
+                nft_result = self.bans.ban(ip, length, replace=True)
+            except NftError as err:
+                nft_result = err
+        if not actions or not self._apply(actions, record, nft_result):
+            with self.lock:
+                self.engine.forget(ip)
+            return {"ok": False, "error": f"could not block {ip}: no block action worked"}
+        self.log(f"adminalert: Host {ip} blocked by command for "
+                 f"{_duration(length)}", logs.NOTICE)
+        return {"ok": True, "address": str(ip), "until": record.until}
 
     def install_signal_handlers(self) -> None:
         """Handlers only set flags; the wake-up fd makes the loop see them at once."""
@@ -297,6 +602,13 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+
+
+KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
+
+
+def _duration(seconds: float) -> str:
+    return "ever" if not seconds else f"{int(seconds)}s"
 
 
 def _drain(sock: socket.socket) -> None:

@@ -11,7 +11,10 @@ probe, as in PortSentry 1.2.
 Memory is bounded: pending hosts live in a fixed-capacity LRU table (the
 oldest evicted first) keyed by the packed address, whose `bytes` hash is
 randomised per process (SipHash), so attackers cannot aim collisions at it.
-The blocked table is bounded the same way (`ban_capacity`).
+The ban and offender tables are bounded the same way.
+
+Escalation: a host's n-th ban lasts ban_time * ban_time_increment**(n-1),
+capped at ban_time_max (like fail2ban's bantime.increment).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Decision:
     probe: Probe
     actions: tuple[str, ...] = ()
     report: bool = True  # False: a repeat that should not be logged again
+    ban_seconds: float = 0.0  # BLOCK: how long (0 = forever), escalated for repeat offenders
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,18 @@ class Policy:
     run_cmd: bool = False
     run_cmd_first: bool = False
     ban_time: float = 0.0  # seconds; 0 = forever
+    ban_time_increment: float = 1.0  # each earlier ban multiplies the next by this
+    ban_time_max: float = 30 * 86400.0
     host_capacity: int = 65536
     ban_capacity: int = 1_000_000
     repeat_report_interval: float = 60.0
     never_block: AddressSet = field(default_factory=AddressSet)
+
+    def ban_seconds(self, earlier_bans: int) -> float:
+        if self.ban_time <= 0:
+            return 0.0
+        scaled = self.ban_time * self.ban_time_increment ** min(earlier_bans, 64)
+        return min(scaled, max(self.ban_time_max, self.ban_time))
 
     def actions_for(self, protocol: str) -> tuple[str, ...]:
         level = self.block_tcp if protocol == TCP else self.block_udp
@@ -143,6 +155,7 @@ class Engine:
         # key -> {(protocol, port): last seen}
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
+        self._offences: OrderedDict[bytes, int] = OrderedDict()  # earlier bans per host
 
     # -- probes -----------------------------------------------------------
     def observe(self, probe: Probe) -> Decision:
@@ -173,8 +186,8 @@ class Engine:
         actions = policy.actions_for(probe.protocol)
         if not actions:
             return Decision(Verdict.ALERT, probe)
-        self._add_ban(key, probe)
-        return Decision(Verdict.BLOCK, probe, actions)
+        seconds = self.ban(probe.source, probe.time)
+        return Decision(Verdict.BLOCK, probe, actions, ban_seconds=seconds)
 
     def _repeat(self, ban: Ban, probe: Probe) -> Decision:
         report = probe.time - ban.last_report >= self.policy.repeat_report_interval
@@ -203,11 +216,26 @@ class Engine:
         return True
 
     # -- bans -------------------------------------------------------------
-    def _add_ban(self, key: bytes, probe: Probe) -> None:
-        until = probe.time + self.policy.ban_time if self.policy.ban_time > 0 else None
-        self._bans[key] = Ban(probe.source, probe.time, until, probe.time)
+    def ban(self, address: Address, now: float, seconds: float | None = None) -> float:
+        """Record a ban; its length is escalated unless `seconds` is given.
+        Returns the length (0 = forever)."""
+        key = _key(address)
+        earlier = self._offences.pop(key, 0)
+        self._offences[key] = earlier + 1
+        if len(self._offences) > self.policy.ban_capacity:
+            self._offences.popitem(last=False)
+        if seconds is None:
+            seconds = self.policy.ban_seconds(earlier)
+        until = now + seconds if seconds > 0 else None
+        self._bans.pop(key, None)
+        self._bans[key] = Ban(address, now, until, now)
         if len(self._bans) > self.policy.ban_capacity:
             self._bans.popitem(last=False)
+        return seconds
+
+    def restore_offences(self, counts: dict[Address, int]) -> None:
+        for address, count in counts.items():
+            self._offences[_key(address)] = count
 
     def is_blocked(self, address: Address) -> bool:
         return _key(address) in self._bans

@@ -71,16 +71,18 @@ class SetElements:
                 + _attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0")
                 + _nested(SET_ELEM_LIST_ELEMENTS, *elements))
 
-    def _commit(self, kind: int, by_set: dict[str, list], timeout_ms: int | None) -> None:
+    def _commit(self, operations: list[tuple[int, dict[str, list], int | None]]) -> None:
+        """One transaction: every (kind, {set: addresses}, timeout) in order."""
         with self._lock:
             messages = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, b"",
                                       NFNL_SUBSYS_NFTABLES)]
             first_seq = self._seq + 1
-            for set_name, addresses in by_set.items():
+            for kind, by_set, timeout_ms in operations:
                 flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
-                messages.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags,
-                                              NFPROTO_INET,
-                                              self._elements(set_name, addresses, timeout_ms)))
+                for set_name, addresses in by_set.items():
+                    messages.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags,
+                                                  NFPROTO_INET,
+                                                  self._elements(set_name, addresses, timeout_ms)))
             messages.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, b"",
                                           NFNL_SUBSYS_NFTABLES))
             self._sock.send(b"".join(messages))
@@ -124,7 +126,18 @@ class SetElements:
         for start in range(0, len(addresses), CHUNK):
             by_set = self._group(addresses[start:start + CHUNK])
             if by_set:
-                self._commit(kind, by_set, timeout_ms)
+                self._commit([(kind, by_set, timeout_ms)])
+
+    def replace(self, addresses, timeout: float = 0) -> None:
+        """Set the timeout of addresses whether or not they are in the set yet:
+        add (if missing), delete, add with the timeout, in one transaction."""
+        addresses = list(addresses)
+        for start in range(0, len(addresses), CHUNK):
+            by_set = self._group(addresses[start:start + CHUNK])
+            if by_set:
+                self._commit([(NFT_MSG_NEWSETELEM, by_set, None),
+                              (NFT_MSG_DELSETELEM, by_set, None),
+                              (NFT_MSG_NEWSETELEM, by_set, int(timeout * 1000) or None)])
 
 
 def is_missing(err: OSError) -> bool:

@@ -176,10 +176,14 @@ class NftBans:
         expiry = f" timeout {int(timeout)}s" if timeout > 0 else ""
         return f"add element inet {self.table} {_set_for(ip)} {{ {ip}{expiry} }}"
 
-    def ban(self, address, timeout: float = 0) -> str:
-        """Ban now (one netlink batch); returns the equivalent nft command for the log."""
+    def ban(self, address, timeout: float = 0, replace: bool = False) -> str:
+        """Ban now (one netlink batch); returns the equivalent nft command for the log.
+        `replace`: set this timeout even if the address is already in the set."""
         try:
-            self.elements.add([address], timeout)
+            if replace:
+                self.elements.replace([address], timeout)
+            else:
+                self.elements.add([address], timeout)
         except OSError as err:
             raise NftError(str(err)) from None
         return self.command(address, timeout)

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from . import logs
-from .config import command_argv, fill
+from .config import command_argv, fill, undo_command
 
 COMMAND_TIMEOUT = 30.0
 
@@ -40,6 +40,31 @@ def append_line_once(path: Path, line: str) -> bool:
             return False
         prefix = b"\n" if content and not content.endswith(b"\n") else b""
         os.write(fd, prefix + line.encode() + b"\n")
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_line(path: Path, line: str) -> bool:
+    """Remove every copy of `line`; the file is replaced atomically. False if absent."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(fd, "rb", closefd=False) as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = [l for l in lines if l.rstrip(b"\r\n") != line.encode()]
+        if len(kept) == len(lines):
+            return False
+        temp = path.with_name(f".{path.name}.portsentinel")
+        with open(temp, "wb") as f:
+            f.writelines(kept)
+        st = os.fstat(fd)
+        os.chmod(temp, st.st_mode & 0o7777)
+        os.chown(temp, st.st_uid, st.st_gid)
+        os.replace(temp, path)
         return True
     finally:
         os.close(fd)
@@ -78,6 +103,28 @@ class CompatActions:
         command = fill(template, target, port, mode)
         self.log(logs.route_line(target, command))
         return command
+
+    def undo(self, target: str, hosts_deny_line: str | None, kill_route_command: str | None,
+             port: int, mode: str) -> list[str]:
+        """Reverse what a ban did outside nftables; returns problems, if any."""
+        problems = []
+        if hosts_deny_line and remove_line(self.config.hosts_deny_file, hosts_deny_line):
+            self.log(f'adminalert: Host {target} removed from {self.config.hosts_deny_file}: '
+                     f'"{hosts_deny_line}"', logs.INFO)
+        if kill_route_command:
+            undo = (fill(self.config.kill_route_undo, target, port, mode)
+                    if self.config.kill_route_undo else undo_command(kill_route_command))
+            if undo is None:
+                problems.append(f"KILL_ROUTE has no known undo; set KILL_ROUTE_UNDO or "
+                                f"reverse by hand: {kill_route_command}")
+            else:
+                try:
+                    run_command(command_argv(undo, target, port, mode))
+                    self.log(f'adminalert: Host {target} route removed using command: "{undo}"',
+                             logs.INFO)
+                except ActionFailed as err:
+                    problems.append(f'undo "{undo}" failed: {err}')
+        return problems
 
     def run_cmd(self, target: str, port: int, mode: str) -> str:
         template = self.config.kill_run_cmd

@@ -61,28 +61,69 @@ class Client:
 class Daemon:
     """portsentinel in the target namespace with a config written for the test."""
 
-    def __init__(self, lab: netlab.Lab, workdir: Path, config: str, *args: str):
+    def __init__(self, lab: netlab.Lab, workdir: Path, config: str, *args: str,
+                 fresh: bool = True):
         self.lab, self.workdir = lab, workdir
         self.history = workdir / "portsentry.history"
         self.blocked = workdir / "portsentry.blocked"
         self.hosts_deny = workdir / "hosts.deny"
         self.conf = workdir / "portsentry.conf"
+        self.state = workdir / "state.db"
+        self.socket = workdir / "control.sock"
         self.conf.write_text(
             f'HISTORY_FILE="{self.history}"\nBLOCKED_FILE="{self.blocked}"\n'
-            f'HOSTS_DENY_FILE="{self.hosts_deny}"\n' + config)
+            f'HOSTS_DENY_FILE="{self.hosts_deny}"\nSTATE_FILE="{self.state}"\n'
+            f'CONTROL_SOCKET="{self.socket}"\n' + config)
         self.log = workdir / "daemon.log"
-        # every test starts from an empty firewall in the target namespace
-        lab.exec("target", "nft", "flush", "ruleset", check=True)
+        if fresh:  # every test starts from an empty firewall in the target namespace
+            lab.exec("target", "nft", "flush", "ruleset", check=True)
+        self.args = args
+        self.start()
+
+    def start(self) -> None:
+        lab, workdir, args = self.lab, self.workdir, self.args
+        self.log.open("a").write("---- start\n")
         self.proc = lab.start("target", str(PORTSENTINEL), "run", "-c", str(self.conf),
                               "--foreground", "--log", "stdout",
                               "--pid-file", str(workdir / "pid"), *args,
-                              stdout=self.log.open("w"))
-        self.wait_log("PortSentry is now active and listening.")
+                              stdout=self.log.open("a"))
+        self.wait_log("PortSentry is now active and listening.", after_last_start=True)
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> str:
-        if self.proc.poll() is not None and text not in self.log.read_text():
-            raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.log.read_text()}")
-        return netlab.wait_for_line(self.log, text, timeout)
+    def wait_log(self, text: str, timeout: float = 10.0, after_last_start: bool = False) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log.read_text()
+            if after_last_start:
+                log = log.rsplit("---- start\n", 1)[-1]
+            for line in log.splitlines():
+                if text in line:
+                    return line
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before "
+                                     f"{text!r}:\n{log[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged after {timeout}s:\n{log[-3000:]}")
+            time.sleep(0.05)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = self.lab.exec("target", str(PORTSENTINEL), *args, "--socket", str(self.socket))
+        if check:
+            assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def set_timeouts(self) -> dict[str, float | None]:
+        """Address -> seconds left in the kernel set (None: no timeout)."""
+        found = {}
+        for name in ("ban4", "ban6"):
+            out = self.lab.exec("target", "nft", "-j", "list", "set", "inet", "portsentinel",
+                                name).stdout
+            for item in json.loads(out or '{"nftables": []}')["nftables"]:
+                for element in item.get("set", {}).get("elem", []):
+                    if isinstance(element, dict):
+                        found[element["elem"]["val"]] = element["elem"].get("expires")
+                    else:
+                        found[element] = None
+        return found
 
     def log_text(self) -> str:
         return self.log.read_text()

@@ -174,3 +174,40 @@ def test_classify_tcp(flags, kind):
 def test_ack_and_rst_are_not_classified_as_stealth_kinds():
     assert classify_tcp(SYN | ACK) is Kind.OTHER
     assert classify_tcp(RST) is Kind.OTHER
+
+
+def test_repeat_offenders_are_banned_longer_up_to_a_cap():
+    engine = Engine(Policy(ban_time=100, ban_time_increment=2, ban_time_max=500))
+    lengths = []
+    for t in range(5):
+        decision = engine.observe(probe(t=t * 1000))
+        lengths.append(decision.ban_seconds)
+        engine.forget(A("198.51.100.2"))
+    assert lengths == [100, 200, 400, 500, 500]
+
+
+def test_escalation_remembers_restored_offences():
+    engine = Engine(Policy(ban_time=100, ban_time_increment=3))
+    engine.restore_offences({A("198.51.100.2"): 2})
+    assert engine.observe(probe()).ban_seconds == 900
+
+
+def test_forever_bans_do_not_escalate_into_numbers():
+    engine = Engine(Policy(ban_time=0, ban_time_increment=2))
+    assert engine.observe(probe()).ban_seconds == 0
+    assert engine.expired(10**12) == []
+
+
+def test_manual_ban_with_explicit_length():
+    engine = Engine(Policy(ban_time=100))
+    assert engine.ban(A("2001:db8::9"), now=10, seconds=5) == 5
+    assert engine.expired(16) == [A("2001:db8::9")]
+
+
+def test_check_then_count_equals_observe():
+    engine = Engine(Policy(scan_trigger=2))
+    assert engine.check(probe(port=1)) is None
+    assert engine.count(probe(port=1)).verdict is Verdict.PENDING
+    assert engine.check(probe(port=2)) is None
+    assert engine.count(probe(port=2)).verdict is Verdict.BLOCK
+    assert engine.check(probe(port=3)).verdict is Verdict.ALREADY_BLOCKED

@@ -1,0 +1,173 @@
+"""The state that survives restarts and crashes: bans, offence counts,
+events and counters, in SQLite (WAL, so a crash loses at most the last
+transaction and readers never block the writer).
+
+Each ban row keeps what was done for it (the hosts.deny line, the KILL_ROUTE
+command), so `unblock` and expiry can undo exactly that.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bans (
+    address TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    until REAL,                 -- NULL: forever
+    port INTEGER, protocol TEXT, mode TEXT,
+    reason TEXT NOT NULL,       -- e.g. 'TCP SYN/Normal scan', 'manual'
+    origin TEXT NOT NULL,       -- 'local', 'cli', 'kernel', a fleet member's name
+    hosts_deny_line TEXT,
+    kill_route_command TEXT
+);
+CREATE INDEX IF NOT EXISTS bans_until ON bans (until);
+CREATE TABLE IF NOT EXISTS offenders (
+    address TEXT PRIMARY KEY,
+    bans INTEGER NOT NULL,
+    last REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,         -- block, unblock, expire, alert
+    address TEXT NOT NULL,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+MAX_EVENTS = 100_000
+
+
+@dataclass
+class BanRecord:
+    address: str
+    since: float
+    until: float | None
+    port: int | None = None
+    protocol: str | None = None
+    mode: str | None = None
+    reason: str = ""
+    origin: str = "local"
+    hosts_deny_line: str | None = None
+    kill_route_command: str | None = None
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.until is None else max(0.0, self.until - now)
+
+
+_COLUMNS = ("address", "since", "until", "port", "protocol", "mode", "reason", "origin",
+            "hosts_deny_line", "kill_route_command")
+
+
+class Store:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, statements) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- bans ---------------------------------------------------------------
+    def add_ban(self, ban: BanRecord, count_offence: bool = True) -> None:
+        values = tuple(getattr(ban, c) for c in _COLUMNS)
+        statements = [(f"INSERT OR REPLACE INTO bans ({', '.join(_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * len(_COLUMNS))})", values),
+                      ("INSERT INTO events (time, kind, address, detail) VALUES (?, 'block', ?, ?)",
+                       (ban.since, ban.address, ban.reason))]
+        if count_offence:
+            statements.append(("INSERT INTO offenders (address, bans, last) VALUES (?, 1, ?) "
+                               "ON CONFLICT(address) DO UPDATE SET bans = bans + 1, last = ?",
+                               (ban.address, ban.since, ban.since)))
+        self._write(statements)
+
+    def add_bans(self, bans: list[BanRecord]) -> None:
+        """Many bans in one transaction (adoption at start-up)."""
+        rows = [tuple(getattr(b, c) for c in _COLUMNS) for b in bans]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(f"INSERT OR REPLACE INTO bans ({', '.join(_COLUMNS)}) "
+                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
+            self._db.execute("COMMIT")
+
+    def get_ban(self, address: str) -> BanRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans WHERE address = ?",
+                                   (address,)).fetchone()
+        return BanRecord(*row) if row else None
+
+    def remove_ban(self, address: str, kind: str = "unblock", detail: str = "") -> BanRecord | None:
+        ban = self.get_ban(address)
+        if ban is None:
+            return None
+        self._write([("DELETE FROM bans WHERE address = ?", (address,)),
+                     ("INSERT INTO events (time, kind, address, detail) VALUES (?, ?, ?, ?)",
+                      (time.time(), kind, address, detail))])
+        return ban
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM bans").fetchone()[0]
+
+    def bans(self) -> list[BanRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans ORDER BY since").fetchall()
+        return [BanRecord(*row) for row in rows]
+
+    def expired(self, now: float) -> list[BanRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans "
+                                    "WHERE until IS NOT NULL AND until <= ?", (now,)).fetchall()
+        return [BanRecord(*row) for row in rows]
+
+    # -- offenders, events, counters -----------------------------------------
+    def offences(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT address, bans FROM offenders").fetchall())
+
+    def event(self, kind: str, address: str, detail: str = "") -> None:
+        self._write([("INSERT INTO events (time, kind, address, detail) VALUES (?, ?, ?, ?)",
+                      (time.time(), kind, address, detail))])
+
+    def events(self, limit: int = 50) -> list[tuple]:
+        with self._lock:
+            return self._db.execute("SELECT time, kind, address, detail FROM events "
+                                    "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+    def prune_events(self) -> None:
+        self._write([("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
+                      (MAX_EVENTS,))])
+
+    def save_counters(self, counters: dict[str, int]) -> None:
+        self._write([("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", item)
+                     for item in counters.items()])
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, value FROM counters").fetchall())

@@ -1,0 +1,86 @@
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from portsentinel.config import undo_command
+from portsentinel.control import ControlError, ControlServer, request
+from portsentinel.responders import remove_line
+from portsentinel.store import BanRecord, Store
+
+
+def test_store_survives_reopen_and_counts_offences(tmp_path: Path):
+    store = Store(tmp_path / "s" / "state.db")
+    store.add_ban(BanRecord("198.51.100.2", 10.0, 100.0, 22, "tcp", "atcp", "TCP SYN/Normal scan",
+                            hosts_deny_line="ALL: 198.51.100.2 : DENY"))
+    store.add_ban(BanRecord("198.51.100.2", 200.0, None, 23, "tcp", "atcp", "again"))
+    store.add_ban(BanRecord("2001:db8::2", 10.0, 50.0))
+    store.close()
+    assert (tmp_path / "s" / "state.db").stat().st_mode & 0o777 == 0o600
+    store = Store(tmp_path / "s" / "state.db")
+    assert store.count() == 2
+    assert store.get_ban("198.51.100.2").until is None  # the later ban replaced the first
+    assert store.offences() == {"198.51.100.2": 2, "2001:db8::2": 1}
+    assert [b.address for b in store.expired(60)] == ["2001:db8::2"]
+    removed = store.remove_ban("2001:db8::2", "expire")
+    assert removed.until == 50.0 and store.remove_ban("2001:db8::2") is None
+    kinds = [e[1] for e in store.events()]
+    assert kinds[0] == "expire" and kinds.count("block") == 3
+
+
+def test_store_bulk_adoption(tmp_path: Path):
+    store = Store(tmp_path / "state.db")
+    store.add_bans([BanRecord(f"10.0.{i // 256}.{i % 256}", 1.0, None, origin="kernel")
+                    for i in range(5000)])
+    assert store.count() == 5000
+
+
+@pytest.mark.parametrize("command, undo", [
+    ("/sbin/iptables -I INPUT -s 198.51.100.2 -j DROP", "/sbin/iptables -D INPUT -s 198.51.100.2 -j DROP"),
+    ("/sbin/iptables -I INPUT 1 -s 198.51.100.2 -j DROP", "/sbin/iptables -D INPUT -s 198.51.100.2 -j DROP"),
+    ("ip6tables -A INPUT -s 2001:db8::2 -j REJECT", "ip6tables -D INPUT -s 2001:db8::2 -j REJECT"),
+    ("/sbin/route add -host 198.51.100.2 reject", "/sbin/route del -host 198.51.100.2 reject"),
+    ("ip route add blackhole 198.51.100.2", "ip route del blackhole 198.51.100.2"),
+    ("/usr/local/bin/my-ban 198.51.100.2", None),
+])
+def test_undo_command(command, undo):
+    assert undo_command(command) == undo
+
+
+def test_remove_line_keeps_the_rest_and_the_mode(tmp_path: Path):
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("# keep\nALL: 198.51.100.2 : DENY\nALL: 198.51.100.22 : DENY\n")
+    deny.chmod(0o640)
+    assert remove_line(deny, "ALL: 198.51.100.2 : DENY")
+    assert deny.read_text() == "# keep\nALL: 198.51.100.22 : DENY\n"
+    assert deny.stat().st_mode & 0o777 == 0o640
+    assert not remove_line(deny, "ALL: 198.51.100.2 : DENY")
+    assert not remove_line(tmp_path / "absent", "x")
+
+
+def test_control_round_trip_and_stale_socket(tmp_path: Path):
+    path = tmp_path / "ctl.sock"
+    server = ControlServer(path, lambda req: {"ok": True, "echo": req})
+    assert request(path, {"command": "status"}) == {"ok": True, "echo": {"command": "status"}}
+    with pytest.raises(OSError, match="another portsentinel"):
+        ControlServer(path, lambda req: {})
+    server.sock.close()  # a crashed daemon leaves its socket file behind
+    second = ControlServer(path, lambda req: {"ok": True})
+    assert request(path, {"command": "x"}) == {"ok": True}
+    second.close()
+    assert not path.exists()
+    with pytest.raises(ControlError, match="is it running"):
+        request(path, {"command": "status"})
+
+
+def test_control_rejects_garbage(tmp_path: Path):
+    path = tmp_path / "ctl.sock"
+    server = ControlServer(path, lambda req: {"ok": True})
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(b"{not json\n")
+        assert b'"ok": false' in s.recv(1000)
+    server.close()
