@@ -175,9 +175,12 @@ class Daemon:
 
     def _restore(self) -> None:
         """Bring engine and firewall in line with the store (after a restart or
-        a crash): expired bans lifted, missing ones re-added in one batch, bans
-        found only in our nftables sets adopted. Compatibility commands are not
-        re-run (that would duplicate their rules, 1.2's bug)."""
+        a crash): expired bans lifted, every stored ban re-asserted in the
+        nftables set with the time it has left (one batch; bans already there
+        are left as they are). Bans found only in our sets are adopted later,
+        off the start-up path. Compatibility commands are not re-run (that
+        would duplicate their rules, 1.2's bug)."""
+        started = time.perf_counter()
         now = time.time()
         expired = self.store.expired(now)
         for record in expired:
@@ -188,29 +191,30 @@ class Daemon:
                 self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
             self.engine.restore_offences(
                 {ipaddress.ip_address(a): n for a, n in self.store.offences().items()})
-        readded = adopted = 0
         if self.bans is not None:
-            in_kernel = self.bans.banned()
-            missing = [r for r in records if r.address not in in_kernel]
-            for record in missing:
-                remaining = record.remaining(now)
-                self.bans.elements.add([record.address], remaining or 0)
-            readded = len(missing)
-            known = {r.address for r in records}
-            found = [BanRecord(a, now, None if left is None else now + left,
-                               reason="found in the firewall", origin="kernel")
-                     for a, left in in_kernel.items() if a not in known]
-            if found:
-                self.store.add_bans(found)
-                with self.lock:
-                    for r in found:
-                        self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
-            adopted = len(found)
+            self.bans.elements.add_each((r.address, r.remaining(now) or 0) for r in records)
+            self._queue(partial(self._adopt, {r.address for r in records}))
+        self.metrics.active_bans.set(len(records))
+        if records or expired:
+            self.log(f"adminalert: restored {len(records)} bans (re-asserted in the firewall), "
+                     f"lifted {len(expired)} expired, in {time.perf_counter() - started:.2f} s",
+                     logs.INFO)
+
+    def _adopt(self, known: set[str]) -> None:
+        """Bans in our nftables sets that the store does not know (e.g. made by
+        the kernel trap while the daemon was down) are recorded, not dropped."""
+        now = time.time()
+        found = [BanRecord(a, now, None if left is None else now + left,
+                           reason="found in the firewall", origin="kernel")
+                 for a, left in self.bans.banned().items() if a not in known]
+        if not found:
+            return
+        self.store.add_bans(found)
+        with self.lock:
+            for r in found:
+                self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
         self.metrics.active_bans.set(self.store.count())
-        if records or expired or adopted:
-            self.log(f"adminalert: restored {len(records)} bans ({readded} re-added to the "
-                     f"firewall), adopted {adopted} from the firewall, lifted {len(expired)} "
-                     "expired", logs.INFO)
+        self.log(f"adminalert: adopted {len(found)} bans found only in the firewall", logs.INFO)
 
     # -- the packet path --------------------------------------------------
     def handle(self, probe, check_listener: bool = False) -> Decision | None:

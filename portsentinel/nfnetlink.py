@@ -61,11 +61,15 @@ class SetElements:
         return _HDR.pack(_HDR.size + len(payload), kind, flags, self._seq, 0) + payload
 
     def _elements(self, set_name: str, addresses, timeout_ms: int | None) -> bytes:
+        """`addresses` are ip objects, or (ip, timeout_ms) pairs when timeout_ms is None."""
         elements = []
         for address in addresses:
+            each = timeout_ms
+            if isinstance(address, tuple):
+                address, each = address
             parts = [_nested(SET_ELEM_KEY, _attr(DATA_VALUE, address.packed))]
-            if timeout_ms:
-                parts.append(_attr(SET_ELEM_TIMEOUT, struct.pack("!Q", timeout_ms)))
+            if each:
+                parts.append(_attr(SET_ELEM_TIMEOUT, struct.pack("!Q", each)))
             elements.append(_nested(LIST_ELEM, *parts))
         return (_attr(SET_ELEM_LIST_TABLE, self.table)
                 + _attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0")
@@ -109,9 +113,18 @@ class SetElements:
     def _group(addresses) -> dict[str, list]:
         by_set: dict[str, list] = {}
         for address in addresses:
-            ip = ipaddress.ip_address(address)
-            by_set.setdefault("ban4" if ip.version == 4 else "ban6", []).append(ip)
+            item = address
+            if isinstance(address, tuple):
+                ip = ipaddress.ip_address(address[0])
+                item = (ip, int(address[1] * 1000) or None)
+            else:
+                ip = item = ipaddress.ip_address(address)
+            by_set.setdefault("ban4" if ip.version == 4 else "ban6", []).append(item)
         return by_set
+
+    def add_each(self, pairs) -> None:
+        """Add (address, timeout seconds) pairs, each with its own timeout (0 = none)."""
+        self._each_chunk(NFT_MSG_NEWSETELEM, [tuple(p) for p in pairs], None)
 
     def add(self, addresses, timeout: float = 0) -> None:
         """Add addresses (existing ones are left as they are); timeout in s, 0 = none."""

@@ -67,8 +67,8 @@ def test_restart_keeps_bans_and_reconciles_the_firewall(lab, start_daemon, tmp_p
     lab.exec("target", "nft", "add", "element", "inet", "portsentinel", "ban4",
              "{ 198.51.100.99 timeout 1h }", check=True)
     daemon.start()
-    daemon.wait_log("restored 2 bans (1 re-added to the firewall), adopted 1 from the firewall",
-                    after_last_start=True)
+    daemon.wait_log("restored 2 bans (re-asserted in the firewall)", after_last_start=True)
+    daemon.wait_log("adopted 1 bans found only in the firewall", after_last_start=True)
     assert {kept, lost, "198.51.100.99"} <= daemon.banned()
     assert not can_connect(lab, lost, TARGET6, 80)
     listing = daemon.cli("list").stdout
