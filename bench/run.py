@@ -104,8 +104,9 @@ class Contender:
 
 
 class Portsentinel(Contender):
-    def __init__(self, lab, work, kernel_trap: bool):
+    def __init__(self, lab, work, kernel_trap: bool, extra: str = ""):
         super().__init__(lab, work)
+        self.extra = extra
         self.name = "portsentinel kernel-trap" if kernel_trap else "portsentinel userspace"
         self.kernel_trap = kernel_trap
         self.proc = None
@@ -113,10 +114,15 @@ class Portsentinel(Contender):
     def start(self) -> None:
         self.reset_firewall()
         conf = self.work / "portsentinel.conf"
+        state = self.work / "ps-state.db"
+        for stale in self.work.glob("ps-state.db*"):  # every measurement starts with no bans
+            stale.unlink()
         conf.write_text('TCP_MODE="atcp"\nUDP_MODE="audp"\n'
                         f'HISTORY_FILE="{self.work}/ps.history"\n'
                         f'BLOCKED_FILE="{self.work}/ps.blocked"\n'
-                        + ('' if self.kernel_trap else 'KERNEL_TRAP="0"\n'))
+                        f'STATE_FILE="{state}"\nCONTROL_SOCKET="{self.work}/ps.sock"\n'
+                        + ('' if self.kernel_trap else 'KERNEL_TRAP="0"\n')
+                        + self.extra)
         self.log = self.work / "portsentinel.log"
         self.proc = self.lab.start("target", str(PORTSENTINEL), "run", "-c", str(conf),
                                    "--foreground", "--log", "stdout",
@@ -316,6 +322,31 @@ def capacity(lab, contender, rates: list[int], seconds: float) -> list[dict]:
     return rows
 
 
+def spoofed_flood(lab, contender, sources: int, rate: int) -> dict:
+    """`sources` distinct spoofed IPv6 sources with the defaults (rate limit on),
+    then a real scan: memory stays bounded, the firewall is not filled, the
+    real scanner is still detected."""
+    mac = re.search(r"link/ether (\S+)", lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
+    contender.start()
+    _, rss0 = proc_stats(contender.pids())
+    out = lab.exec("attacker", sys.executable, str(PROBES), "flood", "eth0", mac, TARGET6,
+                   str(rate), str(sources / rate), "1", timeout=sources / rate + 120).stdout
+    sent = json.loads(out)
+    time.sleep(2)
+    _, rss1 = proc_stats(contender.pids())
+    bans = lab.exec("target", "sh", "-c", "nft -j list set inet portsentinel ban6").stdout.count('"val"')
+    nmap_out = lab.exec("attacker", "nmap", "-sS", "-Pn", "-n", "--max-retries", "0",
+                        "--top-ports", "100", "-e", "eth0", "-S", ATTACKER4, TARGET4, timeout=120)
+    time.sleep(1)
+    detected = f"from host: {ATTACKER4}/{ATTACKER4}" in contender.log.read_text()
+    row = {"sent": sent["sent"], "seconds": sent["seconds"], "rss0_kb": rss0, "rss1_kb": rss1,
+           "bans": bans, "real_detected": detected, "real_blocked": contender.blocked(ATTACKER4),
+           "real_revealed": len(revealed(*parse_nmap(nmap_out.stdout)[:2], REAL_TCP))}
+    contender.stop()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def state_load(lab, work: Path, counts: list[int]) -> list[dict]:
     """Start-up time of portsentinel with N stored bans (IPv4 and IPv6 halves)."""
     from portsentinel.store import BanRecord, Store
@@ -360,7 +391,7 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def report(scans, latency, cap, load, args) -> str:
+def report(scans, latency, cap, load, flood, args) -> str:
     nmap_version = netlab.sh("nmap", "--version").stdout.split("\n")[0]
     names = [c for c in dict.fromkeys(r["contender"] for r in scans)]
     by = {(r["contender"], r["scan"]): r for r in scans}
@@ -432,13 +463,31 @@ resolution is one gap; 0 means not even the next probe got through).
 ## Capacity (userspace path)
 
 SYN floods to a trap port from distinct IPv6 sources in 2001:db8::/64, {args.flood_seconds:.0f} s
-per rate; handled = sources alerted and banned by the daemon (within 10 s after the
-flood); CPU = daemon CPU over the flood and the drain. PortSentry 1.2 is not run here:
-it forks iptables for each source.
+per rate, with `KERNEL_TRAP="0"` and `BAN_RATE_LIMIT="0"` (every source goes through
+sensor, engine and a netlink ban); handled = sources alerted and banned by the daemon
+(within 10 s after the flood); CPU = daemon CPU over the flood and the drain.
+PortSentry 1.2 is not run here: it forks iptables for each source.
 
 {table(["contender", "probes/s", "sent", "handled", "CPU %", "peak RSS MiB"],
        [[r["contender"], r["rate"], r["sent"], r["handled"], f"{r['cpu_pct']:.0f}",
          r["rss_kb"] // 1024] for r in cap])}
+
+## A flood from {flood["sent"]:,} spoofed sources
+
+portsentinel with its defaults (kernel trap, `BAN_RATE_LIMIT="20/s"`) receives
+{flood["sent"]:,} SYNs to a trap port, each from a different IPv6 source in
+2001:db8::/64 ({flood["sent"] / flood["seconds"]:,.0f} probes/s over {flood["seconds"]:.0f} s), then
+a real `nmap -sS --top-ports 100` from 198.51.100.2.
+
+{table(["RSS before MiB", "RSS after MiB", "bans in the firewall", "real scanner detected",
+        "real scanner blocked", "real open ports revealed"],
+       [[flood["rss0_kb"] // 1024, flood["rss1_kb"] // 1024, flood["bans"],
+         "yes" if flood["real_detected"] else "**no**",
+         "yes" if flood["real_blocked"] else "no", f"{flood['real_revealed']}/4"]])}
+
+Memory is bounded by fixed-capacity tables (engine: `HOST_CAPACITY` hosts being
+counted, 262,144 bans; the kernel sets' sizes), and the rate limit keeps the
+firewall from filling: bans stop at the limit, detection goes on.
 
 ## Restart with stored bans
 
@@ -483,9 +532,12 @@ def main() -> None:
             latency[contender.name] = [latency_trial(lab, contender, args.gap, 400)
                                        for _ in range(args.trials)]
             print(contender.name, latency[contender.name], flush=True)
-        cap = capacity(lab, contenders[1], rates, args.flood_seconds)
+        unlimited = Portsentinel(lab, work, False, 'BAN_RATE_LIMIT="0"\n')
+        unlimited.name = "portsentinel userspace"
+        cap = capacity(lab, unlimited, rates, args.flood_seconds)
+        flood = spoofed_flood(lab, contenders[2], 100_000 if args.quick else 1_000_000, 50_000)
         load = state_load(lab, work, [0, 10000, 100000])
-        args.output.write_text(report(results, latency, cap, load, args))
+        args.output.write_text(report(results, latency, cap, load, flood, args))
         print(f"wrote {args.output}")
 
 

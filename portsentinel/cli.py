@@ -161,6 +161,7 @@ def _log_for(args) -> logs.Log:
 
 def run(args) -> int:
     from .daemon import Daemon
+    from .nft import NftError
 
     if os.geteuid() != 0:
         print("portsentinel: run needs root (raw sockets and the firewall)", file=sys.stderr)
@@ -182,7 +183,7 @@ def run(args) -> int:
         daemon = Daemon(config, tcp, udp, log, config_path=args.config,
                         cli_modes=(args.tcp_mode, args.udp_mode))
         daemon.start()
-    except (ConfigError, OSError) as err:
+    except (ConfigError, OSError, NftError) as err:
         print(f"portsentinel: cannot start: {err}", file=sys.stderr)
         log.error(f"adminalert: ERROR: cannot start: {err}")
         return 1

@@ -68,6 +68,9 @@ class Config:
     control_socket: Path = Path("/run/portsentinel.sock")
     metrics_address: tuple[str, int] | None = None
     json_log: Path | None = None
+    decoy_grace: bool = True
+    peer_memory: float = 600.0
+    ban_rate_limit: tuple[float, int] = (20.0, 20)  # new bans per second, burst
     nft_table: str = "portsentinel"
     hosts_deny_file: Path = Path("/etc/hosts.deny")
     syslog_ident: str = "portsentry"
@@ -154,6 +157,17 @@ def _factor(text: str) -> float:
     if not 1 <= value <= 100:
         raise ValueError(f"{value} must be within 1-100 (1 = no escalation)")
     return value
+
+
+def _rate(text: str) -> tuple[float, int]:
+    """`20/s`, `300/m`, `1000/h` -> (per second, burst); `0` = unlimited."""
+    if text.strip() == "0":
+        return 0.0, 0
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|second|m|minute|h|hour)\s*", text)
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"{text!r} must be COUNT/s, COUNT/m or COUNT/h (e.g. 20/s), or 0")
+    per = {"s": 1, "m": 60, "h": 3600}[match[2][0]]
+    return int(match[1]) / per, int(match[1])
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -255,6 +269,9 @@ KEYS = {
     "CONTROL_SOCKET": ("control_socket", _path),
     "METRICS_ADDRESS": ("metrics_address", _optional(lambda t: _host_port(t))),
     "JSON_LOG": ("json_log", _optional(_path)),
+    "DECOY_GRACE": ("decoy_grace", _boolean),
+    "PEER_MEMORY": ("peer_memory", _seconds),
+    "BAN_RATE_LIMIT": ("ban_rate_limit", lambda t: _rate(t)),
     "NFT_TABLE": ("nft_table", _identifier),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),

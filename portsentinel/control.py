@@ -59,7 +59,12 @@ class ControlServer:
 
     def close(self) -> None:
         try:
+            try:  # wakes the thread blocked in accept(); close() alone would not
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.sock.close()
+            self._thread.join(timeout=5)
         finally:
             try:
                 self.path.unlink()

@@ -31,12 +31,14 @@ from .config import Config, ConfigError
 from .control import ControlServer
 from .engine import (HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, TCP, UDP, Decision, Engine,
                      Kind, Policy, Verdict)
-from .ignore import IgnoreFilesStamp, local_addresses, never_block_set
-from .listeners import ListeningPorts
+from .ignore import (IgnoreFilesStamp, gateway_addresses, local_addresses, never_block_set,
+                     resolver_addresses)
+from .listeners import ListeningPorts, PeerMemory
 from .metrics import Metrics
 from .nft import KernelTrap, Nft, NftBans, NftError, port_ranges
 from .responders import ActionFailed, CompatActions, Records
-from .sensors import ListenSensor, PacketSensor, TrapPorts
+from .routewatch import RouteWatch
+from .sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from .store import BanRecord, Store
 
 HOUSEKEEPING_EVERY = 1.0
@@ -52,7 +54,9 @@ def policy_for(config: Config, never_block: AddressSet) -> Policy:
         kill_route=config.kill_route is not None, run_cmd=config.kill_run_cmd is not None,
         run_cmd_first=config.kill_run_cmd_first, ban_time=config.ban_time,
         ban_time_increment=config.ban_time_increment, ban_time_max=config.ban_time_max,
-        host_capacity=config.host_capacity, never_block=never_block)
+        host_capacity=config.host_capacity, never_block=never_block,
+        decoy_grace=config.decoy_grace, ban_rate=config.ban_rate_limit[0],
+        ban_burst=max(1, config.ban_rate_limit[1]))
 
 
 @lru_cache(maxsize=1024)
@@ -92,12 +96,20 @@ class Daemon:
         self._expiring: set[str] = set()  # lifts queued, not done yet
         self._wake_w: socket.socket | None = None
         self.host_addresses = local_addresses()
+        self.automatic = self._automatic_never_block()
+        self.peers = PeerMemory(time.monotonic, config.peer_memory)
+        self.route_watch: RouteWatch | None = None
+        self._errors_reported = float("-inf")
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
-        never = never_block_set(config.ignore_file, self.host_addresses,
+        never = never_block_set(config.ignore_file, self.automatic,
                                 configuration.where(config, "IGNORE_FILE"))
         self.engine = Engine(policy_for(config, never))
         self.store = Store(config.state_file)
         self._set_responders(config)
+
+    def _automatic_never_block(self) -> list:
+        """This host's addresses, its default gateways and its DNS resolvers."""
+        return [*self.host_addresses, *gateway_addresses(), *resolver_addresses()]
 
     def _set_responders(self, config: Config) -> None:
         self.compat = CompatActions(config, self.log)
@@ -134,9 +146,20 @@ class Daemon:
         return stealth
 
     def _install_nftables(self, stealth: dict[str, TrapPorts]) -> None:
-        trapped = {p: port_ranges(t.all_ports()) for p, t in stealth.items()
-                   if self.config.kernel_trap_for(p, self.modes[p])}
-        self.bans.install(KernelTrap(trapped.get(TCP, ()), trapped.get(UDP, ())),
+        ports = {p: port_ranges(t.all_ports()) for p, t in stealth.items()}
+        trapped = [p for p in stealth if self.config.kernel_trap_for(p, self.modes[p])]
+        challenge = 0
+        if self.config.decoy_grace and TCP in stealth:
+            sensor = ChallengeSensor()
+            self.sensors.append(sensor)
+            if self.selector is not None:  # a reload: the loop is running
+                self.selector.register(sensor, selectors.EVENT_READ)
+            challenge = sensor.port
+        self.bans.install(KernelTrap(ports.get(TCP, ()), ports.get(UDP, ()),
+                                     self.config.peer_memory if self.config.decoy_grace else 0,
+                                     self.config.ban_rate_limit,
+                                     ban_tcp=TCP in trapped, ban_udp=UDP in trapped,
+                                     challenge_port=challenge),
                           self.config.ban_time)
         self.bans.set_never_block(self.engine.policy.never_block)
         for protocol in trapped:
@@ -225,6 +248,9 @@ class Daemon:
             # only now, for a source that still counts: is the port really served?
             if check_listener and self.listening.in_use(probe.protocol, probe.port):
                 return None
+            if (self.config.decoy_grace and probe.kind is not Kind.CONNECT
+                    and self._is_peer(probe.source)):
+                probe = dataclasses.replace(probe, peer=True)
             with self.lock:
                 decision = self.engine.count(probe)
         if decision.verdict in (Verdict.IGNORED, Verdict.PENDING) or not decision.report:
@@ -242,8 +268,29 @@ class Daemon:
                     nft_result = err
         elif decision.verdict is Verdict.ALERT:
             self.metrics.alerts.labels(probe.protocol).inc()
+        elif decision.verdict is Verdict.DECOY:
+            self.metrics.decoys.inc()
+        elif decision.verdict is Verdict.RATE_LIMITED:
+            self.metrics.rate_limited.inc()
         self._queue(partial(self._report, decision, nft_result))
         return decision
+
+    def _is_peer(self, address) -> bool:
+        """Did this source complete a TCP handshake with us lately (PEER_MEMORY)?"""
+        try:
+            if self.bans is not None:
+                return self.bans.is_peer(address)
+            return self.peers.is_peer(address)
+        except OSError as err:
+            self._report_error(f"peer check failed: {err}")
+            return False
+
+    def _report_error(self, message: str) -> None:
+        """Errors on the packet path, logged at most once a second."""
+        now = time.monotonic()
+        if now - self._errors_reported >= 1.0:
+            self._errors_reported = now
+            self.log.error(f"adminalert: ERROR: {message}")
 
     def _queue(self, job) -> None:
         try:
@@ -261,6 +308,12 @@ class Daemon:
         self._wake_w.setblocking(False)
         previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         self.selector.register(wake_r, selectors.EVENT_READ)
+        try:
+            self.route_watch = RouteWatch()
+            self.selector.register(self.route_watch, selectors.EVENT_READ)
+        except OSError as err:
+            self.log.error(f"adminalert: ERROR: cannot watch routes ({err}); polling every "
+                           f"{ADDRESSES_EVERY:.0f} s")
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
         next_housekeeping = next_addresses = 0.0
@@ -270,9 +323,11 @@ class Daemon:
                     if key.fileobj is wake_r:
                         _drain(wake_r)
                         continue
-                    sensor = key.fileobj
-                    for probe in sensor.read():
-                        self.handle(probe, sensor.needs_listener_check)
+                    if key.fileobj is self.route_watch:
+                        if self.route_watch.changed():
+                            self._refresh_never_block(force=False, addresses=True)
+                        continue
+                    self._read(key.fileobj)
                 now = time.monotonic()
                 if self.reload_requested:
                     self.reload_requested = False
@@ -289,6 +344,20 @@ class Daemon:
         finally:
             self._shutdown(previous_wakeup, wake_r, reporter)
 
+    def _read(self, sensor) -> None:
+        try:
+            probes = sensor.read()
+        except OSError as err:  # e.g. ENOBUFS: the kernel dropped packets for us
+            self.metrics.dropped.labels("sensor error").inc()
+            self._report_error(f"sensor: {err}")
+            return
+        for probe in probes:
+            try:
+                self.handle(probe, sensor.needs_listener_check)
+            except Exception as err:  # one bad probe must not stop the sensor
+                self.metrics.dropped.labels("handling error").inc()
+                self._report_error(f"handling a probe from {probe.source} failed: {err!r}")
+
     def _shutdown(self, previous_wakeup, wake_r, reporter) -> None:
         signal.set_wakeup_fd(previous_wakeup)
         self.selector.close()
@@ -296,6 +365,8 @@ class Daemon:
         self._wake_w.close()
         if self.control is not None:
             self.control.close()
+        if self.route_watch is not None:
+            self.route_watch.close()
         self.reports.put(None)
         reporter.join(timeout=10)
         self._close_sensors()
@@ -345,16 +416,21 @@ class Daemon:
         if addresses:
             current = local_addresses()
             if set(current) != set(self.host_addresses):
-                self.host_addresses, changed = current, True
+                self.host_addresses = current
                 for sensor in self.sensors:
                     if isinstance(sensor, PacketSensor):
                         sensor.local = AddressSet(current)
+            automatic = self._automatic_never_block()
+            if set(automatic) != set(self.automatic):
+                self.automatic, changed = automatic, True
         stamp = IgnoreFilesStamp.of(self.config.ignore_file)
         changed = changed or stamp != self.ignore_stamp
         if not changed:
             return None
+        if stamp != self.ignore_stamp:  # e.g. resolv.conf changed
+            self.automatic = self._automatic_never_block()
         try:
-            never_block = never_block_set(self.config.ignore_file, self.host_addresses,
+            never_block = never_block_set(self.config.ignore_file, self.automatic,
                                           configuration.where(self.config, "IGNORE_FILE"))
         except ConfigError as err:  # keep the last good set; say why
             self.log.error(f"adminalert: ERROR: ignore list not reloaded: {err}")
@@ -378,7 +454,7 @@ class Daemon:
             config = configuration.load(self.config_path)
             tcp, udp = configuration.resolve_modes(*self.cli_modes, config,
                                                    self.config_path is not None)
-            never = never_block_set(config.ignore_file, self.host_addresses,
+            never = never_block_set(config.ignore_file, self.automatic,
                                     configuration.where(config, "IGNORE_FILE"))
         except ConfigError as err:
             self.log.error(f"adminalert: ERROR: reload refused, configuration unchanged: {err}")
@@ -393,6 +469,7 @@ class Daemon:
         self._close_sensors()
         self.config, self.modes = config, {TCP: tcp, UDP: udp}
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
+        self.peers.memory = config.peer_memory
         self._set_responders(config)
         with self.lock:
             self.engine.policy = policy_for(config, never)
@@ -429,6 +506,19 @@ class Daemon:
             self.log(logs.ip_options_line(probe, name))
         if decision.verdict is Verdict.ALREADY_BLOCKED:
             self.log(logs.already_blocked_line(target))
+            return
+        if decision.verdict is Verdict.DECOY:
+            self.log(f"attackalert: Host {target} completed a TCP handshake with this host "
+                     "lately: not blocked on stateless probes, which can carry a spoofed "
+                     "source (possible decoy)")
+            self._json_event("decoy", target, port=probe.port, protocol=probe.protocol,
+                             kind=probe.kind.value)
+            return
+        if decision.verdict is Verdict.RATE_LIMITED:
+            rate, _ = self.config.ban_rate_limit
+            self.log.error(f"attackalert: WARNING: ban rate limit ({rate:g}/s) reached: host "
+                           f"{target} not blocked; detection continues (a spoofed flood?)")
+            self._json_event("rate_limited", target, port=probe.port, protocol=probe.protocol)
             return
         if decision.verdict is Verdict.ALERT:
             self.log(logs.ignoring_response_line(probe.protocol))

@@ -15,6 +15,13 @@ The ban and offender tables are bounded the same way.
 
 Escalation: a host's n-th ban lasts ban_time * ban_time_increment**(n-1),
 capped at ban_time_max (like fail2ban's bantime.increment).
+
+Spoofing: SYN/FIN/NULL/XMAS/UDP probes can carry any source address. When the
+source is a peer (it completed a TCP handshake with us recently, which a blind
+spoofer cannot do), such probes give DECOY, not BLOCK. A completed handshake
+to a trap port (tcp mode, Kind.CONNECT) is always bannable. A token bucket
+(ban_rate, ban_burst) caps new bans: past it, RATE_LIMITED: detected and
+reported, not banned, so a spoofed flood cannot fill the firewall.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ class Probe:
     time: float
     flags: int = 0
     ip_options: bool = False
+    # the source completed a TCP handshake with this host recently (set by the
+    # daemon from kernel evidence); its stateless probes may be spoofed decoys
+    peer: bool = False
 
 
 class Verdict(enum.Enum):
@@ -74,6 +84,8 @@ class Verdict(enum.Enum):
     ALERT = "alert"  # triggered; BLOCK_* = 0 says log only
     BLOCK = "block"  # triggered; run `actions` in order
     ALREADY_BLOCKED = "already_blocked"
+    DECOY = "decoy"  # triggered by stateless probes from a peer: logged, not blocked
+    RATE_LIMITED = "rate_limited"  # triggered, but the ban rate limit is reached
 
 
 # Action names, in the order they are run.
@@ -109,9 +121,12 @@ class Policy:
     ban_time_increment: float = 1.0  # each earlier ban multiplies the next by this
     ban_time_max: float = 30 * 86400.0
     host_capacity: int = 65536
-    ban_capacity: int = 1_000_000
+    ban_capacity: int = 262_144  # as many as the kernel sets hold
     repeat_report_interval: float = 60.0
     never_block: AddressSet = field(default_factory=AddressSet)
+    decoy_grace: bool = True  # peers are not banned on stateless probes alone
+    ban_rate: float = 0.0  # new bans per second at most; 0 = unlimited
+    ban_burst: int = 1
 
     def ban_seconds(self, earlier_bans: int) -> float:
         if self.ban_time <= 0:
@@ -156,6 +171,10 @@ class Engine:
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
         self._offences: OrderedDict[bytes, int] = OrderedDict()  # earlier bans per host
+        self._decoys: OrderedDict[bytes, float] = OrderedDict()  # host -> last reported
+        self._tokens = float(policy.ban_burst)
+        self._tokens_at: float | None = None
+        self._limit_reported = float("-inf")
 
     # -- probes -----------------------------------------------------------
     def observe(self, probe: Probe) -> Decision:
@@ -183,11 +202,39 @@ class Engine:
         key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
+        if probe.peer and policy.decoy_grace and probe.kind is not Kind.CONNECT:
+            return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
         actions = policy.actions_for(probe.protocol)
         if not actions:
             return Decision(Verdict.ALERT, probe)
+        if not self._take_token(probe.time):
+            report = probe.time - self._limit_reported >= 1.0
+            if report:
+                self._limit_reported = probe.time
+            return Decision(Verdict.RATE_LIMITED, probe, report=report)
         seconds = self.ban(probe.source, probe.time)
         return Decision(Verdict.BLOCK, probe, actions, ban_seconds=seconds)
+
+    def _decoy_report(self, key: bytes, now: float) -> bool:
+        last = self._decoys.pop(key, float("-inf"))
+        report = now - last >= self.policy.repeat_report_interval
+        self._decoys[key] = now if report else last
+        if len(self._decoys) > self.policy.host_capacity:
+            self._decoys.popitem(last=False)
+        return report
+
+    def _take_token(self, now: float) -> bool:
+        policy = self.policy
+        if policy.ban_rate <= 0:
+            return True
+        if self._tokens_at is not None and now > self._tokens_at:
+            self._tokens = min(float(policy.ban_burst),
+                               self._tokens + (now - self._tokens_at) * policy.ban_rate)
+        self._tokens_at = now if self._tokens_at is None else max(now, self._tokens_at)
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def _repeat(self, ban: Ban, probe: Probe) -> Decision:
         report = probe.time - ban.last_report >= self.policy.repeat_report_interval

@@ -1,5 +1,6 @@
-"""Ignore files (`portsentry.ignore`, `portsentry.ignore.static`) and the
-host's own addresses: together, the addresses that are never blocked.
+"""Ignore files (`portsentry.ignore`, `portsentry.ignore.static`), the
+host's own addresses, its default gateways and DNS resolvers: together, the
+addresses that are never blocked (so spoofed probes cannot cut the host off).
 
 An entry is an IPv4/IPv6 address or CIDR, optionally followed by a comment;
 leading spaces are fine and `/0` means everything (both 1.2 bugs fixed).
@@ -85,7 +86,7 @@ class IgnoreFilesStamp:
     @classmethod
     def of(cls, ignore_file: Path | None) -> "IgnoreFilesStamp":
         stamps = []
-        for path in ignore_paths(ignore_file):
+        for path in [*ignore_paths(ignore_file), RESOLV_CONF]:
             try:
                 st = path.stat()
                 stamps.append((str(path), st.st_mtime_ns, st.st_size))
@@ -105,6 +106,42 @@ def local_addresses() -> list[Network]:
             if address:
                 networks.append(ipaddress.ip_network(address.split("%")[0]))
     return networks
+
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def gateway_addresses() -> list[Network]:
+    """The next hops of the default routes (IPv4 and IPv6, multipath too)."""
+    from pyroute2 import IPRoute
+
+    gateways = []
+    with IPRoute() as ipr:
+        for route in ipr.get_routes():
+            if route["dst_len"] != 0:
+                continue
+            hops = [route.get_attr("RTA_GATEWAY")]
+            for hop in route.get_attr("RTA_MULTIPATH") or []:
+                hops.append(hop.get_attr("RTA_GATEWAY"))
+            gateways += [ipaddress.ip_network(h.split("%")[0]) for h in hops if h]
+    return gateways
+
+
+def resolver_addresses(path: Path = RESOLV_CONF) -> list[Network]:
+    """`nameserver` lines of resolv.conf; unreadable or odd lines are skipped."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                found.append(ipaddress.ip_network(fields[1].split("%")[0]))
+            except ValueError:
+                continue
+    return found
 
 
 def never_block_set(ignore_file: Path | None, host_addresses: list[Network],

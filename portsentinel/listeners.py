@@ -8,10 +8,14 @@ bind-tested. Results are cached briefly, so the cost is bounded under a flood.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
 import threading
+from collections import OrderedDict
+
+from .nfnetlink import netlink_messages
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -35,30 +39,33 @@ def _socket() -> socket.socket:
     return sock
 
 
-def _dump(protocol: int, family: int, states: int) -> set[int]:
-    ports: set[int] = set()
+def _dump(protocol: int, family: int, states: int, field: str = "sport") -> set:
+    """Local ports (field="sport") or remote addresses (field="dst") of the sockets."""
+    found: set = set()
     nl = _socket()
     body = _REQ.pack(family, protocol, 0, 0, states)
     nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
                            NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
     while True:
         data = nl.recv(65536)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-            if kind == NLMSG_DONE:
-                return ports
-            if kind == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                if error == 0:
-                    return ports
-                raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
-            # inet_diag_msg: family, state, timer, retrans, then sockid (sport first)
-            sport_at = offset + _NLMSGHDR.size + 4
-            ports.add(int.from_bytes(data[sport_at:sport_at + 2], "big"))
-            offset += (length + 3) & ~3
         if not data:
-            return ports
+            return found
+        for kind, _, at in netlink_messages(data):
+            if kind == NLMSG_DONE:
+                return found
+            if kind == NLMSG_ERROR:
+                error = struct.unpack_from("=i", data, at)[0]
+                if error == 0:
+                    return found
+                raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
+            # inet_diag_msg: family, state, timer, retrans, then the sockid:
+            # sport, dport (2 bytes each), src[16], dst[16]
+            sockid = at + 4
+            if field == "sport":
+                found.add(int.from_bytes(data[sockid:sockid + 2], "big"))
+            else:
+                size = 4 if family == socket.AF_INET else 16
+                found.add(ipaddress.ip_address(data[sockid + 20:sockid + 20 + size]))
 
 
 def tcp_listening() -> set[int]:
@@ -70,6 +77,51 @@ def tcp_listening() -> set[int]:
 def udp_bound() -> set[int]:
     return _dump(socket.IPPROTO_UDP, socket.AF_INET, ALL_STATES) | _dump(
         socket.IPPROTO_UDP, socket.AF_INET6, ALL_STATES)
+
+
+# TCP states reached only through a completed handshake (not SYN_RECV: a
+# spoofed SYN puts a socket there)
+_POST_HANDSHAKE = sum(1 << state for state in (1, 4, 5, 6, 8, 9, 11))
+
+
+def tcp_peers() -> set:
+    """Remote addresses of TCP connections that completed a handshake."""
+    peers = _dump(socket.IPPROTO_TCP, socket.AF_INET, _POST_HANDSHAKE, "dst")
+    for address in _dump(socket.IPPROTO_TCP, socket.AF_INET6, _POST_HANDSHAKE, "dst"):
+        peers.add(address.ipv4_mapped or address)
+    return peers
+
+
+class PeerMemory:
+    """Addresses seen with completed handshakes in the last `memory` seconds
+    (bounded, oldest forgotten first). Used when our nftables table, whose
+    conntrack-fed peers set does the same in the kernel, is not in use."""
+
+    def __init__(self, clock, memory: float = 600.0, capacity: int = 65536, max_age: float = 0.02):
+        self._clock, self.memory, self.capacity, self.max_age = clock, memory, capacity, max_age
+        self._seen: OrderedDict = OrderedDict()
+        self._stamp = float("-inf")
+
+    def refresh(self) -> None:
+        now = self._clock()
+        for address in tcp_peers():
+            self._seen.pop(address, None)
+            self._seen[address] = now
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+        self._stamp = now
+
+    def is_peer(self, address) -> bool:
+        if self._recent(address):
+            return True
+        if self._clock() - self._stamp > self.max_age:
+            self.refresh()
+            return self._recent(address)
+        return False
+
+    def _recent(self, address) -> bool:
+        seen = self._seen.get(address)
+        return seen is not None and self._clock() - seen <= self.memory
 
 
 class ListeningPorts:

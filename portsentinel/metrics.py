@@ -19,6 +19,11 @@ class Metrics:
         self.bans = Counter("portsentinel_bans", "Bans made, by origin", ["origin"], registry=r)
         self.unbans = Counter("portsentinel_unbans", "Bans lifted, by cause", ["cause"],
                               registry=r)
+        self.decoys = Counter("portsentinel_suspected_decoys",
+                              "Stateless probes from handshake peers, not blocked", registry=r)
+        self.rate_limited = Counter("portsentinel_rate_limited",
+                                    "Detections not blocked: the ban rate limit was reached",
+                                    registry=r)
         self.active_bans = Gauge("portsentinel_active_bans", "Bans in force", registry=r)
         self.dropped = Counter("portsentinel_dropped_events",
                                "Events not fully handled, by reason", ["reason"], registry=r)

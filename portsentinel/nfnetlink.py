@@ -17,7 +17,7 @@ import threading
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NFPROTO_INET = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
@@ -31,6 +31,20 @@ DATA_VALUE = 1
 CHUNK = 1000
 _HDR = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
+
+
+def netlink_messages(data: bytes):
+    """(type, seq, payload offset) of each netlink message in one datagram."""
+    offset = 0
+    while offset + _HDR.size <= len(data):
+        length, kind, _, seq, _ = _HDR.unpack_from(data, offset)
+        yield kind, seq, offset + _HDR.size
+        offset += max((length + 3) & ~3, _HDR.size)
+
+
+def _error_code(data: bytes, at: int) -> int:
+    """The errno an NLMSG_ERROR carries (0 = an acknowledgement)."""
+    return -struct.unpack_from("=i", data, at)[0]
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -97,15 +111,10 @@ class SetElements:
         failure = None
         while pending:
             data = self._sock.recv(65536)
-            offset = 0
-            while offset + _HDR.size <= len(data):
-                length, kind, _, seq, _ = _HDR.unpack_from(data, offset)
+            for kind, seq, at in netlink_messages(data):
                 if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + _HDR.size)
                     pending.discard(seq)
-                    if code and failure is None:
-                        failure = -code
-                offset += max((length + 3) & ~3, _HDR.size)
+                    failure = failure or _error_code(data, at)
         if failure:
             raise OSError(failure, f"nftables set update: {os.strerror(failure)}")
 
@@ -140,6 +149,36 @@ class SetElements:
             by_set = self._group(addresses[start:start + CHUNK])
             if by_set:
                 self._commit([(kind, by_set, timeout_ms)])
+
+    def add_to(self, set_name: str, addresses, timeout: float = 0) -> None:
+        """Add to a named set of this table (one family)."""
+        addresses = list(addresses)
+        for start in range(0, len(addresses), CHUNK):
+            self._commit([(NFT_MSG_NEWSETELEM, {set_name: addresses[start:start + CHUNK]},
+                           int(timeout * 1000) or None)])
+
+    def contains(self, set_name: str, address) -> bool:
+        """One GETSETELEM round trip: is `address` in the set?"""
+        ip = ipaddress.ip_address(address)
+        body = self._elements(set_name, [ip], None)
+        with self._lock:
+            message = self._message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+                                    NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, body)
+            seq = self._seq
+            self._sock.send(message)
+            found = False
+            while True:
+                data = self._sock.recv(65536)
+                for kind, got_seq, at in netlink_messages(data):
+                    if got_seq != seq:
+                        continue
+                    if kind != NLMSG_ERROR:
+                        found = True  # the element came back; the ack follows
+                        continue
+                    code = _error_code(data, at)
+                    if code and code != errno.ENOENT:
+                        raise OSError(code, f"nftables get element: {os.strerror(code)}")
+                    return found
 
     def replace(self, addresses, timeout: float = 0) -> None:
         """Set the timeout of addresses whether or not they are in the set yet:

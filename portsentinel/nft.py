@@ -79,6 +79,20 @@ class KernelTrap:
 
     tcp: tuple[tuple[int, int], ...] = ()
     udp: tuple[tuple[int, int], ...] = ()
+    peer_memory: float = 0  # > 0: remember handshake peers; the trap spares them
+    ban_rate: tuple[float, int] = (0.0, 0)  # (per second, burst); 0 = unlimited
+    ban_tcp: bool = True  # ban trap hits in the kernel (else: only the sets and challenge)
+    ban_udp: bool = True
+    challenge_port: int = 0  # > 0: a peer's SYN to a TCP trap port is redirected here
+
+
+def _limit(rate: tuple[float, int]) -> str:
+    per_second, burst = rate
+    if per_second >= 1:
+        return f"{int(per_second)}/second burst {max(1, burst)} packets"
+    if per_second * 60 >= 1:
+        return f"{int(per_second * 60)}/minute burst {max(1, burst)} packets"
+    return f"{max(1, int(per_second * 3600))}/hour burst {max(1, burst)} packets"
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -119,9 +133,15 @@ class NftBans:
             f"add set inet {t} never6 {{ type ipv6_addr; flags interval; }}",
             f"add set inet {t} trap_tcp {{ type inet_service; flags interval; }}",
             f"add set inet {t} trap_udp {{ type inet_service; flags interval; }}",
+            f"add set inet {t} peers4 {{ type ipv4_addr; flags dynamic, timeout; size 65536; }}",
+            f"add set inet {t} peers6 {{ type ipv6_addr; flags dynamic, timeout; size 65536; }}",
             f"add chain inet {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}",
             f"add chain inet {t} input {{ type filter hook input priority filter - 10; policy accept; }}",
             f"add chain inet {t} trap",
+            f"add chain inet {t} prerouting_nat {{ type nat hook prerouting priority dstnat - 10; policy accept; }}",
+            f"add chain inet {t} challenge",
+            f"flush chain inet {t} prerouting_nat",
+            f"flush chain inet {t} challenge",
             f"flush chain inet {t} prerouting",
             f"flush chain inet {t} input",
             f"flush chain inet {t} trap",
@@ -130,30 +150,66 @@ class NftBans:
             f"add rule inet {t} prerouting ip saddr @ban4 counter drop",
             f"add rule inet {t} prerouting ip6 saddr @ban6 counter drop",
         ]
-        if trap and (trap.tcp or trap.udp):
+        if trap and trap.peer_memory > 0:
+            # a packet of an established connection proves a completed handshake
+            # (conntrack checks sequence numbers, so a blind spoofer cannot fake it)
+            memory = f"timeout {int(trap.peer_memory)}s"
+            commands += [
+                f"add rule inet {t} input meta nfproto ipv4 ct state established "
+                f"tcp flags & (syn | ack) == ack add @peers4 {{ ip saddr {memory} }}",
+                f"add rule inet {t} input meta nfproto ipv6 ct state established "
+                f"tcp flags & (syn | ack) == ack add @peers6 {{ ip6 saddr {memory} }}",
+            ]
+        if trap and trap.tcp:
+            commands.append(f"add element inet {t} trap_tcp {{ {_elements(trap.tcp, str)} }}")
+        if trap and trap.udp:
+            commands.append(f"add element inet {t} trap_udp {{ {_elements(trap.udp, str)} }}")
+        if trap and trap.challenge_port and trap.tcp and trap.peer_memory > 0:
+            commands += self._challenge(trap.challenge_port)
+        ban_tcp = bool(trap and trap.tcp and trap.ban_tcp)
+        ban_udp = bool(trap and trap.udp and trap.ban_udp)
+        if ban_tcp or ban_udp:
             expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
             commands += [
                 f"add rule inet {t} input meta pkttype != host return",
                 f"add rule inet {t} input ip saddr @never4 return",
                 f"add rule inet {t} input ip6 saddr @never6 return",
             ]
-            if trap.tcp:
-                commands += [
-                    f"add element inet {t} trap_tcp {{ {_elements(trap.tcp, str)} }}",
-                    f"add rule inet {t} input tcp flags & (ack | rst) == 0 tcp dport @trap_tcp jump trap",
-                ]
-            if trap.udp:
-                commands += [
-                    f"add element inet {t} trap_udp {{ {_elements(trap.udp, str)} }}",
-                    f"add rule inet {t} input udp dport @trap_udp jump trap",
-                ]
+            if ban_tcp:
+                commands.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
+                                "tcp dport @trap_tcp jump trap")
+            if ban_udp:
+                commands.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
             commands += [
                 # a local socket serves this port: a real service, not a trap
                 f"add rule inet {t} trap socket wildcard le 1 return",
+            ]
+            if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
+                commands += [f"add rule inet {t} trap ip saddr @peers4 return",
+                             f"add rule inet {t} trap ip6 saddr @peers6 return"]
+            if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
+                commands.append(f"add rule inet {t} trap limit rate over {_limit(trap.ban_rate)} return")
+            commands += [
                 f"add rule inet {t} trap meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }} counter drop",
                 f"add rule inet {t} trap meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }} counter drop",
             ]
         self.nft.run("\n".join(commands) + "\n")
+
+    def _challenge(self, port: int) -> list[str]:
+        """A peer's SYN to an unserved TCP trap port goes to our catch-all
+        socket: only a host that really sent it can complete the handshake
+        (a spoofed decoy cannot), and a completed one is banned."""
+        t = self.table
+        syn = "tcp flags & (syn | ack | rst | fin) == syn"
+        return [
+            f"add rule inet {t} prerouting_nat fib daddr type != local return",
+            f"add rule inet {t} prerouting_nat ip saddr @never4 return",
+            f"add rule inet {t} prerouting_nat ip6 saddr @never6 return",
+            f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip saddr @peers4 jump challenge",
+            f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip6 saddr @peers6 jump challenge",
+            f"add rule inet {t} challenge socket wildcard le 1 return",
+            f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
+        ]
 
     def set_never_block(self, never: AddressSet) -> None:
         """Replace the never-block sets atomically."""
@@ -167,9 +223,23 @@ class NftBans:
                                 f"{_elements(ranges, lambda v: str(cls(v)))} }}")
         self.nft.run("\n".join(commands) + "\n")
 
+    def is_peer(self, address) -> bool:
+        """Is the address in the kernel's peers set (a recent completed handshake)?"""
+        ip = ipaddress.ip_address(address)
+        return self.elements.contains("peers4" if ip.version == 4 else "peers6", ip)
+
+    def add_peers(self, addresses, memory: float) -> None:
+        by_family: dict[str, list] = {}
+        for address in addresses:
+            ip = ipaddress.ip_address(address)
+            by_family.setdefault("peers4" if ip.version == 4 else "peers6", []).append(ip)
+        for name, ips in by_family.items():
+            self.elements.add_to(name, ips, memory)
+
     def disarm_trap(self) -> None:
         """Stop trapping (daemon stopping); bans stay enforced."""
-        self.nft.run(f"flush chain inet {self.table} input\n")
+        self.nft.run(f"flush chain inet {self.table} input\n"
+                     f"flush chain inet {self.table} prerouting_nat\n")
 
     def command(self, address, timeout: float) -> str:
         ip = ipaddress.ip_address(address)  # never format anything but an address

@@ -54,7 +54,35 @@ class TrapPorts:
         return port in self.ports
 
 
-class PacketSensor:
+class _SocketSensor:
+    """A non-blocking socket read in bounded batches; `_take` gives one
+    probe (or None to skip) and raises BlockingIOError when drained."""
+
+    sock: socket.socket
+    needs_listener_check = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self) -> list[Probe]:
+        probes = []
+        for _ in range(BATCH):
+            try:
+                probe = self._take()
+            except (BlockingIOError, InterruptedError):
+                break
+            if probe is not None:
+                probes.append(probe)
+        return probes
+
+    def _take(self) -> Probe | None:
+        raise NotImplementedError
+
+
+class PacketSensor(_SocketSensor):
     # Probes come out before the "is the port served?" check: the daemon asks
     # that (ListeningPorts) only for sources the engine still cares about.
     needs_listener_check = True
@@ -76,23 +104,13 @@ class PacketSensor:
             self.sock.close()
             raise
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def read(self) -> list[Probe]:
-        probes = []
-        for _ in range(BATCH):
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(bpf.SNAPLEN, 64)
-            except (BlockingIOError, InterruptedError):
-                break
-            probe = self.to_probe(data, _kernel_time(ancillary))
-            if probe is not None:
-                probes.append(probe)
-        return probes
+    def _take(self) -> Probe | None:
+        data, ancillary, _, _ = self.sock.recvmsg(bpf.SNAPLEN, 64)
+        try:
+            return self.to_probe(data, _kernel_time(ancillary))
+        except Exception:  # whatever a packet holds, the sensor goes on
+            self.malformed += 1
+            return None
 
     def to_probe(self, data: bytes, stamp: float) -> Probe | None:
         packet = packets.parse(data)
@@ -124,10 +142,8 @@ def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-class ListenSensor:
+class ListenSensor(_SocketSensor):
     """One bound socket (dual-stack when IPv6 is available) on a trap port."""
-
-    needs_listener_check = False  # we own the port
 
     def __init__(self, protocol: str, port: int, banner: str | None = None):
         self.protocol, self.port = protocol, port
@@ -138,28 +154,18 @@ class ListenSensor:
             self.sock.listen(64)
         self.sock.setblocking(False)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def _take(self) -> Probe | None:
+        try:
+            peer = self._peer()
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as err:  # e.g. ECONNABORTED: the peer gave up; keep going
+            if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET):
+                return None
+            raise
+        return Probe(_unmapped(peer[0]), self.port, self.protocol, Kind.CONNECT, time.time())
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def read(self) -> list[Probe]:
-        probes = []
-        for _ in range(BATCH):
-            try:
-                peer = self._take_one()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as err:  # e.g. ECONNABORTED: the peer gave up; keep going
-                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET):
-                    continue
-                raise
-            probes.append(Probe(_unmapped(peer[0]), self.port, self.protocol,
-                                Kind.CONNECT, time.time()))
-        return probes
-
-    def _take_one(self):
+    def _peer(self):
         if self.protocol == TCP:
             conn, peer = self.sock.accept()
             with conn:
@@ -177,6 +183,45 @@ class ListenSensor:
             except OSError:
                 pass
         return peer
+
+
+SO_ORIGINAL_DST = 80  # IPv4 (SOL_IP) and IPv6 (SOL_IPV6, IP6T_SO_ORIGINAL_DST) alike
+
+
+class ChallengeSensor(_SocketSensor):
+    """The catch-all socket that peers' SYNs to TCP trap ports are redirected
+    to: an accepted connection proves its source, and reports the trap port
+    it was really sent to (SO_ORIGINAL_DST)."""
+
+    def __init__(self):
+        self.sock = _bind_dual_stack(socket.SOCK_STREAM, 0)
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def _take(self) -> Probe | None:
+        try:
+            conn, peer = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError:  # the peer gave up before we got to it
+            return None
+        with conn:
+            port = _original_port(conn, peer[0])
+        if port is None:
+            return None
+        return Probe(_unmapped(peer[0]), port, TCP, Kind.CONNECT, time.time())
+
+
+def _original_port(conn: socket.socket, peer: str) -> int | None:
+    try:
+        if conn.family == socket.AF_INET6 and not peer.startswith("::ffff:"):
+            raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        else:
+            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    return int.from_bytes(raw[2:4], "big")
 
 
 def _bind_dual_stack(kind: int, port: int) -> socket.socket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,10 +71,12 @@ class Daemon:
         self.conf = workdir / "portsentry.conf"
         self.state = workdir / "state.db"
         self.socket = workdir / "control.sock"
-        self.conf.write_text(
-            f'HISTORY_FILE="{self.history}"\nBLOCKED_FILE="{self.blocked}"\n'
-            f'HOSTS_DENY_FILE="{self.hosts_deny}"\nSTATE_FILE="{self.state}"\n'
-            f'CONTROL_SOCKET="{self.socket}"\n' + config)
+        # the test's own keys first: the first occurrence of a key wins
+        defaults = {"HISTORY_FILE": self.history, "BLOCKED_FILE": self.blocked,
+                    "HOSTS_DENY_FILE": self.hosts_deny, "STATE_FILE": self.state,
+                    "CONTROL_SOCKET": self.socket}
+        self.conf.write_text(config + "".join(f'{key}="{value}"\n' for key, value in
+                                              defaults.items() if f"{key}=" not in config))
         self.log = workdir / "daemon.log"
         if fresh:  # every test starts from an empty firewall in the target namespace
             lab.exec("target", "nft", "flush", "ruleset", check=True)
@@ -89,14 +92,15 @@ class Daemon:
                               stdout=self.log.open("a"))
         self.wait_log("PortSentry is now active and listening.", after_last_start=True)
 
-    def wait_log(self, text: str, timeout: float = 10.0, after_last_start: bool = False) -> str:
+    def wait_log(self, text: str, timeout: float = 10.0, after_last_start: bool = False,
+                 regex: bool = False) -> str:
         deadline = time.monotonic() + timeout
         while True:
             log = self.log.read_text()
             if after_last_start:
                 log = log.rsplit("---- start\n", 1)[-1]
             for line in log.splitlines():
-                if text in line:
+                if (re.search(text, line) if regex else text in line):
                     return line
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited ({self.proc.returncode}) before "

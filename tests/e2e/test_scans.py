@@ -25,7 +25,8 @@ UDP_SCAN_PORTS = "53,67-69,161"
 def assert_blocked(daemon, lab, source: str, alert: str, proto: str = "TCP"):
     """The 1.2 alert line, the nftables ban, the history line, and the drop."""
     host = f"{source}/{source}"
-    line = daemon.wait_log(f"{alert} from host: {host} to {proto} port: ")
+    line = daemon.wait_log(f"(?:{alert}) from host: {re.escape(host)} to {proto} port: ",
+                           regex=True)
     port = int(line.rsplit(" ", 1)[1])
     daemon.wait_log(f'attackalert: Host {source} has been blocked via dropped route using '
                     f'command: "add element inet portsentinel ')
@@ -50,10 +51,12 @@ ADVANCED = [
     ("-sF", extra4(11), "attackalert: TCP FIN scan", "TCP"),
     ("-sN", extra4(12), "attackalert:  TCP NULL scan", "TCP"),
     ("-sX", extra4(13), "attackalert: TCP XMAS scan", "TCP"),
-    ("-sT", extra4(14), "attackalert: TCP SYN/Normal scan", "TCP"),
+    # a connect scan: its SYN meets the kernel trap, or (once it has connected to a real
+    # service, i.e. is a peer) the challenge: a completed connection to a trap port
+    ("-sT", extra4(14), "attackalert: (?:TCP SYN/Normal scan|Connect)", "TCP"),
     ("-sU", extra4(15), "attackalert: UDP scan", "UDP"),
     ("-sS", extra6(16), "attackalert: TCP SYN/Normal scan", "TCP"),
-    ("-sT", extra6(17), "attackalert: TCP SYN/Normal scan", "TCP"),
+    ("-sT", extra6(17), "attackalert: (?:TCP SYN/Normal scan|Connect)", "TCP"),
     ("-sU", extra6(18), "attackalert: UDP scan", "UDP"),
 ]
 

@@ -211,3 +211,63 @@ def test_check_then_count_equals_observe():
     assert engine.check(probe(port=2)) is None
     assert engine.count(probe(port=2)).verdict is Verdict.BLOCK
     assert engine.check(probe(port=3)).verdict is Verdict.ALREADY_BLOCKED
+
+
+def peer_probe(kind=Kind.SYN, proto=TCP, port=1, t=0.0, src="198.51.100.3"):
+    return Probe(A(src), port, proto, kind, t, peer=True)
+
+
+@pytest.mark.parametrize("kind, proto", [(Kind.SYN, TCP), (Kind.FIN, TCP), (Kind.NULL, TCP),
+                                         (Kind.XMAS, TCP), (Kind.OTHER, TCP), (Kind.UDP, UDP)])
+def test_stateless_probes_from_a_peer_are_decoys(kind, proto):
+    engine = Engine(Policy())
+    decision = engine.observe(peer_probe(kind, proto))
+    assert decision.verdict is Verdict.DECOY and decision.report
+    assert not engine.is_blocked(A("198.51.100.3"))
+    assert engine.observe(peer_probe(kind, proto, port=2, t=1)).report is False  # throttled
+
+
+def test_a_completed_handshake_to_a_trap_is_bannable_even_from_a_peer():
+    engine = Engine(Policy())
+    assert engine.observe(peer_probe(Kind.CONNECT)).verdict is Verdict.BLOCK
+
+
+def test_decoy_grace_can_be_turned_off():
+    engine = Engine(Policy(decoy_grace=False))
+    assert engine.observe(peer_probe()).verdict is Verdict.BLOCK
+
+
+def test_ban_rate_limit_keeps_detecting_but_stops_banning():
+    engine = Engine(Policy(ban_rate=10, ban_burst=5))
+    verdicts = [engine.observe(probe(src=f"10.0.0.{i}", t=0.001 * i)).verdict for i in range(50)]
+    assert verdicts.count(Verdict.BLOCK) == 5  # the burst, within 50 ms
+    assert set(verdicts[5:]) == {Verdict.RATE_LIMITED}
+    # the bucket refills: one second later ten more
+    later = [engine.observe(probe(src=f"10.0.1.{i}", t=1.05 + 0.001 * i)).verdict for i in range(20)]
+    assert later.count(Verdict.BLOCK) == 5  # capped at the burst again
+
+
+def test_rate_limited_reports_are_throttled():
+    engine = Engine(Policy(ban_rate=1, ban_burst=1))
+    engine.observe(probe(src="10.0.0.1", t=0))
+    reports = [engine.observe(probe(src=f"10.0.0.{i}", t=0.01 * i)).report for i in range(2, 50)]
+    assert reports.count(True) == 1
+
+
+def test_time_going_backwards_does_not_mint_tokens():
+    engine = Engine(Policy(ban_rate=1, ban_burst=1))
+    assert engine.observe(probe(src="10.0.0.1", t=100)).verdict is Verdict.BLOCK
+    assert engine.observe(probe(src="10.0.0.2", t=50)).verdict is Verdict.RATE_LIMITED
+    assert engine.observe(probe(src="10.0.0.3", t=100.5)).verdict is Verdict.RATE_LIMITED
+    assert engine.observe(probe(src="10.0.0.4", t=101.1)).verdict is Verdict.BLOCK
+
+
+def test_a_flood_of_spoofed_sources_keeps_memory_bounded():
+    engine = Engine(Policy(scan_trigger=3, host_capacity=1000, ban_rate=5, ban_burst=5))
+    for i in range(200_000):
+        engine.observe(probe(src=str(ipaddress.IPv6Address((0x20010DB8 << 96) + i)), t=i * 1e-5))
+    assert engine.pending_hosts == 1000 and len(engine.bans()) == 0
+    # a real scanner is still seen: three ports, then a decision
+    for port in (1, 2, 3):
+        last = engine.observe(probe(src="198.51.100.2", port=port, t=5.0))
+    assert last.verdict is Verdict.BLOCK

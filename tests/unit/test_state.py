@@ -67,13 +67,18 @@ def test_control_round_trip_and_stale_socket(tmp_path: Path):
     assert request(path, {"command": "status"}) == {"ok": True, "echo": {"command": "status"}}
     with pytest.raises(OSError, match="another portsentinel"):
         ControlServer(path, lambda req: {})
-    server.sock.close()  # a crashed daemon leaves its socket file behind
-    second = ControlServer(path, lambda req: {"ok": True})
-    assert request(path, {"command": "x"}) == {"ok": True}
-    second.close()
+    server.close()
     assert not path.exists()
     with pytest.raises(ControlError, match="is it running"):
         request(path, {"command": "status"})
+    # a crashed daemon leaves its socket file behind, with nobody listening
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    assert path.exists()
+    second = ControlServer(path, lambda req: {"ok": True})
+    assert request(path, {"command": "x"}) == {"ok": True}
+    second.close()
 
 
 def test_control_rejects_garbage(tmp_path: Path):
