@@ -71,6 +71,10 @@ class Config:
     decoy_grace: bool = True
     peer_memory: float = 600.0
     ban_rate_limit: tuple[float, int] = (20.0, 20)  # new bans per second, burst
+    slow_scan_detection: bool = True
+    slow_scan_false_positive: float = 0.01
+    slow_scan_detection_probability: float = 0.99
+    slow_scan_memory: float = 86400.0
     nft_table: str = "portsentinel"
     hosts_deny_file: Path = Path("/etc/hosts.deny")
     syslog_ident: str = "portsentry"
@@ -168,6 +172,16 @@ def _rate(text: str) -> tuple[float, int]:
         raise ValueError(f"{text!r} must be COUNT/s, COUNT/m or COUNT/h (e.g. 20/s), or 0")
     per = {"s": 1, "m": 60, "h": 3600}[match[2][0]]
     return int(match[1]) / per, int(match[1])
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise ValueError(f"{value} must be between 0 and 1 (exclusive)")
+    return value
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -272,6 +286,11 @@ KEYS = {
     "DECOY_GRACE": ("decoy_grace", _boolean),
     "PEER_MEMORY": ("peer_memory", _seconds),
     "BAN_RATE_LIMIT": ("ban_rate_limit", lambda t: _rate(t)),
+    "SLOW_SCAN_DETECTION": ("slow_scan_detection", _boolean),
+    "SLOW_SCAN_FALSE_POSITIVE": ("slow_scan_false_positive", lambda t: _probability(t)),
+    "SLOW_SCAN_DETECTION_PROBABILITY": ("slow_scan_detection_probability",
+                                        lambda t: _probability(t)),
+    "SLOW_SCAN_MEMORY": ("slow_scan_memory", _seconds),
     "NFT_TABLE": ("nft_table", _identifier),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),
@@ -332,6 +351,10 @@ def parse(text: str, source: str = EMBEDDED) -> Config:
 
 
 def _check_whole(config: Config) -> None:
+    if config.slow_scan_false_positive >= config.slow_scan_detection_probability:
+        config.warnings.append(f"{config.source}: SLOW_SCAN_FALSE_POSITIVE must be below "
+                               "SLOW_SCAN_DETECTION_PROBABILITY; slow-scan detection is off")
+        config.slow_scan_detection = False
     if config.block_tcp == 2 or config.block_udp == 2:
         if config.kill_run_cmd is None:
             config.warnings.append(f"{config.source}: BLOCK_*=2 runs only KILL_RUN_CMD, "

@@ -40,10 +40,20 @@ from .responders import ActionFailed, CompatActions, Records
 from .routewatch import RouteWatch
 from .sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from .store import BanRecord, Store
+from .trw import SequentialDetector, TrwParameters
 
 HOUSEKEEPING_EVERY = 1.0
 ADDRESSES_EVERY = 30.0
 REPORT_QUEUE = 10000
+STATE_SAVE_EVERY = 300.0
+
+
+def _sequential_for(config: Config) -> SequentialDetector | None:
+    if not config.slow_scan_detection:
+        return None
+    return SequentialDetector(TrwParameters(
+        p_detect=config.slow_scan_detection_probability,
+        p_false=config.slow_scan_false_positive, memory=config.slow_scan_memory))
 
 
 def policy_for(config: Config, never_block: AddressSet) -> Policy:
@@ -69,6 +79,8 @@ def _resolve(address: str) -> str | None:
 
 def _reason(decision: Decision) -> str:
     probe = decision.probe
+    if decision.slow_scan:
+        return f"Slow scan ({decision.slow_scan} failed first contacts)"
     if probe.kind is Kind.CONNECT:
         return f"Connect to {probe.protocol.upper()} port {probe.port}"
     return logs.scan_name(probe).strip()
@@ -103,8 +115,9 @@ class Daemon:
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         never = never_block_set(config.ignore_file, self.automatic,
                                 configuration.where(config, "IGNORE_FILE"))
-        self.engine = Engine(policy_for(config, never))
+        self.engine = Engine(policy_for(config, never), _sequential_for(config))
         self.store = Store(config.state_file)
+        self._next_state_save = time.monotonic() + STATE_SAVE_EVERY
         self._set_responders(config)
 
     def _automatic_never_block(self) -> list:
@@ -142,7 +155,8 @@ class Daemon:
             else:
                 stealth[protocol] = self._stealth_traps(protocol, mode)
         if stealth:
-            self.sensors.append(PacketSensor(stealth, AddressSet(self.host_addresses)))
+            self.sensors.append(PacketSensor(stealth, AddressSet(self.host_addresses),
+                                             tcp_contacts=self.engine.sequential is not None))
         return stealth
 
     def _install_nftables(self, stealth: dict[str, TrapPorts]) -> None:
@@ -208,6 +222,7 @@ class Daemon:
         expired = self.store.expired(now)
         for record in expired:
             self._lift(record, "expire")
+        self._load_sequential()
         records = self.store.bans()
         with self.lock:
             for r in records:
@@ -222,6 +237,22 @@ class Daemon:
             self.log(f"adminalert: restored {len(records)} bans (re-asserted in the firewall), "
                      f"lifted {len(expired)} expired, in {time.perf_counter() - started:.2f} s",
                      logs.INFO)
+
+    def _load_sequential(self) -> None:
+        blob = self.store.blob("sequential")
+        if blob is None or self.engine.sequential is None:
+            return
+        try:
+            self.engine.sequential.load(_decode_sequential(blob))
+        except (ValueError, KeyError, TypeError) as err:
+            self.log.error(f"adminalert: ERROR: slow-scan state not restored: {err}")
+
+    def _save_sequential(self) -> None:
+        if self.engine.sequential is None:
+            return
+        with self.lock:
+            state = self.engine.sequential.dump()
+        self.store.save_blob("sequential", _encode_sequential(state))
 
     def _adopt(self, known: set[str]) -> None:
         """Bans in our nftables sets that the store does not know (e.g. made by
@@ -246,13 +277,11 @@ class Daemon:
             decision = self.engine.check(probe)
         if decision is None:
             # only now, for a source that still counts: is the port really served?
-            if check_listener and self.listening.in_use(probe.protocol, probe.port):
+            served = check_listener and self.listening.in_use(probe.protocol, probe.port)
+            decision = self._judge(probe, served)
+            if decision is None:
                 return None
-            if (self.config.decoy_grace and probe.kind is not Kind.CONNECT
-                    and self._is_peer(probe.source)):
-                probe = dataclasses.replace(probe, peer=True)
-            with self.lock:
-                decision = self.engine.count(probe)
+            probe = decision.probe
         if decision.verdict in (Verdict.IGNORED, Verdict.PENDING) or not decision.report:
             return decision
         nft_result: str | Exception | None = None
@@ -274,6 +303,33 @@ class Daemon:
             self.metrics.rate_limited.inc()
         self._queue(partial(self._report, decision, nft_result))
         return decision
+
+    def _judge(self, probe, served: bool) -> Decision | None:
+        """Trap probes are counted (SCAN_TRIGGER); every TCP probe the packet
+        sensor sees is also a first-contact trial for the sequential test."""
+        decision = None
+        if probe.trap and not served:
+            probe = self._with_peer(probe)
+            with self.lock:
+                decision = self.engine.count(probe)
+            if decision.verdict is not Verdict.PENDING:
+                return decision
+        if probe.kind is Kind.CONNECT:
+            return decision
+        with self.lock:
+            failures = self.engine.trial(probe, served)
+        if failures is None:
+            return decision
+        probe = self._with_peer(probe)
+        with self.lock:
+            return self.engine.decide(probe, failures)
+
+    def _with_peer(self, probe):
+        """Mark a stateless probe whose source completed a handshake with us lately."""
+        if (self.config.decoy_grace and probe.kind is not Kind.CONNECT and not probe.peer
+                and self._is_peer(probe.source)):
+            return dataclasses.replace(probe, peer=True)
+        return probe
 
     def _is_peer(self, address) -> bool:
         """Did this source complete a TCP handshake with us lately (PEER_MEMORY)?"""
@@ -373,6 +429,7 @@ class Daemon:
         if self.bans is not None:
             self.bans.disarm_trap()  # no trap without the daemon; bans stay
         self.store.save_counters(self._counters())
+        self._save_sequential()
         self.store.close()
         self.log("securityalert: PortSentry is shutting down", logs.NOTICE)
         self.log("adminalert: PortSentry is shutting down", logs.INFO)
@@ -408,6 +465,9 @@ class Daemon:
         if addresses_too:
             self._refresh_never_block(force=False, addresses=True)
             self.store.prune_events()
+        if time.monotonic() >= self._next_state_save:
+            self._next_state_save = time.monotonic() + STATE_SAVE_EVERY
+            self._queue(self._save_sequential)
         elif IgnoreFilesStamp.of(self.config.ignore_file) != self.ignore_stamp:
             self._refresh_never_block(force=True)
 
@@ -473,6 +533,11 @@ class Daemon:
         self._set_responders(config)
         with self.lock:
             self.engine.policy = policy_for(config, never)
+            if _sequential_for(config) is None:
+                self.engine.sequential = None
+            elif (self.engine.sequential is None
+                  or self.engine.sequential.p != _sequential_for(config).p):
+                self.engine.sequential = _sequential_for(config)
         stealth = self._start_sensors()
         for sensor in self.sensors:
             self.selector.register(sensor, selectors.EVENT_READ)
@@ -501,7 +566,12 @@ class Daemon:
         probe = decision.probe
         target = str(probe.source)
         name = _resolve(target) if self.config.resolve_host else None
-        self.log(logs.alert_line(probe, name))
+        if decision.slow_scan:
+            self.log(f"attackalert: Slow scan from host: {logs.host_label(target, name)} to "
+                     f"{probe.protocol.upper()} port: {probe.port} ({decision.slow_scan} failed "
+                     "first contacts, sequential test)")
+        else:
+            self.log(logs.alert_line(probe, name))
         if probe.ip_options:
             self.log(logs.ip_options_line(probe, name))
         if decision.verdict is Verdict.ALREADY_BLOCKED:
@@ -699,6 +769,28 @@ class Daemon:
 
 
 KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
+
+
+def _encode_sequential(state: dict) -> bytes:
+    import base64
+    def encode(value):
+        if isinstance(value, (bytes, bytearray)):
+            return {"b64": base64.b64encode(value).decode()}
+        if isinstance(value, (list, tuple)):
+            return [encode(v) for v in value]
+        return value
+    return json.dumps({k: encode(v) for k, v in state.items()}).encode()
+
+
+def _decode_sequential(blob: bytes) -> dict:
+    import base64
+    def decode(value):
+        if isinstance(value, dict) and "b64" in value:
+            return base64.b64decode(value["b64"])
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+    return {k: decode(v) for k, v in json.loads(blob).items()}
 
 
 def _duration(seconds: float) -> str:

@@ -26,12 +26,14 @@ reported, not banned, so a spoofed flood cannot fill the firewall.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .addrset import Address, AddressSet
+from .trw import SequentialDetector
 
 TCP = "tcp"
 UDP = "udp"
@@ -76,6 +78,7 @@ class Probe:
     # the source completed a TCP handshake with this host recently (set by the
     # daemon from kernel evidence); its stateless probes may be spoofed decoys
     peer: bool = False
+    trap: bool = True  # False: a port outside the traps (seen for the sequential test only)
 
 
 class Verdict(enum.Enum):
@@ -102,6 +105,7 @@ class Decision:
     actions: tuple[str, ...] = ()
     report: bool = True  # False: a repeat that should not be logged again
     ban_seconds: float = 0.0  # BLOCK: how long (0 = forever), escalated for repeat offenders
+    slow_scan: int = 0  # > 0: decided by the sequential test after this many failed contacts
 
 
 @dataclass(frozen=True)
@@ -165,8 +169,9 @@ def _key(address: Address) -> bytes:
 
 
 class Engine:
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, sequential: SequentialDetector | None = None):
         self.policy = policy
+        self.sequential = sequential  # slow-scan detection (TRW); None = off
         # key -> {(protocol, port): last seen}
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
@@ -202,6 +207,23 @@ class Engine:
         key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
+        return self._decide(key, probe)
+
+    def trial(self, probe: Probe, served: bool) -> int | None:
+        """A TCP first-contact trial for the sequential test (call after
+        `check`): success when a real service listens on the port. Returns the
+        failed contacts when the test says "scanner" (then call `decide`)."""
+        if self.sequential is None or probe.protocol != TCP:
+            return None
+        return self.sequential.contact(_key(probe.source), probe.port, served, probe.time)
+
+    def decide(self, probe: Probe, slow_scan: int = 0) -> Decision:
+        """The sequential test found a scanner: decoy, alert only, rate limited or ban."""
+        return dataclasses.replace(self._decide(_key(probe.source), probe), slow_scan=slow_scan)
+
+    def _decide(self, key: bytes, probe: Probe) -> Decision:
+        """A source was found scanning: decoy, alert only, rate limited, or ban."""
+        policy = self.policy
         if probe.peer and policy.decoy_grace and probe.kind is not Kind.CONNECT:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
         actions = policy.actions_for(probe.protocol)

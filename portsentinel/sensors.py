@@ -87,15 +87,18 @@ class PacketSensor(_SocketSensor):
     # that (ListeningPorts) only for sources the engine still cares about.
     needs_listener_check = True
 
-    def __init__(self, traps: dict[str, TrapPorts], local: AddressSet):
+    def __init__(self, traps: dict[str, TrapPorts], local: AddressSet,
+                 tcp_contacts: bool = False):
         self.traps = traps  # protocol -> TrapPorts, for the protocols watched here
         self.local = local
+        # every TCP port, not just traps: first contacts for the sequential test
+        self.tcp_contacts = tcp_contacts and TCP in traps
         self.malformed = 0
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         try:
             bpf.attach(self.sock, bpf.probe_filter(
                 tcp=TCP in traps, udp=UDP in traps,
-                tcp_limit=traps[TCP].limit if TCP in traps else 0,
+                tcp_limit=(65536 if self.tcp_contacts else traps[TCP].limit) if TCP in traps else 0,
                 udp_limit=traps[UDP].limit if UDP in traps else 0))
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -118,13 +121,16 @@ class PacketSensor(_SocketSensor):
             self.malformed += 1
             return None
         traps = self.traps.get(packet.protocol)
-        if traps is None or not traps.watches(packet.port):
+        if traps is None:
+            return None
+        trap = traps.watches(packet.port)
+        if not trap and not (self.tcp_contacts and packet.protocol == TCP):
             return None
         if packet.destination not in self.local:
             return None  # routed through, not for us
         kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
         return Probe(packet.source, packet.port, packet.protocol, kind, stamp,
-                     packet.flags, packet.ip_options)
+                     packet.flags, packet.ip_options, trap=trap)
 
 
 def _kernel_time(ancillary) -> float:

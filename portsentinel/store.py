@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS events (
     address TEXT NOT NULL,
     detail TEXT
 );
+CREATE TABLE IF NOT EXISTS blobs (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -163,6 +167,14 @@ class Store:
     def prune_events(self) -> None:
         self._write([("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
                       (MAX_EVENTS,))])
+
+    def save_blob(self, name: str, value: bytes) -> None:
+        self._write([("INSERT OR REPLACE INTO blobs (name, value) VALUES (?, ?)", (name, value))])
+
+    def blob(self, name: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
 
     def save_counters(self, counters: dict[str, int]) -> None:
         self._write([("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", item)

@@ -127,3 +127,27 @@ def test_a_peer_that_connect_scans_is_challenged_and_banned(lab, start_daemon):
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
     assert source in daemon.banned()
     assert not can_connect(lab, source, TARGET4, 80)
+
+
+def test_a_paced_scan_that_avoids_every_trap_is_caught(lab, start_daemon):
+    """Issue 7: ports above ADVANCED_PORTS_TCP only (no trap at all), at
+    nmap's polite pace: the sequential test decides after ~4 first contacts."""
+    daemon = start_daemon(ATCP)
+    source = extra4(29)
+    done = lab.exec("attacker", "nmap", "-sS", "-Pn", "-n", "-T2", "--max-retries", "0",
+                    "-e", "eth0", "-S", source, "-p", "2000-2012", TARGET4, timeout=120)
+    assert done.returncode == 0, done.stderr
+    line = daemon.wait_log(f"attackalert: Slow scan from host: {source}/{source} to TCP port: ")
+    assert "failed first contacts, sequential test" in line
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    assert source in daemon.banned()
+
+
+def test_a_client_of_the_real_services_is_not_a_slow_scanner(lab, start_daemon):
+    daemon = start_daemon(ATCP)
+    client = Client(lab, seconds=600)
+    time.sleep(3)
+    stats = client.finish()
+    assert stats["failed"] == 0 and stats["ok"] > 20
+    assert "Slow scan" not in daemon.log_text()
+    assert netlab.CLIENT4 not in daemon.banned()

@@ -271,3 +271,25 @@ def test_a_flood_of_spoofed_sources_keeps_memory_bounded():
     for port in (1, 2, 3):
         last = engine.observe(probe(src="198.51.100.2", port=port, t=5.0))
     assert last.verdict is Verdict.BLOCK
+
+
+def test_sequential_test_bans_a_scan_that_avoids_the_traps():
+    from portsentinel.trw import SequentialDetector
+
+    engine = Engine(Policy(), SequentialDetector(key=b"k" * 16))
+    probes = [Probe(A("198.51.100.2"), port, TCP, Kind.SYN, port, trap=False)
+              for port in (2001, 2002, 2003, 2004)]
+    trials = [engine.trial(p, served=False) for p in probes]
+    assert trials == [None, None, None, 4]
+    decision = engine.decide(probes[3], slow_scan=4)
+    assert decision.verdict is Verdict.BLOCK and decision.slow_scan == 4
+    assert engine.is_blocked(A("198.51.100.2"))
+
+
+def test_sequential_test_respects_decoy_grace_and_udp_is_not_a_trial():
+    from portsentinel.trw import SequentialDetector
+
+    engine = Engine(Policy(), SequentialDetector(key=b"k" * 16))
+    peer = Probe(A("198.51.100.3"), 2004, TCP, Kind.SYN, 0, peer=True)
+    assert engine.decide(peer, slow_scan=4).verdict is Verdict.DECOY
+    assert engine.trial(Probe(A("198.51.100.4"), 53, UDP, Kind.UDP, 0), False) is None
