@@ -246,6 +246,10 @@ def print_status(status: dict) -> None:
           f"firewall: {status['firewall']}; kernel trap: {', '.join(status['kernel_trap']) or 'off'}")
     print(f"bans in force: {status['active_bans']}; hosts being counted: {status['pending_hosts']}; "
           f"report queue: {status['report_queue']}")
+    fleet = status.get("fleet")
+    if fleet:
+        state = "connected" if fleet["connected"] else "NOT connected (working locally)"
+        print(f"fleet: member {fleet['member']}, {state}, {fleet['unpublished']} bans to publish")
     for name, value in sorted(status["counters"].items()):
         if name.startswith(("portsentinel_probes", "portsentinel_alerts", "portsentinel_bans",
                             "portsentinel_unbans", "portsentinel_dropped")) and value:

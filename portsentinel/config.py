@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -75,6 +76,9 @@ class Config:
     slow_scan_false_positive: float = 0.01
     slow_scan_detection_probability: float = 0.99
     slow_scan_memory: float = 86400.0
+    fleet_redis_url: str | None = None
+    fleet_name: str = field(default_factory=lambda: socket.gethostname())
+    fleet_prefix: str = "portsentinel"
     nft_table: str = "portsentinel"
     hosts_deny_file: Path = Path("/etc/hosts.deny")
     syslog_ident: str = "portsentry"
@@ -184,6 +188,12 @@ def _probability(text: str) -> float:
     return value
 
 
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{text!r} must start with redis:// , rediss:// (TLS) or unix://")
+    return text
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -240,7 +250,7 @@ def _optional(parse):
 
 
 def _identifier(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,31}", text):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}", text):
         raise ValueError(f"{text!r} must be a short name of letters, digits, _ or -")
     return text
 
@@ -291,6 +301,9 @@ KEYS = {
     "SLOW_SCAN_DETECTION_PROBABILITY": ("slow_scan_detection_probability",
                                         lambda t: _probability(t)),
     "SLOW_SCAN_MEMORY": ("slow_scan_memory", _seconds),
+    "FLEET_REDIS_URL": ("fleet_redis_url", _optional(lambda t: _redis_url(t))),
+    "FLEET_NAME": ("fleet_name", _identifier),
+    "FLEET_PREFIX": ("fleet_prefix", _identifier),
     "NFT_TABLE": ("nft_table", _identifier),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),
@@ -351,6 +364,9 @@ def parse(text: str, source: str = EMBEDDED) -> Config:
 
 
 def _check_whole(config: Config) -> None:
+    if config.fleet_name in ("local", "cli", "kernel"):
+        raise ConfigError(f"FLEET_NAME: {config.fleet_name!r} is reserved; name this member",
+                          config.source, config.lines.get("FLEET_NAME"))
     if config.slow_scan_false_positive >= config.slow_scan_detection_probability:
         config.warnings.append(f"{config.source}: SLOW_SCAN_FALSE_POSITIVE must be below "
                                "SLOW_SCAN_DETECTION_PROBABILITY; slow-scan detection is off")

@@ -29,6 +29,7 @@ from . import __version__, config as configuration, logs
 from .addrset import AddressSet
 from .config import Config, ConfigError
 from .control import ControlServer
+from .fleet import Fleet
 from .engine import (HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, TCP, UDP, Decision, Engine,
                      Kind, Policy, Verdict)
 from .ignore import (IgnoreFilesStamp, gateway_addresses, local_addresses, never_block_set,
@@ -97,6 +98,7 @@ class Daemon:
         self.selector: selectors.BaseSelector | None = None
         self.bans: NftBans | None = None
         self.control: ControlServer | None = None
+        self.fleet: Fleet | None = None
         self.listening = ListeningPorts(time.monotonic)
         self.reports: queue.Queue = queue.Queue(REPORT_QUEUE)
         self.lock = threading.RLock()
@@ -139,6 +141,10 @@ class Daemon:
         self._restore()
         self.control = ControlServer(self.config.control_socket, self.handle_control,
                                      self.log.error)
+        if self.config.fleet_redis_url:
+            self.fleet = Fleet(self.config.fleet_redis_url, self.config.fleet_name,
+                               self.config.fleet_prefix, self._fleet_ban, self._fleet_unban,
+                               self._own_bans, self.log, self.log.error).start()
         if self.config.metrics_address:
             self.metrics.serve(self.config.metrics_address)
             host, port = self.config.metrics_address
@@ -423,6 +429,8 @@ class Daemon:
             self.control.close()
         if self.route_watch is not None:
             self.route_watch.close()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.reports.put(None)
         reporter.join(timeout=10)
         self._close_sensors()
@@ -628,13 +636,22 @@ class Daemon:
         if done == 0:
             return False
         self.store.add_ban(record)
-        self.metrics.bans.labels(record.origin).inc()
+        self.metrics.bans.labels("fleet" if record.origin not in LOCAL_ORIGINS
+                                 else record.origin).inc()
+        if self.fleet is not None and record.origin in LOCAL_ORIGINS:
+            self.fleet.announce_ban(_announcement(record))
         self._json_event("block", target, port=record.port, protocol=record.protocol,
                          mode=record.mode, reason=record.reason, origin=record.origin,
                          until=record.until, actions=list(actions))
         return True
 
     def _lift(self, record: BanRecord, cause: str) -> list[str]:
+        problems = self._lift_here(record, cause)
+        if cause == "unblock" and self.fleet is not None:  # an admin's word counts fleet-wide
+            self.fleet.announce_unban(record.address)
+        return problems
+
+    def _lift_here(self, record: BanRecord, cause: str) -> list[str]:
         """Undo one ban everywhere: engine, nftables, compat actions, store."""
         address = ipaddress.ip_address(record.address)
         with self.lock:
@@ -647,7 +664,8 @@ class Daemon:
         self.store.remove_ban(record.address, cause)
         self._expiring.discard(record.address)
         self.metrics.unbans.labels(cause).inc()
-        what = "expired" if cause == "expire" else "lifted by command"
+        what = {"expire": "expired", "fleet": "lifted by a fleet member"}.get(cause,
+                                                                           "lifted by command")
         self.log(f"adminalert: Host {record.address} ban {what}; unblocked", logs.NOTICE)
         for problem in problems:
             self.log.error(f"adminalert: ERROR: unblock {record.address}: {problem}")
@@ -700,6 +718,9 @@ class Daemon:
                 "kernel_trap": [p for p in (TCP, UDP)
                                 if self.config.kernel_trap_for(p, self.modes[p])],
                 "active_bans": self.store.count(), "pending_hosts": pending,
+                "fleet": None if self.fleet is None else {
+                    "member": self.fleet.member, "connected": self.fleet.connected.is_set(),
+                    "unpublished": len(self.fleet.backlog)},
                 "report_queue": self.reports.qsize(), "counters": self._counters()}
 
     def list_bans(self) -> list[dict]:
@@ -724,19 +745,19 @@ class Daemon:
         return {"ok": True, "unblocked": [r.address for r in records],
                 "problems": {a: p for a, p in problems.items() if p}}
 
-    def block(self, address: str, seconds) -> dict:
+    def block(self, address: str, seconds, origin: str = "cli", reason: str = "manual") -> dict:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return {"ok": False, "error": f"{address!r} is not an IP address"}
         if ip in self.engine.policy.never_block:
-            return {"ok": False, "error": f"{ip} is never blocked (this host, loopback or the "
-                                          "ignore files)"}
+            return {"ok": False, "error": f"{ip} is never blocked (this host, its gateways and "
+                                          "resolvers, loopback or the ignore files)"}
         now = time.time()
         with self.lock:
             length = self.engine.ban(ip, now, None if seconds is None else float(seconds))
-        record = BanRecord(str(ip), now, now + length if length else None, reason="manual",
-                           origin="cli")
+        record = BanRecord(str(ip), now, now + length if length else None, reason=reason,
+                           origin=origin)
         # the firewall actions as configured; KILL_RUN_CMD is for scans, not manual blocks
         actions = tuple(a for a, on in ((NFTABLES, self.bans is not None),
                                         (HOSTS_DENY, self.config.kill_hosts_deny is not None),
@@ -751,9 +772,48 @@ class Daemon:
             with self.lock:
                 self.engine.forget(ip)
             return {"ok": False, "error": f"could not block {ip}: no block action worked"}
-        self.log(f"adminalert: Host {ip} blocked by command for "
-                 f"{_duration(length)}", logs.NOTICE)
+        if origin == "cli":
+            self.log(f"adminalert: Host {ip} blocked by command for {_duration(length)}",
+                     logs.NOTICE)
         return {"ok": True, "address": str(ip), "until": record.until}
+
+    # -- fleet (fleet thread) ---------------------------------------------
+    def _fleet_ban(self, message: dict) -> None:
+        address, member = message["address"], message["origin"]
+        now = time.time()
+        until = message.get("until")
+        if until is not None and until <= now:
+            return
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return
+        with self.lock:
+            if self.engine.is_blocked(ip):
+                return
+        if ip in self.engine.policy.never_block:
+            self.log(f"adminalert: fleet: not applying the ban of {ip} from {member}: "
+                     "never blocked here", logs.INFO)
+            return
+        reason = str(message.get("reason") or "fleet")[:200]
+        result = self.block(address, 0 if until is None else until - now, origin=member,
+                            reason=reason)
+        if not result["ok"]:
+            self.log.error(f"adminalert: ERROR: fleet ban of {ip} from {member}: {result['error']}")
+            return
+        self.metrics.fleet_received.inc()
+        delay = "" if message.get("resync") or "sent" not in message else \
+            f", {1000 * max(0.0, time.time() - message['sent']):.1f} ms after it was sent"
+        self.log(f"attackalert: Host {ip} has been blocked via fleet member {member} "
+                 f"({reason}){delay}")
+
+    def _fleet_unban(self, message: dict) -> None:
+        record = self.store.get_ban(str(message.get("address")))
+        if record is not None:
+            self._lift_here(record, "fleet")
+
+    def _own_bans(self) -> list[dict]:
+        return [_announcement(r) for r in self.store.bans() if r.origin in LOCAL_ORIGINS]
 
     def install_signal_handlers(self) -> None:
         """Handlers only set flags; the wake-up fd makes the loop see them at once."""
@@ -769,6 +829,12 @@ class Daemon:
 
 
 KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
+LOCAL_ORIGINS = ("local", "cli", "kernel")
+
+
+def _announcement(record: BanRecord) -> dict:
+    return {"address": record.address, "since": record.since, "until": record.until,
+            "reason": record.reason, "port": record.port, "protocol": record.protocol}
 
 
 def _encode_sequential(state: dict) -> bytes:

@@ -24,6 +24,9 @@ class Metrics:
         self.rate_limited = Counter("portsentinel_rate_limited",
                                     "Detections not blocked: the ban rate limit was reached",
                                     registry=r)
+        self.fleet_received = Counter("portsentinel_fleet_bans_applied",
+                                      "Bans received from fleet members and applied",
+                                      registry=r)
         self.active_bans = Gauge("portsentinel_active_bans", "Bans in force", registry=r)
         self.dropped = Counter("portsentinel_dropped_events",
                                "Events not fully handled, by reason", ["reason"], registry=r)

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in nft:nftables iptables:iptables nmap:nmap ip:iproute2 fail2ban-regex:fail2ban \
+            redis-server:redis-server openssl:openssl \
             unshare:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done

@@ -21,6 +21,10 @@ from pathlib import Path
 NET4, NET6 = "198.51.100", "2001:db8:"
 TARGET4, ATTACKER4, CLIENT4 = f"{NET4}.1", f"{NET4}.2", f"{NET4}.3"
 TARGET6, ATTACKER6, CLIENT6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
+# more targets for fleet tests: target2 .4 / ::4, target3 .5 / ::5; a hub address
+# on the bridge itself (in the lan namespace) for shared services such as Redis
+MORE_TARGETS = {"target2": ("198.51.100.4", "2001:db8::4"), "target3": ("198.51.100.5", "2001:db8::5")}
+HUB4 = f"{NET4}.250"
 EXTRA_SOURCES = range(10, 30)
 
 
@@ -37,9 +41,12 @@ def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 class Lab:
-    def __init__(self, tag: str | None = None):
+    def __init__(self, tag: str | None = None, targets: int = 1):
         tag = tag or f"{os.getpid() % 100000}"
         self.ns = {role: f"ps{tag}{role[0]}" for role in ("target", "attacker", "client", "lan")}
+        self.more = list(MORE_TARGETS)[:targets - 1]
+        for role in self.more:
+            self.ns[role] = f"ps{tag}t{role[-1]}"
         self.procs: list[subprocess.Popen] = []
         self.created: list[str] = []
 
@@ -60,15 +67,18 @@ class Lab:
         lan = self.ns["lan"]
         self.ip(lan, "link", "add", "br0", "type", "bridge")
         self.ip(lan, "link", "set", "br0", "up")
+        self.ip(lan, "addr", "add", f"{HUB4}/24", "dev", "br0")
         hosts = {"target": ([TARGET4], [TARGET6]),
                  "attacker": ([ATTACKER4, *map(extra4, EXTRA_SOURCES)],
                               [ATTACKER6, *map(extra6, EXTRA_SOURCES)]),
                  "client": ([CLIENT4], [CLIENT6])}
+        hosts.update({role: ([MORE_TARGETS[role][0]], [MORE_TARGETS[role][1]])
+                      for role in self.more})
         for role, (v4, v6) in hosts.items():
             ns = self.ns[role]
             self.sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
             self.sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
-            peer = f"v{role[0]}"
+            peer = f"v{role[0]}{role[-1] if role in self.more else ''}"
             self.ip(lan, "link", "add", peer, "type", "veth", "peer", "name", "eth0",
                     "netns", ns)
             self.ip(lan, "link", "set", peer, "master", "br0", "up")

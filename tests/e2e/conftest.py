@@ -63,8 +63,9 @@ class Daemon:
     """portsentinel in the target namespace with a config written for the test."""
 
     def __init__(self, lab: netlab.Lab, workdir: Path, config: str, *args: str,
-                 fresh: bool = True):
-        self.lab, self.workdir = lab, workdir
+                 fresh: bool = True, role: str = "target"):
+        self.lab, self.workdir, self.role = lab, workdir, role
+        workdir.mkdir(parents=True, exist_ok=True)
         self.history = workdir / "portsentry.history"
         self.blocked = workdir / "portsentry.blocked"
         self.hosts_deny = workdir / "hosts.deny"
@@ -79,14 +80,14 @@ class Daemon:
                                               defaults.items() if f"{key}=" not in config))
         self.log = workdir / "daemon.log"
         if fresh:  # every test starts from an empty firewall in the target namespace
-            lab.exec("target", "nft", "flush", "ruleset", check=True)
+            lab.exec(role, "nft", "flush", "ruleset", check=True)
         self.args = args
         self.start()
 
     def start(self) -> None:
         lab, workdir, args = self.lab, self.workdir, self.args
         self.log.open("a").write("---- start\n")
-        self.proc = lab.start("target", str(PORTSENTINEL), "run", "-c", str(self.conf),
+        self.proc = lab.start(self.role, str(PORTSENTINEL), "run", "-c", str(self.conf),
                               "--foreground", "--log", "stdout",
                               "--pid-file", str(workdir / "pid"), *args,
                               stdout=self.log.open("a"))
@@ -110,7 +111,7 @@ class Daemon:
             time.sleep(0.05)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = self.lab.exec("target", str(PORTSENTINEL), *args, "--socket", str(self.socket))
+        done = self.lab.exec(self.role, str(PORTSENTINEL), *args, "--socket", str(self.socket))
         if check:
             assert done.returncode == 0, done.stdout + done.stderr
         return done
@@ -119,7 +120,7 @@ class Daemon:
         """Address -> seconds left in the kernel set (None: no timeout)."""
         found = {}
         for name in ("ban4", "ban6"):
-            out = self.lab.exec("target", "nft", "-j", "list", "set", "inet", "portsentinel",
+            out = self.lab.exec(self.role, "nft", "-j", "list", "set", "inet", "portsentinel",
                                 name).stdout
             for item in json.loads(out or '{"nftables": []}')["nftables"]:
                 for element in item.get("set", {}).get("elem", []):
@@ -135,7 +136,7 @@ class Daemon:
     def banned(self) -> set[str]:
         found = set()
         for name in ("ban4", "ban6"):
-            out = self.lab.exec("target", "nft", "-j", "list", "set", "inet", "portsentinel",
+            out = self.lab.exec(self.role, "nft", "-j", "list", "set", "inet", "portsentinel",
                                 name).stdout
             for item in json.loads(out or '{"nftables": []}')["nftables"]:
                 for element in item.get("set", {}).get("elem", []):

@@ -1,0 +1,156 @@
+"""Fleet mode with a real redis-server: a scan of member a gets the attacker
+blocked on b and c; Redis killed and restarted empty mid-test loses nothing;
+a member never applies a ban on an address it must never block."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+import netlab
+from conftest import Daemon, can_connect, nmap
+from netlab import HUB4, MORE_TARGETS, TARGET4, extra4
+
+PASSWORD = "fleet-test-secret"
+
+
+@pytest.fixture
+def fleet_lab():
+    if not shutil.which("redis-server"):
+        pytest.fail("redis-server missing; run scripts/test.sh")
+    with netlab.Lab(tag=f"f{netlab.os.getpid() % 10000}", targets=3) as lab:
+        yield lab
+
+
+def start_redis(lab, workdir) -> subprocess.Popen:
+    proc = lab.start("lan", shutil.which("redis-server"), "--bind", HUB4, "--port", "6379",
+                     "--requirepass", PASSWORD, "--save", "", "--appendonly", "no",
+                     "--dir", str(workdir), stdout=(workdir / "redis.log").open("a"))
+    deadline = time.monotonic() + 10
+    while "Ready to accept connections" not in (workdir / "redis.log").read_text():
+        assert time.monotonic() < deadline, (workdir / "redis.log").read_text()
+        assert proc.poll() is None, (workdir / "redis.log").read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def member(lab, tmp_path, role: str, name: str, extra: str = "") -> Daemon:
+    return Daemon(lab, tmp_path / name,
+                  f'TCP_MODE="atcp"\nFLEET_REDIS_URL="redis://:{PASSWORD}@{HUB4}:6379/0"\n'
+                  f'FLEET_NAME="{name}"\n' + extra, role=role)
+
+
+def wait_banned(daemon: Daemon, address: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while address not in daemon.banned():
+        assert time.monotonic() < deadline, f"{address} not banned on {daemon.role}:\n" \
+                                            f"{daemon.log_text()[-2000:]}"
+        time.sleep(0.05)
+
+
+def test_a_scan_of_one_member_blocks_the_attacker_everywhere(fleet_lab, tmp_path):
+    lab = fleet_lab
+    redis = start_redis(lab, tmp_path)
+    guarded = extra4(12)  # never blocked on c, whatever a says
+    ignore = tmp_path / "c-ignore"
+    ignore.write_text(f"{guarded}\n")
+    a = member(lab, tmp_path, "target", "a")
+    b = member(lab, tmp_path, "target2", "b")
+    c = member(lab, tmp_path, "target3", "c", f'IGNORE_FILE="{ignore}"\n')
+    try:
+        for d in (a, b, c):
+            d.wait_log("fleet: member")
+        first = extra4(10)
+        nmap(lab, "-sS", first, TARGET4, "20-25")
+        for d in (b, c):
+            wait_banned(d, first)
+            line = d.wait_log(f"attackalert: Host {first} has been blocked via fleet member a")
+            delay = float(re.search(r"([\d.]+) ms after it was sent", line)[1])
+            print(f"propagation a -> {d.role}: {delay:.1f} ms")
+            assert delay < 1000
+        b2, _ = MORE_TARGETS["target2"]
+        assert not can_connect(lab, first, b2, 9)  # b drops it too (not even refused)
+        listing = b.cli("list").stdout
+        assert re.search(rf"{re.escape(first)}\s.*\sa\s*$", listing, re.M), listing
+
+        # c never applies a ban on an address it must never block
+        nmap(lab, "-sS", guarded, TARGET4, "20-25")
+        wait_banned(b, guarded)
+        c.wait_log(f"fleet: not applying the ban of {guarded} from a: never blocked here")
+        assert guarded not in c.banned()
+
+        # Redis dies; a keeps blocking locally; Redis comes back empty: nothing is lost
+        lab.stop(redis, timeout=5)
+        a.wait_log("fleet: Redis unreachable")
+        second = extra4(11)
+        nmap(lab, "-sS", second, TARGET4, "20-25")
+        a.wait_log(f"attackalert: Host {second} has been blocked via dropped route")
+        assert second not in b.banned()
+        start_redis(lab, tmp_path)
+        for d in (b, c):
+            wait_banned(d, second, timeout=20)
+        a.wait_log("fleet: reconnected to Redis")
+        assert "connected" in a.cli("status").stdout
+
+        # an unblock on one member is the fleet's word
+        b.cli("unblock", first)
+        for d in (a, c):
+            deadline = time.monotonic() + 10
+            while first in d.banned():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        for d in (a, b, c):
+            d.stop()
+
+
+def make_certificates(workdir) -> dict:
+    """A throw-away CA and a server certificate for the hub address."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+            "-days", "1", "-subj", "/CN=portsentinel-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", f"/CN={HUB4}")
+    (workdir / "ext").write_text(f"subjectAltName=IP:{HUB4}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext")
+    return {name: workdir / f"{name}" for name in ("ca.crt", "server.crt", "server.key")}
+
+
+def test_fleet_over_tls_with_a_password(fleet_lab, tmp_path):
+    lab = fleet_lab
+    certs = make_certificates(tmp_path)
+    log = tmp_path / "redis-tls.log"
+    lab.start("lan", shutil.which("redis-server"), "--port", "0", "--tls-port", "6380",
+              "--bind", HUB4, "--tls-cert-file", str(certs["server.crt"]),
+              "--tls-key-file", str(certs["server.key"]), "--tls-ca-cert-file",
+              str(certs["ca.crt"]), "--tls-auth-clients", "no", "--requirepass", PASSWORD,
+              "--save", "", "--appendonly", "no", "--dir", str(tmp_path), stdout=log.open("w"))
+    deadline = time.monotonic() + 10
+    while "Ready to accept connections" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    url = f"rediss://:{PASSWORD}@{HUB4}:6380/0?ssl_ca_certs={certs['ca.crt']}"
+    a = Daemon(lab, tmp_path / "a", f'TCP_MODE="atcp"\nFLEET_REDIS_URL="{url}"\nFLEET_NAME="a"\n')
+    b = Daemon(lab, tmp_path / "b", f'TCP_MODE="atcp"\nFLEET_REDIS_URL="{url}"\nFLEET_NAME="b"\n',
+               role="target2")
+    try:
+        a.wait_log("fleet: member a connected")
+        b.wait_log("fleet: member b connected")
+        source = extra4(13)
+        nmap(lab, "-sS", source, TARGET4, "20-25")
+        wait_banned(b, source)
+        # a wrong password is refused and said so, not silently ignored
+        bad = Daemon(lab, tmp_path / "c", 'TCP_MODE="atcp"\n'
+                     f'FLEET_REDIS_URL="rediss://:wrong@{HUB4}:6380/0?ssl_ca_certs={certs["ca.crt"]}"\n'
+                     'FLEET_NAME="c"\n', role="target3")
+        bad.wait_log("fleet: Redis unreachable")
+        bad.stop()
+    finally:
+        a.stop()
+        b.stop()
