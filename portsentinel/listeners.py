@@ -97,16 +97,18 @@ class PeerMemory:
     (bounded, oldest forgotten first). Used when our nftables table, whose
     conntrack-fed peers set does the same in the kernel, is not in use."""
 
-    def __init__(self, clock, memory: float = 600.0, capacity: int = 65536, max_age: float = 0.02):
+    def __init__(self, clock, memory: float = 600.0, capacity: int = 65536, max_age: float = 0.02,
+                 maturity: float = 2.0):
         self._clock, self.memory, self.capacity, self.max_age = clock, memory, capacity, max_age
-        self._seen: OrderedDict = OrderedDict()
+        self.maturity = maturity
+        self._seen: OrderedDict = OrderedDict()  # address -> (first seen, last seen)
         self._stamp = float("-inf")
 
     def refresh(self) -> None:
         now = self._clock()
         for address in tcp_peers():
-            self._seen.pop(address, None)
-            self._seen[address] = now
+            first, last = self._seen.pop(address, (now, now))
+            self._seen[address] = (first if now - last <= self.memory else now, now)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
         self._stamp = now
@@ -121,7 +123,9 @@ class PeerMemory:
 
     def _recent(self, address) -> bool:
         seen = self._seen.get(address)
-        return seen is not None and self._clock() - seen <= self.memory
+        now = self._clock()
+        return (seen is not None and now - seen[1] <= self.memory
+                and now - seen[0] >= self.maturity)
 
 
 class ListeningPorts:

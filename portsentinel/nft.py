@@ -28,6 +28,7 @@ from .nfnetlink import SetElements
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
+PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 
 
 class NftError(Exception):
@@ -135,13 +136,17 @@ class NftBans:
             f"add set inet {t} trap_udp {{ type inet_service; flags interval; }}",
             f"add set inet {t} peers4 {{ type ipv4_addr; flags dynamic, timeout; size 65536; }}",
             f"add set inet {t} peers6 {{ type ipv6_addr; flags dynamic, timeout; size 65536; }}",
+            f"add set inet {t} young4 {{ type ipv4_addr; flags dynamic, timeout; size 65536; }}",
+            f"add set inet {t} young6 {{ type ipv6_addr; flags dynamic, timeout; size 65536; }}",
             f"add chain inet {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}",
             f"add chain inet {t} input {{ type filter hook input priority filter - 10; policy accept; }}",
             f"add chain inet {t} trap",
             f"add chain inet {t} prerouting_nat {{ type nat hook prerouting priority dstnat - 10; policy accept; }}",
             f"add chain inet {t} challenge",
+            f"add chain inet {t} challenged",
             f"flush chain inet {t} prerouting_nat",
             f"flush chain inet {t} challenge",
+            f"flush chain inet {t} challenged",
             f"flush chain inet {t} prerouting",
             f"flush chain inet {t} input",
             f"flush chain inet {t} trap",
@@ -151,15 +156,21 @@ class NftBans:
             f"add rule inet {t} prerouting ip6 saddr @ban6 counter drop",
         ]
         if trap and trap.peer_memory > 0:
-            # a packet of an established connection proves a completed handshake
-            # (conntrack checks sequence numbers, so a blind spoofer cannot fake it)
+            # an ACK of an established connection shows a completed handshake
+            # (conntrack checks the sequence numbers, a blind spoofer cannot get
+            # there). A new peer is "young" for PEER_MATURITY seconds: a scanner
+            # that has just connected to a real service gets no grace.
             memory = f"timeout {int(trap.peer_memory)}s"
-            commands += [
-                f"add rule inet {t} input meta nfproto ipv4 ct state established "
-                f"tcp flags & (syn | ack) == ack add @peers4 {{ ip saddr {memory} }}",
-                f"add rule inet {t} input meta nfproto ipv6 ct state established "
-                f"tcp flags & (syn | ack) == ack add @peers6 {{ ip6 saddr {memory} }}",
-            ]
+            young = f"timeout {PEER_MATURITY}s"
+            established = "ct state established tcp flags & (syn | ack) == ack"
+            for v, field in (("4", "ip saddr"), ("6", "ip6 saddr")):
+                family = "ipv4" if v == "4" else "ipv6"
+                commands += [
+                    f"add rule inet {t} input meta nfproto {family} {established} "
+                    f"{field} != @peers{v} add @young{v} {{ {field} {young} }}",
+                    f"add rule inet {t} input meta nfproto {family} {established} "
+                    f"update @peers{v} {{ {field} {memory} }}",
+                ]
         if trap and trap.tcp:
             commands.append(f"add element inet {t} trap_tcp {{ {_elements(trap.tcp, str)} }}")
         if trap and trap.udp:
@@ -168,8 +179,23 @@ class NftBans:
             commands += self._challenge(trap.challenge_port)
         ban_tcp = bool(trap and trap.tcp and trap.ban_tcp)
         ban_udp = bool(trap and trap.udp and trap.ban_udp)
+        expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
+        if ban_tcp and trap.challenge_port and trap.peer_memory > 0:
+            # a completed handshake with the challenge socket proves the source. The
+            # proof is the kernel's own: only then does an established child socket
+            # (bound to our address: wildcard 0) exist for the connection's next
+            # packet; a decoy's RST finds only the listener. (Not "ct state
+            # established": conntrack says so as soon as we answered the SYN.)
+            commands.append(f"add rule inet {t} input tcp dport {int(trap.challenge_port)} "
+                            "ct status dnat socket wildcard 0 jump challenged")
+            if trap.ban_rate[0] > 0:
+                commands.append(f"add rule inet {t} challenged limit rate over "
+                                f"{_limit(trap.ban_rate)} return")
+            commands += [
+                f"add rule inet {t} challenged meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }}",
+                f"add rule inet {t} challenged meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }}",
+            ]
         if ban_tcp or ban_udp:
-            expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
             commands += [
                 f"add rule inet {t} input meta pkttype != host return",
                 f"add rule inet {t} input ip saddr @never4 return",
@@ -185,8 +211,8 @@ class NftBans:
                 f"add rule inet {t} trap socket wildcard le 1 return",
             ]
             if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
-                commands += [f"add rule inet {t} trap ip saddr @peers4 return",
-                             f"add rule inet {t} trap ip6 saddr @peers6 return"]
+                commands += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
+                             f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 return"]
             if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
                 commands.append(f"add rule inet {t} trap limit rate over {_limit(trap.ban_rate)} return")
             commands += [
@@ -205,8 +231,10 @@ class NftBans:
             f"add rule inet {t} prerouting_nat fib daddr type != local return",
             f"add rule inet {t} prerouting_nat ip saddr @never4 return",
             f"add rule inet {t} prerouting_nat ip6 saddr @never6 return",
-            f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip saddr @peers4 jump challenge",
-            f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip6 saddr @peers6 jump challenge",
+            f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip saddr @peers4 "
+            "ip saddr != @young4 jump challenge",
+            f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip6 saddr @peers6 "
+            "ip6 saddr != @young6 jump challenge",
             f"add rule inet {t} challenge socket wildcard le 1 return",
             f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
         ]
@@ -224,9 +252,11 @@ class NftBans:
         self.nft.run("\n".join(commands) + "\n")
 
     def is_peer(self, address) -> bool:
-        """Is the address in the kernel's peers set (a recent completed handshake)?"""
+        """A mature peer: a completed handshake within PEER_MEMORY, the first
+        one more than PEER_MATURITY seconds ago (kernel sets peers*, young*)."""
         ip = ipaddress.ip_address(address)
-        return self.elements.contains("peers4" if ip.version == 4 else "peers6", ip)
+        v = "4" if ip.version == 4 else "6"
+        return self.elements.contains(f"peers{v}", ip) and not self.elements.contains(f"young{v}", ip)
 
     def add_peers(self, addresses, memory: float) -> None:
         by_family: dict[str, list] = {}

@@ -16,7 +16,7 @@ ATCP = 'TCP_MODE="atcp"\nUDP_MODE="audp"\n'
 def test_decoy_scan_spoofing_the_client_blocks_only_the_attacker(lab, start_daemon):
     daemon = start_daemon(ATCP)
     client = Client(lab)
-    time.sleep(1.0)  # the client has been talking to port 80 for a while
+    time.sleep(3.0)  # the client has been talking to port 80 for a while (a mature peer)
     # nmap -D: every probe is sent from the client's address too
     done = lab.exec("attacker", "nmap", "-sS", "-Pn", "-n", "-T4", "--max-retries", "0",
                     "-D", CLIENT4, "-e", "eth0", "-S", ATTACKER4, "-p", "1-200,443,8080",
@@ -31,6 +31,22 @@ def test_decoy_scan_spoofing_the_client_blocks_only_the_attacker(lab, start_daem
     banned = daemon.banned()
     assert ATTACKER4 in banned and CLIENT4 not in banned
     assert not can_connect(lab, ATTACKER4, TARGET4, 80)
+
+
+def test_a_scanner_that_just_connected_gets_no_grace(lab, start_daemon):
+    """Connecting to a real service first does not buy a connect scan the
+    decoy grace: a peer is only a peer PEER_MATURITY seconds later."""
+    daemon = start_daemon(ATCP)
+    source = extra4(19)
+    assert can_connect(lab, source, TARGET4, 80)
+    done = lab.exec("attacker", "nmap", "-sT", "-Pn", "-n", "-T4", "--max-retries", "0",
+                    "-e", "eth0", "-S", source, "-p", "20-25,80,443", TARGET4, timeout=60)
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    assert "443/tcp  open" not in done.stdout, done.stdout
+    assert source in daemon.banned()
+    # and it was the kernel trap that banned it, not a later, slower path
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
 
 
 def test_a_spoofed_never_seen_address_is_still_banned(lab, start_daemon):
@@ -121,7 +137,7 @@ def test_a_peer_that_connect_scans_is_challenged_and_banned(lab, start_daemon):
     daemon = start_daemon(ATCP)
     source = extra4(20)
     assert can_connect(lab, source, TARGET4, 80)  # a real conversation: now a peer
-    time.sleep(0.2)
+    time.sleep(2.5)  # ... a mature one
     nmap(lab, "-sT", source, TARGET4, "20-25")
     daemon.wait_log(f"attackalert: Connect from host: {source}/{source} to TCP port: ")
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
