@@ -407,18 +407,28 @@ class Daemon:
             self._shutdown(previous_wakeup, wake_r, reporter)
 
     def _read(self, sensor) -> None:
+        # a trap hit is handled as soon as it is parsed: a ban must not wait for
+        # the rest of the batch, nor behind first-contact trials for the
+        # sequential test (deferred to the end; their order does not matter)
+        deferred = []
         try:
-            probes = sensor.read()
+            for probe in sensor.read():
+                if probe.trap:
+                    self._handle_safely(probe, sensor)
+                else:
+                    deferred.append(probe)
         except OSError as err:  # e.g. ENOBUFS: the kernel dropped packets for us
             self.metrics.dropped.labels("sensor error").inc()
             self._report_error(f"sensor: {err}")
-            return
-        for probe in probes:
-            try:
-                self.handle(probe, sensor.needs_listener_check)
-            except Exception as err:  # one bad probe must not stop the sensor
-                self.metrics.dropped.labels("handling error").inc()
-                self._report_error(f"handling a probe from {probe.source} failed: {err!r}")
+        for probe in deferred:
+            self._handle_safely(probe, sensor)
+
+    def _handle_safely(self, probe, sensor) -> None:
+        try:
+            self.handle(probe, sensor.needs_listener_check)
+        except Exception as err:  # one bad probe must not stop the sensor
+            self.metrics.dropped.labels("handling error").inc()
+            self._report_error(f"handling a probe from {probe.source} failed: {err!r}")
 
     def _shutdown(self, previous_wakeup, wake_r, reporter) -> None:
         signal.set_wakeup_fd(previous_wakeup)

@@ -56,7 +56,9 @@ class TrapPorts:
 
 class _SocketSensor:
     """A non-blocking socket read in bounded batches; `_take` gives one
-    probe (or None to skip) and raises BlockingIOError when drained."""
+    probe (or None to skip) and raises BlockingIOError when drained. `read`
+    yields each probe as soon as it is parsed, so the caller can act on it
+    before reading the rest of the batch."""
 
     sock: socket.socket
     needs_listener_check = False
@@ -67,16 +69,14 @@ class _SocketSensor:
     def close(self) -> None:
         self.sock.close()
 
-    def read(self) -> list[Probe]:
-        probes = []
+    def read(self):
         for _ in range(BATCH):
             try:
                 probe = self._take()
             except (BlockingIOError, InterruptedError):
-                break
+                return
             if probe is not None:
-                probes.append(probe)
-        return probes
+                yield probe
 
     def _take(self) -> Probe | None:
         raise NotImplementedError
