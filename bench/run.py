@@ -1,7 +1,10 @@
 """Side-by-side benchmark: PortSentry 1.2 vs portsentinel, in one run.
 
-    sudo bash scripts/test.sh --co -q >/dev/null   # once: installs tools, unpacks Debian's portsentry
     sudo .venv/bin/python bench/run.py [--quick]    # writes docs/benchmarks.md
+    sudo .venv/bin/python bench/trw.py              # the slow-scan section (no network)
+
+(.venv and the tools come from scripts/test.sh; Debian's portsentry package is
+downloaded with apt and unpacked here if it is not there yet.)
 
 Contenders, each started fresh for every measurement in the same lab:
   portsentry-1.2   Debian's binary (unpacked, never installed), -atcp and -audp,
@@ -144,14 +147,29 @@ class Portsentinel(Contender):
         return self.log.read_text().count("attackalert: TCP SYN/Normal scan")
 
 
+def fetch_portsentry() -> Path:
+    """Debian's portsentry 1.2 package, downloaded with apt and unpacked into
+    .cache (never installed: no service starts, nothing runs outside the lab)."""
+    binary = DEB_ROOT / "usr/sbin/portsentry"
+    if binary.exists():
+        return binary
+    cache = DEB_ROOT.parent
+    cache.mkdir(parents=True, exist_ok=True)
+    got = subprocess.run(["apt-get", "download", "portsentry"], cwd=cache, capture_output=True)
+    if got.returncode:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "download", "portsentry"], cwd=cache, check=True)
+    deb = sorted(cache.glob("portsentry_*.deb"))[-1]
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(DEB_ROOT)], check=True)
+    return binary
+
+
 class Portsentry12(Contender):
     name = "PortSentry 1.2"
 
     def __init__(self, lab, work):
         super().__init__(lab, work)
-        self.binary = DEB_ROOT / "usr/sbin/portsentry"
-        if not self.binary.exists():
-            sys.exit(f"{self.binary} missing: run scripts/test.sh once (it unpacks Debian's package)")
+        self.binary = fetch_portsentry()
         self._pids: list[int] = []
 
     def start(self) -> None:

@@ -46,7 +46,9 @@ def append_line_once(path: Path, line: str) -> bool:
 
 
 def remove_line(path: Path, line: str) -> bool:
-    """Remove every copy of `line`; the file is replaced atomically. False if absent."""
+    """Remove every copy of `line`; False if absent. The file is rewritten in
+    place under the same lock as appends (the systemd unit lets us write
+    /etc/hosts.deny itself, not create files next to it)."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
@@ -58,13 +60,9 @@ def remove_line(path: Path, line: str) -> bool:
         kept = [l for l in lines if l.rstrip(b"\r\n") != line.encode()]
         if len(kept) == len(lines):
             return False
-        temp = path.with_name(f".{path.name}.portsentinel")
-        with open(temp, "wb") as f:
-            f.writelines(kept)
-        st = os.fstat(fd)
-        os.chmod(temp, st.st_mode & 0o7777)
-        os.chown(temp, st.st_uid, st.st_gid)
-        os.replace(temp, path)
+        data = b"".join(kept)
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
         return True
     finally:
         os.close(fd)

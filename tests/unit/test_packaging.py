@@ -1,0 +1,27 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze missing")
+def test_systemd_unit_verifies(tmp_path: Path):
+    unit = (ROOT / "packaging/portsentinel.service").read_text()
+    binary = Path(sys.executable).with_name("portsentinel")
+    (tmp_path / "portsentinel.service").write_text(
+        unit.replace("/usr/local/sbin/portsentinel", str(binary)))
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "portsentinel.service")],
+                          capture_output=True, text=True)
+    problems = [l for l in (done.stdout + done.stderr).splitlines() if "portsentinel" in l]
+    assert done.returncode == 0 and not problems, done.stdout + done.stderr
+
+
+def test_unit_grants_only_the_network_capabilities():
+    unit = (ROOT / "packaging/portsentinel.service").read_text()
+    assert "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n" in unit
+    assert "ProtectSystem=strict" in unit and "Restart=on-failure" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
