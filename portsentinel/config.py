@@ -76,6 +76,7 @@ class Config:
     slow_scan_false_positive: float = 0.01
     slow_scan_detection_probability: float = 0.99
     slow_scan_memory: float = 86400.0
+    first_contact_delay: bool = False
     fleet_redis_url: str | None = None
     fleet_name: str = field(default_factory=lambda: socket.gethostname())
     fleet_prefix: str = "portsentinel"
@@ -301,6 +302,7 @@ KEYS = {
     "SLOW_SCAN_DETECTION_PROBABILITY": ("slow_scan_detection_probability",
                                         lambda t: _probability(t)),
     "SLOW_SCAN_MEMORY": ("slow_scan_memory", _seconds),
+    "FIRST_CONTACT_DELAY": ("first_contact_delay", _boolean),
     "FLEET_REDIS_URL": ("fleet_redis_url", _optional(lambda t: _redis_url(t))),
     "FLEET_NAME": ("fleet_name", _identifier),
     "FLEET_PREFIX": ("fleet_prefix", _identifier),

@@ -179,7 +179,8 @@ class Daemon:
                                      self.config.peer_memory if self.config.decoy_grace else 0,
                                      self.config.ban_rate_limit,
                                      ban_tcp=TCP in trapped, ban_udp=UDP in trapped,
-                                     challenge_port=challenge),
+                                     challenge_port=challenge,
+                                     first_contact_delay=self.config.first_contact_delay),
                           self.config.ban_time)
         self.bans.set_never_block(self.engine.policy.never_block)
         for protocol in trapped:

@@ -85,6 +85,7 @@ class KernelTrap:
     ban_tcp: bool = True  # ban trap hits in the kernel (else: only the sets and challenge)
     ban_udp: bool = True
     challenge_port: int = 0  # > 0: a peer's SYN to a TCP trap port is redirected here
+    first_contact_delay: bool = False  # drop a stranger's first SYN to a served port once
 
 
 def _limit(rate: tuple[float, int]) -> str:
@@ -138,6 +139,8 @@ class NftBans:
             f"add set inet {t} peers6 {{ type ipv6_addr; flags dynamic, timeout; size 65536; }}",
             f"add set inet {t} young4 {{ type ipv4_addr; flags dynamic, timeout; size 65536; }}",
             f"add set inet {t} young6 {{ type ipv6_addr; flags dynamic, timeout; size 65536; }}",
+            f"add set inet {t} met4 {{ type ipv4_addr . inet_service; flags dynamic, timeout; size 262144; }}",
+            f"add set inet {t} met6 {{ type ipv6_addr . inet_service; flags dynamic, timeout; size 262144; }}",
             f"add chain inet {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}",
             f"add chain inet {t} input {{ type filter hook input priority filter - 10; policy accept; }}",
             f"add chain inet {t} trap",
@@ -201,6 +204,8 @@ class NftBans:
                 f"add rule inet {t} input ip saddr @never4 return",
                 f"add rule inet {t} input ip6 saddr @never6 return",
             ]
+            if ban_tcp and trap.first_contact_delay:
+                commands += self._first_contact_delay()
             if ban_tcp:
                 commands.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
                                 "tcp dport @trap_tcp jump trap")
@@ -238,6 +243,21 @@ class NftBans:
             f"add rule inet {t} challenge socket wildcard le 1 return",
             f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
         ]
+
+    def _first_contact_delay(self) -> list[str]:
+        """FIRST_CONTACT_DELAY: the first SYN of a (source, port) pair to a served
+        port is dropped once an hour. A real client retransmits after ~1 s; a
+        scanner's burst meanwhile reaches a trap port and its retransmission
+        meets the ban, so no real port answers it. Peers are spared."""
+        t = self.table
+        syn = "tcp flags & (syn | ack | rst | fin) == syn"
+        rules = []
+        for v, field in (("4", "ip saddr"), ("6", "ip6 saddr")):
+            rules.append(
+                f"add rule inet {t} input {syn} {field} != @peers{v} "
+                f"{field} . tcp dport != @met{v} socket wildcard le 1 "
+                f"add @met{v} {{ {field} . tcp dport timeout 1h }} drop")
+        return rules
 
     def set_never_block(self, never: AddressSet) -> None:
         """Replace the never-block sets atomically."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
 import netlab
 from netlab import TARGET4, TARGET6, extra4, extra6
-from conftest import Client, can_connect, nmap
+from conftest import Client, can_connect, nmap, open_ports
 
 REAL_TCP = {22, 80, 443, 8080}
 TCP_SCAN_PORTS = "20-25,79-81,111,443,8080"
@@ -206,3 +207,22 @@ def test_shutdown_is_clean_and_keeps_bans(lab, start_daemon):
     assert daemon.stop() == 0
     assert "adminalert: PortSentry is shutting down" in daemon.log_text()
     assert source in daemon.banned()  # the kernel keeps enforcing it
+
+
+def test_first_contact_delay_leaves_nothing_to_learn(lab, start_daemon):
+    """FIRST_CONTACT_DELAY: even when nmap's first probe is a real service, its
+    SYN is dropped once; the retransmission meets the ban."""
+    daemon = start_daemon('TCP_MODE="atcp"\nFIRST_CONTACT_DELAY="1"\n')
+    for source in (extra4(16), extra4(17), extra6(19)):
+        target = TARGET6 if ":" in source else TARGET4
+        done = nmap(lab, "-sS", source, target, "22,80,443,8080,21,23,25,110,111,135,139,445")
+        assert source in daemon.banned()
+        assert not open_ports(done.stdout), done.stdout
+    # a legitimate newcomer: its first SYN is dropped, the retransmission gets through
+    fetch = ("import socket,time; t=time.monotonic(); "
+             "socket.create_connection(('198.51.100.1', 80), 5).close(); "
+             "print(round(time.monotonic() - t, 2))")
+    done = lab.exec("client", "python3", "-c", fetch)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) >= 0.5  # one retransmission later
+    assert netlab.CLIENT4 not in daemon.banned()
