@@ -409,6 +409,19 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def latency_table(latency: dict) -> str:
+    rows = []
+    for c, values in latency.items():
+        blocked = [v for v, _ in values if v is not None]
+        through = [n for _, n in values]
+        if blocked:
+            rows.append([c, f"{len(blocked)}/{len(values)}", f"{statistics.median(blocked):.2f}",
+                         f"{max(blocked):.2f}", f"{statistics.median(through):.0f}"])
+        else:
+            rows.append([c, f"0/{len(values)}", "-", "-", "-"])
+    return table(["contender", "blocked", "median ms", "max ms", "median probes through"], rows)
+
+
 def report(scans, latency, cap, load, flood, args) -> str:
     nmap_version = netlab.sh("nmap", "--version").stdout.split("\n")[0]
     names = [c for c in dict.fromkeys(r["contender"] for r in scans)]
@@ -428,15 +441,7 @@ def report(scans, latency, cap, load, flood, args) -> str:
         scan_rows.append(row)
     rss_rows = [[c, max(r["rss_kb"] for r in scans if r["contender"] == c) // 1024]
                 for c in names]
-    lat_rows = []
-    for c, values in latency.items():
-        blocked = [v for v, _ in values if v is not None]
-        through = [n for _, n in values]
-        if blocked:
-            lat_rows.append([c, f"{len(blocked)}/{len(values)}", f"{statistics.median(blocked):.2f}",
-                             f"{max(blocked):.2f}", f"{statistics.median(through):.0f}"])
-        else:
-            lat_rows.append([c, f"0/{len(values)}", "-", "-", "-"])
+
     return f"""# Benchmarks
 
 Produced by `bench/run.py` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores,
@@ -476,7 +481,7 @@ from the trap probe to the last follow-up probe that was still answered (so the
 resolution is one gap; 0 means not even the next probe got through).
 {args.trials} trials per contender.
 
-{table(["contender", "blocked", "median ms", "max ms", "median probes through"], lat_rows)}
+{latency_table(latency)}
 
 ## Capacity (userspace path)
 
@@ -527,6 +532,8 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=100.0, help="µs between follow-up probes")
     parser.add_argument("--flood-seconds", type=float, default=3.0)
     parser.add_argument("--output", type=Path, default=ROOT / "docs/benchmarks.md")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the first-probe-to-block trials; print the table")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it builds network namespaces)")
@@ -542,6 +549,11 @@ def main() -> None:
         work = Path(tmp)
         contenders = [Portsentry12(lab, work), Portsentinel(lab, work, False),
                       Portsentinel(lab, work, True)]
+        if args.latency_only:
+            latency = {c.name: [latency_trial(lab, c, args.gap, 400) for _ in range(args.trials)]
+                       for c in contenders}
+            print(latency_table(latency))
+            return
         results, latency = [], {}
         for name, nmap_args, v6 in scans:
             for contender in contenders:

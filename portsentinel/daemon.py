@@ -45,6 +45,7 @@ from .trw import SequentialDetector, TrwParameters
 
 HOUSEKEEPING_EVERY = 1.0
 ADDRESSES_EVERY = 30.0
+LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
 
@@ -379,10 +380,13 @@ class Daemon:
                            f"{ADDRESSES_EVERY:.0f} s")
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
-        next_housekeeping = next_addresses = 0.0
+        next_housekeeping = next_addresses = next_listeners = 0.0
+        watching = any(getattr(s, "needs_listener_check", False) for s in self.sensors)
         try:
             while not self.stopping.is_set():
-                for key, _ in self.selector.select(timeout=HOUSEKEEPING_EVERY):
+                wait = max(0.0, min(next_housekeeping, next_listeners if watching
+                                    else next_housekeeping) - time.monotonic())
+                for key, _ in self.selector.select(timeout=wait):
                     if key.fileobj is wake_r:
                         _drain(wake_r)
                         continue
@@ -392,6 +396,9 @@ class Daemon:
                         continue
                     self._read(key.fileobj)
                 now = time.monotonic()
+                if watching and now >= next_listeners:
+                    next_listeners = now + LISTENERS_EVERY
+                    self._refresh_listeners()
                 if self.reload_requested:
                     self.reload_requested = False
                     with self.lock:
@@ -470,9 +477,15 @@ class Daemon:
             except OSError:
                 pass
 
+    def _refresh_listeners(self) -> None:
+        try:
+            for protocol in (TCP, UDP):
+                self.listening.refresh(protocol)
+        except OSError as err:
+            self._report_error(f"listener check: {err}")
+
     def _housekeeping(self, addresses_too: bool) -> None:
-        for protocol in (TCP, UDP):
-            self.listening.refresh(protocol)
+        self._refresh_listeners()
         now = time.time()
         with self.lock:
             self.engine.expired(now)
@@ -647,6 +660,7 @@ class Daemon:
         if done == 0:
             return False
         self.store.add_ban(record)
+        self.metrics.active_bans.inc()  # exact again at the next housekeeping
         self.metrics.bans.labels("fleet" if record.origin not in LOCAL_ORIGINS
                                  else record.origin).inc()
         if self.fleet is not None and record.origin in LOCAL_ORIGINS:
@@ -672,7 +686,8 @@ class Daemon:
         problems = self.compat.undo(record.address, record.hosts_deny_line,
                                     record.kill_route_command, record.port or 0,
                                     record.mode or "")
-        self.store.remove_ban(record.address, cause)
+        if self.store.remove_ban(record.address, cause) is not None:
+            self.metrics.active_bans.dec()
         self._expiring.discard(record.address)
         self.metrics.unbans.labels(cause).inc()
         what = {"expire": "expired", "fleet": "lifted by a fleet member"}.get(cause,
