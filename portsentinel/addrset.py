@@ -58,7 +58,7 @@ class AddressSet:
     def ranges(self, version: int) -> list[tuple[int, int]]:
         """Merged, sorted, disjoint (first, last) integer ranges of one family."""
         starts, ends = self._ranges[version]
-        return list(zip(starts, ends))
+        return list(zip(starts, ends, strict=True))
 
     def __len__(self) -> int:
         return len(self._networks)

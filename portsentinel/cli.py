@@ -234,7 +234,7 @@ def print_bans(bans: list[dict]) -> None:
                      port, b["reason"], b["origin"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def print_status(status: dict) -> None:

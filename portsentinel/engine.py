@@ -203,7 +203,6 @@ class Engine:
 
     def count(self, probe: Probe) -> Decision:
         """Count a probe that `check` let through; maybe trigger."""
-        policy = self.policy
         key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)

@@ -113,7 +113,7 @@ class Fleet:
                 pubsub.subscribe(self.channel)
                 self._resync(client)
                 if attempt:
-                    self.log(f"adminalert: fleet: reconnected to Redis; bans resynchronised")
+                    self.log("adminalert: fleet: reconnected to Redis; bans resynchronised")
                 else:
                     self.log(f"adminalert: fleet: member {self.member} connected to Redis")
                 attempt = 0

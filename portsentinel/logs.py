@@ -13,7 +13,7 @@ import syslog
 import threading
 import time
 
-from .engine import FIN, SYN, ACK, PSH, URG, RST, TCP, Kind, Probe
+from .engine import FIN, SYN, ACK, PSH, URG, RST, Kind, Probe
 
 _SCAN_NAMES = {
     Kind.SYN: "TCP SYN/Normal scan",

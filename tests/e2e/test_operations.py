@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import Daemon, can_connect, nmap
+from conftest import can_connect, nmap
 from netlab import TARGET4, TARGET6, extra4, extra6
 
 ATCP = 'TCP_MODE="atcp"\n'

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 
@@ -203,7 +202,7 @@ def test_shutdown_is_clean_and_keeps_bans(lab, start_daemon):
     daemon = start_daemon('TCP_MODE="atcp"\n')
     source = extra6(29)
     nmap(lab, "-sS", source, TARGET6, "20-25")
-    daemon.wait_log(f"has been blocked via dropped route")
+    daemon.wait_log("has been blocked via dropped route")
     assert daemon.stop() == 0
     assert "adminalert: PortSentry is shutting down" in daemon.log_text()
     assert source in daemon.banned()  # the kernel keeps enforcing it

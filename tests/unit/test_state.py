@@ -1,7 +1,4 @@
-import os
 import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest

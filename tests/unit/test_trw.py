@@ -105,7 +105,7 @@ def test_interleaving_successes_buys_only_a_bounded_number_of_failures():
     detector = SequentialDetector(key=b"k" * 16)
     t = 0.0
     failures_needed = None
-    for n, port in enumerate(range(2000, 2100), 1):
+    for port in range(2000, 2100):
         for served in SERVED:  # reconnecting: first contacts only the first time
             t += 1
             assert detector.contact(src(3), served, True, t) is None
