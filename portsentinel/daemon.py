@@ -485,7 +485,6 @@ class Daemon:
             self._report_error(f"listener check: {err}")
 
     def _housekeeping(self, addresses_too: bool) -> None:
-        self._refresh_listeners()
         now = time.time()
         with self.lock:
             self.engine.expired(now)

@@ -150,6 +150,3 @@ class ListeningPorts:
         if self._clock() - self._stamp[protocol] > self.max_age:
             return port in self.refresh(protocol)
         return False
-
-    def snapshot(self, protocol: str) -> set[int]:
-        return set(self._ports[protocol])

@@ -8,7 +8,6 @@ that fits the message (1.2 used one priority for everything).
 from __future__ import annotations
 
 import os
-import sys
 import syslog
 import threading
 import time
@@ -120,6 +119,3 @@ class Log:
     def error(self, message: str) -> None:
         self(message, ERROR)
 
-
-def stdout_log(ident: str = "portsentry") -> Log:
-    return Log(ident, to_syslog=False, stream=sys.stdout)

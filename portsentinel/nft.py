@@ -329,6 +329,3 @@ class NftBans:
                     else:
                         found[str(element)] = None
         return found
-
-    def remove(self) -> None:
-        self.nft.run(f"delete table inet {self.table}\n")
