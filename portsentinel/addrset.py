@@ -14,6 +14,33 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def canonical(address) -> Address:
+    """One address, one form: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`)
+    is the IPv4 address, everywhere (engine, sets, state, CLI, fleet); a
+    scope (`%eth0`) is not part of the address. Raises ValueError."""
+    if isinstance(address, str):
+        if "\n" in address or "\r" in address:
+            raise ValueError(f"{address!r} is not an IP address")
+        address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(address.packed)
+    return address
+
+
+def canonical_network(text: str) -> Network:
+    """A CIDR (or one address) with IPv4-mapped IPv6 forms turned into IPv4."""
+    network = ipaddress.ip_network(text.split("%", 1)[0] if "/" not in text else text,
+                                   strict=False)
+    if (isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96
+            and network.network_address.ipv4_mapped is not None):
+        return ipaddress.IPv4Network((network.network_address.ipv4_mapped,
+                                      network.prefixlen - 96))
+    return network
+
+
 def _merged(ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     starts: list[int] = []
     ends: list[int] = []

@@ -26,7 +26,8 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 from . import __version__, config as configuration, logs
-from .addrset import AddressSet
+from .addrset import AddressSet, canonical, canonical_network
+from .conntrack import Conntrack
 from .config import Config, ConfigError
 from .control import ControlServer
 from .fleet import Fleet
@@ -36,7 +37,8 @@ from .ignore import (IgnoreFilesStamp, gateway_addresses, local_addresses, never
                      resolver_addresses)
 from .listeners import ListeningPorts, PeerMemory
 from .metrics import Metrics
-from .nft import KernelTrap, Nft, NftBans, NftError, port_ranges
+from .nflog import KernelBanLog
+from .nft import LOG_PREFIX, KernelTrap, Nft, NftBans, NftError, port_ranges
 from .responders import ActionFailed, CompatActions, Records
 from .routewatch import RouteWatch
 from .sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
@@ -48,6 +50,8 @@ ADDRESSES_EVERY = 30.0
 LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
+RECONCILE_EVERY = 30.0  # kernel sets against the state
+SET_WARN, SET_EVICT, SET_EVICT_TO = 0.80, 0.95, 0.90  # of BAN_SET_SIZE
 
 
 def _sequential_for(config: Config) -> SequentialDetector | None:
@@ -115,6 +119,10 @@ class Daemon:
         self.peers = PeerMemory(time.monotonic, config.peer_memory)
         self.route_watch: RouteWatch | None = None
         self._errors_reported = float("-inf")
+        self.conntrack: Conntrack | None = None
+        self.kernel_trap: KernelTrap | None = None  # as last installed (reinstall after a flush)
+        self._next_reconcile = time.monotonic() + RECONCILE_EVERY
+        self._set_warned = False
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         never = never_block_set(config.ignore_file, self.automatic,
                                 configuration.where(config, "IGNORE_FILE"))
@@ -136,8 +144,13 @@ class Daemon:
         self.log(f"adminalert: portsentinel {__version__} (PortSentry 1.2 compatible) is starting.",
                  logs.INFO)
         stealth = self._start_sensors()
+        try:
+            self.conntrack = Conntrack()
+        except OSError as err:
+            self.log.error(f"adminalert: ERROR: no conntrack lookups ({err}): a late reply to "
+                           "this host's own traffic may be taken for a probe")
         if self.config.nftables:
-            self.bans = NftBans(Nft(), self.config.nft_table)
+            self.bans = NftBans(Nft(), self.config.nft_table, self.config.ban_set_size)
             self._install_nftables(stealth)
         self._restore()
         self.control = ControlServer(self.config.control_socket, self.handle_control,
@@ -176,17 +189,35 @@ class Daemon:
             if self.selector is not None:  # a reload: the loop is running
                 self.selector.register(sensor, selectors.EVENT_READ)
             challenge = sensor.port
-        self.bans.install(KernelTrap(ports.get(TCP, ()), ports.get(UDP, ()),
-                                     self.config.peer_memory if self.config.decoy_grace else 0,
-                                     self.config.ban_rate_limit,
-                                     ban_tcp=TCP in trapped, ban_udp=UDP in trapped,
-                                     challenge_port=challenge,
-                                     first_contact_delay=self.config.first_contact_delay),
-                          self.config.ban_time)
+        log_group = self._listen_kernel_bans() if trapped else 0
+        self.kernel_trap = KernelTrap(ports.get(TCP, ()), ports.get(UDP, ()),
+                                      self.config.peer_memory if self.config.decoy_grace else 0,
+                                      self.config.ban_rate_limit,
+                                      ban_tcp=TCP in trapped, ban_udp=UDP in trapped,
+                                      challenge_port=challenge,
+                                      first_contact_delay=self.config.first_contact_delay,
+                                      log_group=log_group)
+        self.bans.install(self.kernel_trap, self.config.ban_time)
         self.bans.set_never_block(self.engine.policy.never_block)
         for protocol in trapped:
             self.log(f"adminalert: kernel trap armed for {protocol.upper()}: the first probe "
                      "to a trap port is banned inside the kernel", logs.INFO)
+
+    def _listen_kernel_bans(self) -> int:
+        """Subscribe to the kernel trap's NFLOG group; the group, or 0 if not."""
+        group = self.config.nflog_group
+        if not group:
+            return 0
+        try:
+            sensor = KernelBanLog(group, LOG_PREFIX)
+        except OSError as err:
+            self.log.error(f"adminalert: ERROR: cannot receive the kernel's bans ({err}); they "
+                           f"are found by reconciliation every {RECONCILE_EVERY:.0f} s instead")
+            return 0
+        self.sensors.append(sensor)
+        if self.selector is not None:  # a reload: the loop is running
+            self.selector.register(sensor, selectors.EVENT_READ)
+        return group
 
     def _bind_traps(self, protocol: str) -> None:
         ports = self.config.tcp_ports if protocol == TCP else self.config.udp_ports
@@ -316,6 +347,9 @@ class Daemon:
         """Trap probes are counted (SCAN_TRIGGER); every TCP probe the packet
         sensor sees is also a first-contact trial for the sequential test."""
         decision = None
+        if probe.kind is not Kind.CONNECT and self._is_reply(probe):
+            self.metrics.replies.inc()
+            return None
         if probe.trap and not served:
             probe = self._with_peer(probe)
             with self.lock:
@@ -331,6 +365,40 @@ class Daemon:
         probe = self._with_peer(probe)
         with self.lock:
             return self.engine.decide(probe, failures)
+
+    def _is_reply(self, probe) -> bool:
+        """An answer to this host's own traffic (conntrack knows the flow)?
+        Asked for trap probes only, the engine having let them through."""
+        if not probe.trap or self.conntrack is None or probe.destination is None:
+            return False
+        try:
+            return self.conntrack.is_reply(probe.protocol, probe.source, probe.source_port,
+                                           probe.destination, probe.port)
+        except OSError as err:
+            self._report_error(f"conntrack lookup failed: {err}")
+            return False
+
+    def kernel_banned(self, probe) -> None:
+        """The kernel trap banned a source by itself (NFLOG): record and report it
+        like our own ban, so that no ban is ever silent."""
+        with self.lock:
+            decision = self.engine.kernel_ban(probe)
+        if decision.verdict is Verdict.IGNORED:  # never-block, e.g. the set changed meanwhile
+            self.bans.unban(probe.source)
+            self.log.error(f"adminalert: ERROR: the kernel trap banned {probe.source}, which is "
+                           "never to be blocked; lifted at once")
+            return
+        if decision.verdict is not Verdict.BLOCK:
+            return
+        self.metrics.kernel_bans.inc()
+        self.metrics.alerts.labels(probe.protocol).inc()
+        nft_result: str | Exception = self.bans.command(probe.source, decision.ban_seconds)
+        if decision.ban_seconds != self.config.ban_time:  # escalated: replace the base timeout
+            try:
+                nft_result = self.bans.ban(probe.source, decision.ban_seconds, replace=True)
+            except NftError as err:
+                nft_result = err
+        self._queue(partial(self._report, decision, nft_result, "kernel"))
 
     def _with_peer(self, probe):
         """Mark a stateless probe whose source completed a handshake with us lately."""
@@ -433,6 +501,9 @@ class Daemon:
 
     def _handle_safely(self, probe, sensor) -> None:
         try:
+            if getattr(sensor, "kernel_bans", False):
+                self.kernel_banned(probe)
+                return
             self.handle(probe, sensor.needs_listener_check)
         except Exception as err:  # one bad probe must not stop the sensor
             self.metrics.dropped.labels("handling error").inc()
@@ -492,7 +563,12 @@ class Daemon:
             if record.address not in self._expiring:
                 self._expiring.add(record.address)
                 self._queue(partial(self._lift, record, "expire"))
-        self.metrics.active_bans.set(self.store.count())
+        active = self.store.count()
+        self.metrics.active_bans.set(active)
+        self._watch_set_fill(active)
+        if self.bans is not None and time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + RECONCILE_EVERY
+            self._queue(self.reconcile)
         if addresses_too:
             self._refresh_never_block(force=False, addresses=True)
             self.store.prune_events()
@@ -501,6 +577,72 @@ class Daemon:
             self._queue(self._save_sequential)
         elif IgnoreFilesStamp.of(self.config.ignore_file) != self.ignore_stamp:
             self._refresh_never_block(force=True)
+
+    def _watch_set_fill(self, active: int) -> None:
+        """The ban sets must never fill silently: a full set bans no one more.
+        Warn at 80 %; past 95 %, lift the automatic bans that end soonest,
+        down to 90 %, so that a new scanner always finds room."""
+        size = self.config.ban_set_size
+        self.metrics.ban_set_fill.set(active / size)
+        if active >= SET_WARN * size and not self._set_warned:
+            self._set_warned = True
+            self.log.error(f"adminalert: WARNING: {active} bans in force, {active / size:.0%} of "
+                           f"BAN_SET_SIZE ({size}); past {SET_EVICT:.0%} the bans that end "
+                           "soonest are lifted to make room (a spoofed flood?)")
+        elif active < SET_WARN * size:
+            self._set_warned = False
+        if active >= SET_EVICT * size and not self._expiring:
+            victims = self.store.soonest_expiring(active - int(SET_EVICT_TO * size))
+            self._expiring.update(r.address for r in victims)
+            self._queue(partial(self._evict, victims))
+
+    def _evict(self, victims: list[BanRecord]) -> None:
+        for record in victims:
+            self._lift(record, "evict")
+        self.log.error(f"adminalert: WARNING: ban sets nearly full: lifted the {len(victims)} "
+                       "bans that end soonest to make room for new ones")
+
+    def reconcile(self) -> dict:
+        """Kernel sets against the state: each difference is logged, counted and
+        fixed (a ban only in the kernel is recorded; one only in the state is put
+        back). A missing table (someone flushed the ruleset) is installed anew."""
+        now = time.time()
+        try:
+            kernel = self.bans.banned()
+        except NftError as err:
+            self.log.error(f"adminalert: ERROR: our nftables table is gone ({err}); "
+                           "installing it again with every ban")
+            self.metrics.drift.labels("table").inc()
+            self.bans.install(self.kernel_trap, self.config.ban_time)
+            self.bans.set_never_block(self.engine.policy.never_block)
+            kernel = {}
+        stored = {r.address: r for r in self.store.bans()
+                  if r.until is None or r.until > now + 1}
+        with self.lock:  # decided, but maybe not stored yet: not drift
+            kernel_only = {a: left for a, left in kernel.items()
+                           if a not in stored and a not in self._expiring
+                           and not self.engine.is_blocked(ipaddress.ip_address(a))}
+        state_only = [r for a, r in stored.items() if a not in kernel]
+        if kernel_only:
+            self._record_found(kernel_only, now)
+        if state_only:
+            self.bans.elements.add_each((r.address, r.remaining(now) or 0) for r in state_only)
+            self.metrics.drift.labels("state_only").inc(len(state_only))
+            self.log.error(f"adminalert: WARNING: {len(state_only)} bans were missing from the "
+                           f"firewall and are back: {_some(r.address for r in state_only)}")
+        return {"kernel_only": sorted(kernel_only), "state_only": [r.address for r in state_only]}
+
+    def _record_found(self, found: dict[str, float | None], now: float) -> None:
+        records = [BanRecord(a, now, None if left is None else now + left,
+                             reason="found in the firewall", origin="kernel")
+                   for a, left in found.items()]
+        self.store.add_bans(records)
+        with self.lock:
+            for r in records:
+                self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
+        self.metrics.drift.labels("kernel_only").inc(len(records))
+        self.log.error(f"adminalert: WARNING: {len(records)} bans were in the firewall but not "
+                       f"in the state; now recorded: {_some(found)}")
 
     def _refresh_never_block(self, force: bool, addresses: bool = False) -> str | None:
         changed = force
@@ -593,7 +735,7 @@ class Daemon:
             except Exception as err:  # a report must never kill the reporter
                 self.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
 
-    def _report(self, decision: Decision, nft_result) -> None:
+    def _report(self, decision: Decision, nft_result, origin: str = "local") -> None:
         probe = decision.probe
         target = str(probe.source)
         name = _resolve(target) if self.config.resolve_host else None
@@ -629,7 +771,7 @@ class Daemon:
         mode = self.modes[probe.protocol]
         record = BanRecord(target, probe.time,
                            probe.time + decision.ban_seconds if decision.ban_seconds else None,
-                           probe.port, probe.protocol, mode, _reason(decision), "local")
+                           probe.port, probe.protocol, mode, _reason(decision), origin)
         if not self._apply(decision.actions, record, nft_result):
             self.log.error(logs.could_not_block_line(target))
             with self.lock:
@@ -689,7 +831,8 @@ class Daemon:
             self.metrics.active_bans.dec()
         self._expiring.discard(record.address)
         self.metrics.unbans.labels(cause).inc()
-        what = {"expire": "expired", "fleet": "lifted by a fleet member"}.get(cause,
+        what = {"expire": "expired", "fleet": "lifted by a fleet member",
+                "evict": "lifted to make room (ban sets nearly full)"}.get(cause,
                                                                            "lifted by command")
         self.log(f"adminalert: Host {record.address} ban {what}; unblocked", logs.NOTICE)
         for problem in problems:
@@ -721,6 +864,10 @@ class Daemon:
             return self.unblock(str(request.get("target", "")))
         if command == "block":
             return self.block(str(request.get("address", "")), request.get("seconds"))
+        if command == "reconcile":  # the periodic check, now
+            if self.bans is None:
+                return {"ok": False, "error": "no nftables table to reconcile (BLOCK_NFTABLES=0)"}
+            return {"ok": True, **self.reconcile()}
         if command == "reload":
             waiter: queue.SimpleQueue = queue.SimpleQueue()
             with self.lock:
@@ -754,7 +901,7 @@ class Daemon:
 
     def unblock(self, target: str) -> dict:
         try:
-            network = ipaddress.ip_network(target, strict=False)
+            network = canonical_network(target)
         except ValueError:
             return {"ok": False, "error": f"{target!r} is not an IP address or CIDR network"}
         records = [r for r in self.store.bans()
@@ -764,15 +911,32 @@ class Daemon:
                            and b.address.compressed not in {r.address for r in records}]
         for ban in engine_only:
             records.append(BanRecord(str(ban.address), ban.since, ban.until))
-        if not records:
+        firewall_only = self._firewall_only(network, {r.address for r in records})
+        if not records and not firewall_only:
             return {"ok": False, "error": f"{target} is not blocked"}
         problems = {r.address: self._lift(r, "unblock") for r in records}
-        return {"ok": True, "unblocked": [r.address for r in records],
+        for address in firewall_only:
+            self.bans.unban(address)
+            self.metrics.unbans.labels("unblock").inc()
+            self.log(f"adminalert: Host {address} was in the firewall's ban set without a "
+                     "record (made behind our back?); lifted by command", logs.NOTICE)
+        return {"ok": True, "unblocked": [r.address for r in records] + firewall_only,
+                "firewall_only": firewall_only,
                 "problems": {a: p for a, p in problems.items() if p}}
+
+    def _firewall_only(self, network, known: set[str]) -> list[str]:
+        """Addresses in our kernel ban sets, within `network`, that nothing recorded."""
+        if self.bans is None:
+            return []
+        try:
+            banned = self.bans.banned()
+        except NftError:
+            return []
+        return [a for a in banned if a not in known and ipaddress.ip_address(a) in network]
 
     def block(self, address: str, seconds, origin: str = "cli", reason: str = "manual") -> dict:
         try:
-            ip = ipaddress.ip_address(address)
+            ip = canonical(address)
         except ValueError:
             return {"ok": False, "error": f"{address!r} is not an IP address"}
         if ip in self.engine.policy.never_block:
@@ -810,9 +974,10 @@ class Daemon:
         if until is not None and until <= now:
             return
         try:
-            ip = ipaddress.ip_address(address)
+            ip = canonical(str(address))
         except ValueError:
             return
+        address = str(ip)
         with self.lock:
             if self.engine.is_blocked(ip):
                 return
@@ -833,7 +998,11 @@ class Daemon:
                  f"({reason}){delay}")
 
     def _fleet_unban(self, message: dict) -> None:
-        record = self.store.get_ban(str(message.get("address")))
+        try:
+            address = str(canonical(str(message.get("address"))))
+        except ValueError:
+            return
+        record = self.store.get_ban(address)
         if record is not None:
             self._lift_here(record, "fleet")
 
@@ -882,6 +1051,12 @@ def _decode_sequential(blob: bytes) -> dict:
             return [decode(v) for v in value]
         return value
     return {k: decode(v) for k, v in json.loads(blob).items()}
+
+
+def _some(addresses, most: int = 10) -> str:
+    listed = sorted(addresses)
+    more = f" and {len(listed) - most} more" if len(listed) > most else ""
+    return ", ".join(listed[:most]) + more
 
 
 def _duration(seconds: float) -> str:

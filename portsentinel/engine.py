@@ -79,6 +79,8 @@ class Probe:
     # daemon from kernel evidence); its stateless probes may be spoofed decoys
     peer: bool = False
     trap: bool = True  # False: a port outside the traps (seen for the sequential test only)
+    source_port: int = 0  # with `destination`: lets the daemon ask conntrack "a reply?"
+    destination: Address | None = None
 
 
 class Verdict(enum.Enum):
@@ -207,6 +209,18 @@ class Engine:
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
         return self._decide(key, probe)
+
+    def kernel_ban(self, probe: Probe) -> Decision:
+        """The kernel trap banned `probe.source` by itself: BLOCK (record it, with
+        the escalated length and the configured actions), ALREADY_BLOCKED when
+        known, IGNORED when it must never be blocked (the caller lifts it)."""
+        if probe.source in self.policy.never_block:
+            return Decision(Verdict.IGNORED, probe)
+        if self.is_blocked(probe.source):
+            return Decision(Verdict.ALREADY_BLOCKED, probe, report=False)
+        seconds = self.ban(probe.source, probe.time)
+        return Decision(Verdict.BLOCK, probe, self.policy.actions_for(probe.protocol),
+                        ban_seconds=seconds)
 
     def trial(self, probe: Probe, served: bool) -> int | None:
         """A TCP first-contact trial for the sequential test (call after

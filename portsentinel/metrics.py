@@ -30,6 +30,18 @@ class Metrics:
         self.active_bans = Gauge("portsentinel_active_bans", "Bans in force", registry=r)
         self.dropped = Counter("portsentinel_dropped_events",
                                "Events not fully handled, by reason", ["reason"], registry=r)
+        self.kernel_bans = Counter("portsentinel_kernel_bans",
+                                   "Bans the kernel trap made by itself, as reported by NFLOG",
+                                   registry=r)
+        self.replies = Counter("portsentinel_replies_ignored",
+                               "Packets to trap ports that answered this host's own traffic",
+                               registry=r)
+        self.drift = Counter("portsentinel_firewall_drift",
+                             "Bans found in only one of the kernel sets and the state, fixed "
+                             "by reconciliation", ["where"], registry=r)
+        self.ban_set_fill = Gauge("portsentinel_ban_set_fill_ratio",
+                                  "Bans in force over BAN_SET_SIZE (per-family sets)",
+                                  registry=r)
         self.ban_latency = Histogram(
             "portsentinel_ban_latency_seconds",
             "From the probe's kernel timestamp to the ban in the firewall (userspace path)",

@@ -14,6 +14,8 @@ import socket
 import struct
 import threading
 
+from .addrset import canonical
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -124,10 +126,10 @@ class SetElements:
         for address in addresses:
             item = address
             if isinstance(address, tuple):
-                ip = ipaddress.ip_address(address[0])
+                ip = canonical(address[0])
                 item = (ip, int(address[1] * 1000) or None)
             else:
-                ip = item = ipaddress.ip_address(address)
+                ip = item = canonical(address)
             by_set.setdefault("ban4" if ip.version == 4 else "ban6", []).append(item)
         return by_set
 

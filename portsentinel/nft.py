@@ -10,8 +10,9 @@ The table:
 - the kernel trap (optional): in the input hook, a TCP packet without ACK/RST
   or a UDP datagram to a trap port that no local socket serves adds its
   source to the ban set right there, so the very next packet is dropped. The
-  never-block sets are checked first. The daemon's packet sensor still sees
-  every probe and does the alerting and records.
+  never-block sets are checked first; a reply to this host's own traffic is
+  never a probe. Each ban the kernel makes is also sent to the daemon (NFLOG
+  group), which logs and records it like its own.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import json
 import threading
 from dataclasses import dataclass
 
-from .addrset import AddressSet
+from .addrset import AddressSet, canonical
 from .nfnetlink import SetElements
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
+LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
 
 
 class NftError(Exception):
@@ -86,6 +88,7 @@ class KernelTrap:
     ban_udp: bool = True
     challenge_port: int = 0  # > 0: a peer's SYN to a TCP trap port is redirected here
     first_contact_delay: bool = False  # drop a stranger's first SYN to a served port once
+    log_group: int = 0  # > 0: every kernel ban is reported to the daemon on this NFLOG group
 
 
 def _limit(rate: tuple[float, int]) -> str:
@@ -118,15 +121,47 @@ def _elements(ranges, fmt) -> str:
 class NftBans:
     """The `inet <table>` table: ban sets, their drop rules, the kernel trap."""
 
-    def __init__(self, nft: Nft, table: str = "portsentinel"):
-        self.nft, self.table = nft, table
+    def __init__(self, nft: Nft, table: str = "portsentinel", set_size: int = BAN_SET_SIZE):
+        self.nft, self.table, self.set_size = nft, table, set_size
         self.elements = SetElements(table)  # the fast path for bans
 
     def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
         """Create or refresh the table in one transaction; bans already in
-        the sets are kept (restart), rules are replaced (never duplicated)."""
+        the sets are kept (restart), rules are replaced (never duplicated).
+        A ban set of another size (BAN_SET_SIZE changed) is made anew, its
+        bans carried over with the time they have left."""
+        try:
+            self._install(trap, ban_time)
+        except NftError:
+            kept = self._resize_ban_sets()
+            if kept is None:
+                raise
+            self._install(trap, ban_time)
+            self.elements.add_each((a, left or 0) for a, left in kept.items())
+
+    def _resize_ban_sets(self) -> dict[str, float | None] | None:
+        """Drop ban sets whose size is not ours; their bans, or None if none was."""
+        sizes = {}
+        for name in ("ban4", "ban6"):
+            try:
+                data = json.loads(self.nft.run(f"list set inet {self.table} {name}", as_json=True))
+            except NftError:
+                continue
+            for item in data.get("nftables", []):
+                if "set" in item:
+                    sizes[name] = item["set"].get("size")
+        if not sizes or all(size == self.set_size for size in sizes.values()):
+            return None
+        kept = self.banned()
         t = self.table
-        ban_flags = f"flags dynamic, timeout; size {BAN_SET_SIZE};"
+        chains = ("prerouting", "input", "trap", "challenged")
+        self.nft.run("".join(f"flush chain inet {t} {c}\n" for c in chains)
+                     + "".join(f"delete set inet {t} {n}\n" for n in sizes))
+        return kept
+
+    def _install(self, trap: KernelTrap | None, ban_time: float) -> None:
+        t = self.table
+        ban_flags = f"flags dynamic, timeout; size {self.set_size};"
         commands = [
             f"add table inet {t}",
             f"add set inet {t} ban4 {{ type ipv4_addr; {ban_flags} }}",
@@ -183,6 +218,7 @@ class NftBans:
         ban_tcp = bool(trap and trap.tcp and trap.ban_tcp)
         ban_udp = bool(trap and trap.udp and trap.ban_udp)
         expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
+        log = f" log group {int(trap.log_group)} prefix \"{LOG_PREFIX}\"" if trap and trap.log_group else ""
         if ban_tcp and trap.challenge_port and trap.peer_memory > 0:
             # a completed handshake with the challenge socket proves the source. The
             # proof is the kernel's own: only then does an established child socket
@@ -195,14 +231,17 @@ class NftBans:
                 commands.append(f"add rule inet {t} challenged limit rate over "
                                 f"{_limit(trap.ban_rate)} return")
             commands += [
-                f"add rule inet {t} challenged meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }}",
-                f"add rule inet {t} challenged meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }}",
+                f"add rule inet {t} challenged meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }}{log}",
+                f"add rule inet {t} challenged meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }}{log}",
             ]
         if ban_tcp or ban_udp:
             commands += [
                 f"add rule inet {t} input meta pkttype != host return",
                 f"add rule inet {t} input ip saddr @never4 return",
                 f"add rule inet {t} input ip6 saddr @never6 return",
+                # an IPv4-mapped source is an IPv4 address: only userspace judges
+                # it (as that address), the kernel never bans it into ban6
+                f"add rule inet {t} input ip6 saddr ::ffff:0.0.0.0/96 return",
             ]
             if ban_tcp and trap.first_contact_delay:
                 commands += self._first_contact_delay()
@@ -212,8 +251,16 @@ class NftBans:
             if ban_udp:
                 commands.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
             commands += [
-                # a local socket serves this port: a real service, not a trap
-                f"add rule inet {t} trap socket wildcard le 1 return",
+                # a local socket serves this packet: a real service, not a trap.
+                # `socket transparent` matches any socket the lookup finds (full,
+                # TIME_WAIT, SYN_RECV request); `socket wildcard` matches only full
+                # ones, so a client reusing its port into our TIME_WAIT, or
+                # retransmitting its SYN to a half-open one, would be banned.
+                f"add rule inet {t} trap socket transparent 0 return",
+                f"add rule inet {t} trap socket transparent 1 return",
+                # a reply to this host's own traffic (e.g. an answer to a UDP query
+                # whose socket is closed by now) is never a probe
+                f"add rule inet {t} trap ct direction reply return",
             ]
             if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
                 commands += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
@@ -221,8 +268,8 @@ class NftBans:
             if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
                 commands.append(f"add rule inet {t} trap limit rate over {_limit(trap.ban_rate)} return")
             commands += [
-                f"add rule inet {t} trap meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }} counter drop",
-                f"add rule inet {t} trap meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }} counter drop",
+                f"add rule inet {t} trap meta nfproto ipv4 add @ban4 {{ ip saddr{expiry} }}{log} counter drop",
+                f"add rule inet {t} trap meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }}{log} counter drop",
             ]
         self.nft.run("\n".join(commands) + "\n")
 
@@ -240,7 +287,8 @@ class NftBans:
             "ip saddr != @young4 jump challenge",
             f"add rule inet {t} prerouting_nat {syn} tcp dport @trap_tcp ip6 saddr @peers6 "
             "ip6 saddr != @young6 jump challenge",
-            f"add rule inet {t} challenge socket wildcard le 1 return",
+            f"add rule inet {t} challenge socket transparent 0 return",
+            f"add rule inet {t} challenge socket transparent 1 return",
             f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
         ]
 
@@ -292,7 +340,7 @@ class NftBans:
                      f"flush chain inet {self.table} prerouting_nat\n")
 
     def command(self, address, timeout: float) -> str:
-        ip = ipaddress.ip_address(address)  # never format anything but an address
+        ip = canonical(address)  # never format anything but an address
         expiry = f" timeout {int(timeout)}s" if timeout > 0 else ""
         return f"add element inet {self.table} {_set_for(ip)} {{ {ip}{expiry} }}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .addrset import canonical
 from .engine import ACK, RST, TCP, UDP
 
 PROTO_TCP, PROTO_UDP = 6, 17
@@ -25,20 +26,21 @@ class Packet:
     port: int  # destination port
     flags: int  # TCP flags, 0 for UDP
     ip_options: bool
+    source_port: int = 0
 
 
-def parse(data: bytes) -> Packet | None:
+def parse(data: bytes, probes_only: bool = True) -> Packet | None:
     if not data:
         return None
     version = data[0] >> 4
     if version == 4:
-        return _parse_ipv4(data)
+        return _parse_ipv4(data, probes_only)
     if version == 6:
-        return _parse_ipv6(data)
+        return _parse_ipv6(data, probes_only)
     return None
 
 
-def _parse_ipv4(data: bytes) -> Packet | None:
+def _parse_ipv4(data: bytes, probes_only: bool = True) -> Packet | None:
     if len(data) < 20:
         return None
     header_len = (data[0] & 0x0F) * 4
@@ -49,10 +51,10 @@ def _parse_ipv4(data: bytes) -> Packet | None:
     return _transport(
         data[9], data[header_len:],
         ipaddress.IPv4Address(data[12:16]), ipaddress.IPv4Address(data[16:20]),
-        ip_options=header_len > 20)
+        ip_options=header_len > 20, probes_only=probes_only)
 
 
-def _parse_ipv6(data: bytes) -> Packet | None:
+def _parse_ipv6(data: bytes, probes_only: bool = True) -> Packet | None:
     if len(data) < 40:
         return None
     next_header, offset = data[6], 40
@@ -83,22 +85,23 @@ def _parse_ipv6(data: bytes) -> Packet | None:
         return None
     return _transport(
         next_header, data[offset:],
-        ipaddress.IPv6Address(data[8:24]), ipaddress.IPv6Address(data[24:40]),
-        ip_options=options)
+        canonical(ipaddress.IPv6Address(data[8:24])), ipaddress.IPv6Address(data[24:40]),
+        ip_options=options, probes_only=probes_only)
 
 
-def _transport(proto: int, segment: bytes, source, destination, ip_options: bool) -> Packet | None:
+def _transport(proto: int, segment: bytes, source, destination, ip_options: bool,
+               probes_only: bool = True) -> Packet | None:
     if proto == PROTO_TCP:
         if len(segment) < 14:
             return None
         flags = segment[13]
-        if flags & (ACK | RST):  # part of a conversation, not a probe
+        if probes_only and flags & (ACK | RST):  # part of a conversation, not a probe
             return None
         return Packet(source, destination, TCP, int.from_bytes(segment[2:4], "big"),
-                      flags, ip_options)
+                      flags, ip_options, int.from_bytes(segment[0:2], "big"))
     if proto == PROTO_UDP:
         if len(segment) < 4:
             return None
         return Packet(source, destination, UDP, int.from_bytes(segment[2:4], "big"),
-                      0, ip_options)
+                      0, ip_options, int.from_bytes(segment[0:2], "big"))
     return None

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from . import bpf, packets
-from .addrset import AddressSet
+from .addrset import AddressSet, canonical
 from .engine import TCP, UDP, Kind, Probe, classify_tcp
 
 ETH_P_ALL = 0x0003
@@ -130,7 +130,8 @@ class PacketSensor(_SocketSensor):
             return None  # routed through, not for us
         kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
         return Probe(packet.source, packet.port, packet.protocol, kind, stamp,
-                     packet.flags, packet.ip_options, trap=trap)
+                     packet.flags, packet.ip_options, trap=trap,
+                     source_port=packet.source_port, destination=packet.destination)
 
 
 def _kernel_time(ancillary) -> float:
@@ -141,11 +142,7 @@ def _kernel_time(ancillary) -> float:
     return time.time()
 
 
-def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
+_unmapped = canonical  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
 
 
 class ListenSensor(_SocketSensor):

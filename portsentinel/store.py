@@ -150,6 +150,14 @@ class Store:
                                     "WHERE until IS NOT NULL AND until <= ?", (now,)).fetchall()
         return [BanRecord(*row) for row in rows]
 
+    def soonest_expiring(self, limit: int) -> list[BanRecord]:
+        """Automatic bans that end first (manual and permanent ones never)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans WHERE until IS NOT "
+                                    "NULL AND origin != 'cli' ORDER BY until LIMIT ?",
+                                    (limit,)).fetchall()
+        return [BanRecord(*row) for row in rows]
+
     # -- offenders, events, counters -----------------------------------------
     def offences(self) -> dict[str, int]:
         with self._lock:

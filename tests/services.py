@@ -1,5 +1,6 @@
 """Stand-in real services for the target namespace: TCP 22, 80, 443, 8080
-answer a line (port 80 an HTTP response), UDP 53 echoes. IPv4 and IPv6.
+answer a line (port 80 reads the request, then sends an HTTP/1.0 response
+and closes first, as a web server does), UDP 53 echoes. IPv4 and IPv6.
 
 Run: python services.py [seconds]  (exits by itself after `seconds`).
 """
@@ -39,11 +40,20 @@ def main() -> None:
         for key, _ in sel.select(timeout=0.5):
             proto, port = key.data
             try:
-                if proto == "tcp":
+                if proto == "http":  # the request has come: answer, then close first
+                    sel.unregister(key.fileobj)
+                    with key.fileobj as conn:
+                        conn.recv(4096)
+                        conn.sendall(HTTP)
+                elif proto == "tcp" and port == 80:
+                    conn, _ = key.fileobj.accept()
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ, ("http", port))
+                elif proto == "tcp":
                     conn, _ = key.fileobj.accept()
                     with conn:
                         conn.settimeout(0.5)
-                        conn.sendall(HTTP if port == 80 else f"service {port}\n".encode())
+                        conn.sendall(f"service {port}\n".encode())
                 else:
                     data, peer = key.fileobj.recvfrom(2048)
                     key.fileobj.sendto(data, peer)

@@ -1,0 +1,77 @@
+"""Is a packet a reply to this host's own traffic? One ctnetlink lookup.
+
+The packet sensor sees packets before netfilter, so it cannot read their
+conntrack state. But when this host sent a query (say from UDP 123) and closed
+its socket before the answer came, the kernel still holds the flow: looking
+the answer's tuple up as a *reply* tuple finds it. A probe from a scanner
+never matches: its tuple is the original direction of whatever entry it made.
+Asked only for probes that could still lead to a ban, never per packet.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+
+from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, _HDR, _NFGEN,
+                        _attr, _error_code, _nested, netlink_messages)
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_GET = 1
+CTA_TUPLE_REPLY = 2
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+class Conntrack:
+    def __init__(self):
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(1.0)
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def is_reply(self, protocol: str, source, source_port: int, destination,
+                 port: int) -> bool:
+        """Does the kernel track a flow whose reply direction is this packet?"""
+        if source.version != destination.version or protocol not in PROTOCOLS:
+            return False
+        v4 = source.version == 4
+        ips = _nested(CTA_TUPLE_IP,
+                      _attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, source.packed),
+                      _attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, destination.packed))
+        proto = _nested(CTA_TUPLE_PROTO,
+                        _attr(CTA_PROTO_NUM, bytes([PROTOCOLS[protocol]])),
+                        _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", source_port)),
+                        _attr(CTA_PROTO_DST_PORT, struct.pack("!H", port)))
+        body = _nested(CTA_TUPLE_REPLY, ips, proto)
+        family = socket.AF_INET if v4 else socket.AF_INET6
+        with self._lock:
+            self._seq += 1
+            payload = _NFGEN.pack(family, 0, 0) + body
+            self._sock.send(_HDR.pack(_HDR.size + len(payload),
+                                      (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+                                      NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + payload)
+            return self._answer(self._seq)
+
+    def _answer(self, seq: int) -> bool:
+        found = False
+        while True:
+            data = self._sock.recv(65536)
+            for kind, got, at in netlink_messages(data):
+                if got != seq:
+                    continue
+                if kind != NLMSG_ERROR:
+                    found = True  # the entry; an acknowledgement follows
+                    continue
+                code = _error_code(data, at)
+                if code and code != errno.ENOENT:
+                    raise OSError(code, f"conntrack lookup: {errno.errorcode.get(code, code)}")
+                return found

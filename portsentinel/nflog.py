@@ -1,0 +1,118 @@
+"""The kernel's own bans, as they happen: an NFLOG group subscriber.
+
+The kernel trap bans in the input hook, before any process knows. Its ban
+rules also `log group N`, so each ban it makes arrives here as the packet
+that caused it (with the kernel's timestamp); the daemon then logs, records
+and shares it like a ban of its own. One message per ban, not per packet:
+the next packet from that source is dropped before the trap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+from . import packets
+from .engine import TCP, Kind, Probe, classify_tcp
+from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, _HDR, _NFGEN,
+                        _attr, _error_code, netlink_messages)
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_TIMESTAMP, NFULA_PAYLOAD, NFULA_PREFIX = 3, 9, 10
+COPY_RANGE = 128  # IP + extension headers + the transport header's first bytes
+
+
+class NflogError(OSError):
+    pass
+
+
+class KernelBanLog:
+    """Subscribes to one NFLOG group; `read()` yields a Probe per kernel ban."""
+
+    needs_listener_check = False
+    kernel_bans = True
+
+    def __init__(self, group: int, prefix: str):
+        self.group, self.prefix = group, prefix.encode()
+        self.malformed = 0
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self.sock.bind((0, 0))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self._configure(_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])))
+            self._configure(_attr(NFULA_CFG_MODE, struct.pack("!IBB", COPY_RANGE,
+                                                             NFULNL_COPY_PACKET, 0))
+                            + _attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1))
+                            + _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _configure(self, body: bytes) -> None:
+        payload = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(self.group)) + body
+        self.sock.send(_HDR.pack(_HDR.size + len(payload),
+                                 (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
+                                 NLM_F_REQUEST | NLM_F_ACK, 0, 0) + payload)
+        self.sock.settimeout(2.0)
+        data = self.sock.recv(65536)
+        for kind, _, at in netlink_messages(data):
+            if kind == NLMSG_ERROR and _error_code(data, at):
+                code = _error_code(data, at)
+                raise NflogError(code, f"NFLOG group {self.group}: {os.strerror(code)}")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self):
+        for _ in range(64):
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            for kind, _, at in netlink_messages(data):
+                if kind & 0xFF != NFULNL_MSG_PACKET or kind >> 8 != NFNL_SUBSYS_ULOG:
+                    continue
+                probe = self.to_probe(_attributes(data, at + _NFGEN.size))
+                if probe is not None:
+                    yield probe
+
+    def to_probe(self, attrs: dict[int, bytes]) -> Probe | None:
+        if attrs.get(NFULA_PREFIX, b"").rstrip(b"\0") != self.prefix:
+            return None  # another rule's log line on our group
+        packet = packets.parse(attrs.get(NFULA_PAYLOAD, b""), probes_only=False)
+        if packet is None:
+            self.malformed += 1
+            return None
+        stamp = attrs.get(NFULA_TIMESTAMP)
+        when = time.time()
+        if stamp and len(stamp) >= 16:
+            seconds, micros = struct.unpack("!QQ", stamp[:16])
+            when = seconds + micros / 1e6
+        kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
+        return Probe(packet.source, packet.port, packet.protocol, kind, when, packet.flags,
+                     packet.ip_options, source_port=packet.source_port,
+                     destination=packet.destination)
+
+
+def _attributes(data: bytes, at: int) -> dict[int, bytes]:
+    """The top-level attributes of one message (its length bounds the walk)."""
+    length = struct.unpack_from("=I", data, at - _HDR.size - _NFGEN.size)[0]
+    end = min(len(data), at - _HDR.size - _NFGEN.size + length)
+    found = {}
+    while at + 4 <= end:
+        size, kind = struct.unpack_from("=HH", data, at)
+        if size < 4:
+            break
+        found[kind & 0x7FFF] = data[at + 4:at + size]
+        at += (size + 3) & ~3
+    return found
