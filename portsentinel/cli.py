@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("status", "show what the running daemon is doing"),
                        ("list", "list the bans in force"),
-                       ("reload", "re-read the config and ignore files (like SIGHUP); bans are kept")):
+                       ("reload", "re-read the config and ignore files (like SIGHUP); bans are kept"),
+                       ("reconcile", "compare the firewall's ban sets with the state now and fix "
+                                     "any difference (done every 30 s anyway)")):
         sub = commands.add_parser(name, help=text, description=text)
         _socket_argument(sub)
         if name == "list":
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "check-config":
         return check_config(args)
-    if args.command in ("status", "list", "unblock", "block", "reload"):
+    if args.command in ("status", "list", "unblock", "block", "reload", "reconcile"):
         return control(args)
     parser.print_help()
     return 2
@@ -314,3 +316,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+        for address in reply.get("firewall_only", []):
+            print(f"note: {address} was in the firewall's ban set without a record")
+    elif args.command == "reconcile":
+        kernel_only, state_only = reply["kernel_only"], reply["state_only"]
+        if not kernel_only and not state_only:
+            print("firewall and state agree")
+        for address in kernel_only:
+            print(f"{address}: in the firewall only; now recorded")
+        for address in state_only:
+            print(f"{address}: missing from the firewall; put back")
