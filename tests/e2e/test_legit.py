@@ -80,11 +80,13 @@ def test_syn_retransmitted_after_a_lost_syn_ack(lab, start_daemon, extra_service
     assert_never_banned(daemon, counts)
 
 
+@pytest.mark.parametrize("path", ["kernel trap", "userspace"])
 def test_a_late_reply_to_this_hosts_own_query_is_not_a_probe(lab, start_daemon,
-                                                             extra_services):
+                                                             extra_services, path):
     """ntpdate-style: this host asks from UDP 123 and closes; the answer comes
-    100 ms later to a port no socket serves. A reply is never a probe."""
-    daemon = start_daemon(ATCP)
+    100 ms later to a port no socket serves. A reply is never a probe, whether
+    the kernel trap or the engine judges it."""
+    daemon = start_daemon(ATCP + ('KERNEL_TRAP="0"\n' if path == "userspace" else ""))
     counts = run_case(lab, "outgoing", 3, role="target", targets=(CLIENT4, CLIENT6))
     time.sleep(0.5)  # the late answers arrive
     assert counts["failed"] == 0, counts

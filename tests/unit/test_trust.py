@@ -1,0 +1,132 @@
+"""Unit tests for the trust pieces: canonical addresses, the kernel's own bans
+(NFLOG messages and the engine's record of them), the trap's rules, the
+soonest-expiring bans."""
+
+import ipaddress
+import struct
+from pathlib import Path
+
+import pytest
+
+from portsentinel.addrset import AddressSet, canonical, canonical_network
+from portsentinel.engine import SYN, TCP, UDP, Engine, Kind, Policy, Probe, Verdict
+from portsentinel.nflog import NFULA_PAYLOAD, NFULA_PREFIX, NFULA_TIMESTAMP, KernelBanLog, _attributes
+from portsentinel.nft import LOG_PREFIX, KernelTrap, NftBans
+from portsentinel.store import BanRecord, Store
+
+from test_packets import ipv4, ipv6, tcp, udp
+
+A = ipaddress.ip_address
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("::ffff:198.51.100.7", "198.51.100.7"),
+    ("198.51.100.7", "198.51.100.7"),
+    ("2001:db8::7", "2001:db8::7"),
+    ("fe80::1%eth0", "fe80::1"),
+    (A("::ffff:10.0.0.1"), "10.0.0.1"),
+])
+def test_canonical_address(text, expected):
+    assert str(canonical(text)) == expected
+
+
+@pytest.mark.parametrize("hostile", ["2001:db8::5%\nALL: ALL", "1.2.3.4\n", "", "::ffff:1.2.3"])
+def test_canonical_refuses_what_is_not_one_address(hostile):
+    with pytest.raises(ValueError):
+        canonical(hostile)
+
+
+def test_canonical_network_maps_ipv4_mapped_prefixes():
+    assert str(canonical_network("::ffff:198.51.100.0/120")) == "198.51.100.0/24"
+    assert str(canonical_network("::ffff:198.51.100.7")) == "198.51.100.7/32"
+    assert str(canonical_network("2001:db8::/64")) == "2001:db8::/64"
+
+
+def test_a_mapped_source_on_the_wire_is_the_ipv4_address():
+    from portsentinel import packets
+    p = packets.parse(ipv6(6, tcp(111, SYN), src="::ffff:198.51.100.9"))
+    assert p.source == A("198.51.100.9") and p.source_port == 40000
+
+
+def _nflog_message(payload: bytes, prefix: bytes = LOG_PREFIX.encode() + b"\0",
+                   stamp=(1764070000, 250000)) -> bytes:
+    def attr(kind, data):
+        length = 4 + len(data)
+        return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
+    body = (attr(NFULA_PREFIX, prefix) + attr(NFULA_TIMESTAMP, struct.pack("!QQ", *stamp))
+            + attr(NFULA_PAYLOAD, payload))
+    header = struct.pack("=IHHII", 16 + 4 + len(body), (4 << 8), 0, 0, 0)
+    return header + struct.pack("=BBH", 2, 0, 0) + body
+
+
+def _probe_of(message: bytes):
+    log = KernelBanLog.__new__(KernelBanLog)  # parsing only: no socket
+    log.prefix, log.malformed = LOG_PREFIX.encode(), 0
+    return log.to_probe(_attributes(message, 20)), log
+
+
+def test_nflog_message_becomes_the_probe_that_caused_the_ban():
+    probe, _ = _probe_of(_nflog_message(ipv4(6, tcp(25, SYN), src="198.51.100.11")))
+    assert (probe.source, probe.port, probe.protocol, probe.kind) == (
+        A("198.51.100.11"), 25, TCP, Kind.SYN)
+    assert probe.time == pytest.approx(1764070000.25)
+    udp_probe, _ = _probe_of(_nflog_message(ipv6(17, udp(161), src="2001:db8::b")))
+    assert (udp_probe.source, udp_probe.port, udp_probe.kind) == (A("2001:db8::b"), 161, Kind.UDP)
+
+
+def test_nflog_ignores_other_prefixes_and_garbage():
+    other, _ = _probe_of(_nflog_message(ipv4(6, tcp(25, SYN)), prefix=b"someone else\0"))
+    assert other is None
+    garbage, log = _probe_of(_nflog_message(b"\x45\x00"))
+    assert garbage is None and log.malformed == 1
+
+
+def test_engine_records_a_kernel_ban_once_escalates_and_refuses_never_block():
+    engine = Engine(Policy(ban_time=100, ban_time_increment=2,
+                           never_block=AddressSet([ipaddress.ip_network("198.51.100.250/32")])))
+    first = engine.kernel_ban(Probe(A("198.51.100.11"), 25, TCP, Kind.SYN, 10.0))
+    assert first.verdict is Verdict.BLOCK and first.ban_seconds == 100
+    again = engine.kernel_ban(Probe(A("198.51.100.11"), 26, TCP, Kind.SYN, 11.0))
+    assert again.verdict is Verdict.ALREADY_BLOCKED and not again.report
+    engine.forget(A("198.51.100.11"))
+    assert engine.kernel_ban(Probe(A("198.51.100.11"), 25, TCP, Kind.SYN, 12.0)).ban_seconds == 200
+    never = engine.kernel_ban(Probe(A("198.51.100.250"), 25, UDP, Kind.UDP, 12.0))
+    assert never.verdict is Verdict.IGNORED
+
+
+class _RecordingNft:
+    def __init__(self):
+        self.batches = []
+
+    def run(self, commands, as_json=False):
+        self.batches.append(commands)
+        return ""
+
+
+def test_trap_rules_spare_any_socket_replies_and_mapped_sources_and_log_each_ban():
+    nft = _RecordingNft()
+    bans = NftBans.__new__(NftBans)
+    bans.nft, bans.table, bans.set_size = nft, "t", 1000
+    bans._install(KernelTrap(((1, 1023),), ((1, 1023),), log_group=7417), 3600)
+    rules = nft.batches[-1]
+    assert "socket wildcard le 1 return" not in rules  # breaks on TIME_WAIT / SYN_RECV sockets
+    assert "add rule inet t trap socket transparent 0 return" in rules
+    assert "add rule inet t trap socket transparent 1 return" in rules
+    assert "add rule inet t trap ct direction reply return" in rules
+    assert "ip6 saddr ::ffff:0.0.0.0/96 return" in rules
+    assert rules.count(f'log group 7417 prefix "{LOG_PREFIX}" counter drop') == 2
+    assert "size 1000;" in rules
+    # the order matters: every exemption comes before the ban
+    assert rules.index("trap socket transparent 0") < rules.index("trap ct direction reply") \
+        < rules.index("add @ban4")
+
+
+def test_soonest_expiring_never_offers_manual_or_permanent_bans(tmp_path: Path):
+    store = Store(tmp_path / "state.db")
+    store.add_bans([BanRecord("198.51.100.1", 0, 50.0), BanRecord("198.51.100.2", 0, 10.0),
+                    BanRecord("198.51.100.3", 0, None),
+                    BanRecord("198.51.100.4", 0, 5.0, origin="cli"),
+                    BanRecord("198.51.100.5", 0, 20.0, origin="kernel")])
+    assert [r.address for r in store.soonest_expiring(10)] == [
+        "198.51.100.2", "198.51.100.5", "198.51.100.1"]
+    assert [r.address for r in store.soonest_expiring(1)] == ["198.51.100.2"]
