@@ -2,10 +2,11 @@
 
 The packet sensor sees packets before netfilter, so it cannot read their
 conntrack state. But when this host sent a query (say from UDP 123) and closed
-its socket before the answer came, the kernel still holds the flow: looking
-the answer's tuple up as a *reply* tuple finds it. A probe from a scanner
-never matches: its tuple is the original direction of whatever entry it made.
-Asked only for probes that could still lead to a ban, never per packet.
+its socket before the answer came, the kernel still holds the flow. The lookup
+finds an entry by either of its tuples, so a scanner's probe finds the entry
+it made itself: what decides is the entry's *original* tuple, which must come
+from this host (our address and port as its source). Asked only for probes
+that could still lead to a ban, never per packet.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import struct
 import threading
 
 from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, _HDR, _NFGEN,
-                        _attr, _error_code, _nested, netlink_messages)
+                        _attr, _error_code, _nested, attributes, netlink_messages)
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET = 1
-CTA_TUPLE_REPLY = 2
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY = 1, 2
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -59,19 +60,32 @@ class Conntrack:
             self._sock.send(_HDR.pack(_HDR.size + len(payload),
                                       (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
                                       NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + payload)
-            return self._answer(self._seq)
+            return self._answer(self._seq, destination.packed, port)
 
-    def _answer(self, seq: int) -> bool:
+    def _answer(self, seq: int, ours: bytes, our_port: int) -> bool:
         found = False
         while True:
             data = self._sock.recv(65536)
             for kind, got, at in netlink_messages(data):
                 if got != seq:
                     continue
-                if kind != NLMSG_ERROR:
-                    found = True  # the entry; an acknowledgement follows
+                if kind != NLMSG_ERROR:  # the entry; an acknowledgement follows
+                    length = struct.unpack_from("=I", data, at - _HDR.size)[0]
+                    found = found or _started_here(data, at + _NFGEN.size,
+                                                   at - _HDR.size + length, ours, our_port)
                     continue
                 code = _error_code(data, at)
                 if code and code != errno.ENOENT:
                     raise OSError(code, f"conntrack lookup: {errno.errorcode.get(code, code)}")
                 return found
+
+
+def _started_here(data: bytes, start: int, end: int, ours: bytes, our_port: int) -> bool:
+    """Is the entry's original direction from our address and port?"""
+    original = attributes(data, start, end).get(CTA_TUPLE_ORIG, b"")
+    tuple_ = attributes(original, 0, len(original))
+    ips = attributes(tuple_.get(CTA_TUPLE_IP, b""), 0, len(tuple_.get(CTA_TUPLE_IP, b"")))
+    proto = attributes(tuple_.get(CTA_TUPLE_PROTO, b""), 0,
+                       len(tuple_.get(CTA_TUPLE_PROTO, b"")))
+    source = ips.get(CTA_IP_V4_SRC) or ips.get(CTA_IP_V6_SRC)
+    return source == ours and proto.get(CTA_PROTO_SRC_PORT) == struct.pack("!H", our_port)

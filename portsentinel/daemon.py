@@ -381,6 +381,14 @@ class Daemon:
     def kernel_banned(self, probe) -> None:
         """The kernel trap banned a source by itself (NFLOG): record and report it
         like our own ban, so that no ban is ever silent."""
+        trap = self.kernel_trap
+        if trap and trap.challenge_port and probe.protocol == TCP \
+                and probe.port == trap.challenge_port:
+            # a completed challenge: its accepted connection knows the trap port
+            # it was sent to, so it is reported first; this is the fallback
+            for sensor in [s for s in self.sensors if isinstance(s, ChallengeSensor)]:
+                self._read(sensor)
+            probe = dataclasses.replace(probe, kind=Kind.CONNECT)
         with self.lock:
             decision = self.engine.kernel_ban(probe)
         if decision.verdict is Verdict.IGNORED:  # never-block, e.g. the set changed meanwhile

@@ -17,7 +17,7 @@ import time
 from . import packets
 from .engine import TCP, Kind, Probe, classify_tcp
 from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, _HDR, _NFGEN,
-                        _attr, _error_code, netlink_messages)
+                        _attr, _error_code, attributes, netlink_messages)
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
@@ -106,13 +106,5 @@ class KernelBanLog:
 
 def _attributes(data: bytes, at: int) -> dict[int, bytes]:
     """The top-level attributes of one message (its length bounds the walk)."""
-    length = struct.unpack_from("=I", data, at - _HDR.size - _NFGEN.size)[0]
-    end = min(len(data), at - _HDR.size - _NFGEN.size + length)
-    found = {}
-    while at + 4 <= end:
-        size, kind = struct.unpack_from("=HH", data, at)
-        if size < 4:
-            break
-        found[kind & 0x7FFF] = data[at + 4:at + size]
-        at += (size + 3) & ~3
-    return found
+    start = at - _HDR.size - _NFGEN.size
+    return attributes(data, at, start + struct.unpack_from("=I", data, start)[0])

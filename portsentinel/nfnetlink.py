@@ -44,6 +44,19 @@ def netlink_messages(data: bytes):
         offset += max((length + 3) & ~3, _HDR.size)
 
 
+def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """Netlink attributes in data[start:end], by type (nested flag cleared)."""
+    found = {}
+    end = min(end, len(data))
+    while start + 4 <= end:
+        size, kind = struct.unpack_from("=HH", data, start)
+        if size < 4:
+            break
+        found[kind & 0x7FFF] = data[start + 4:start + size]
+        start += (size + 3) & ~3
+    return found
+
+
 def _error_code(data: bytes, at: int) -> int:
     """The errno an NLMSG_ERROR carries (0 = an acknowledgement)."""
     return -struct.unpack_from("=i", data, at)[0]

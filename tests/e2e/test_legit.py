@@ -5,6 +5,8 @@ client address fails the test. The workloads are in tests/legit.py."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ import time
 import pytest
 
 from conftest import TESTS, nmap
-from netlab import ATTACKER4, ATTACKER6, CLIENT4, CLIENT6, TARGET4, TARGET6
+from netlab import ATTACKER4, ATTACKER6, CLIENT4, CLIENT6, TARGET4, TARGET6, extra4
 
 LEGIT = str(TESTS / "legit.py")
 ATCP = 'TCP_MODE="atcp"\nUDP_MODE="audp"\n'
@@ -124,3 +126,21 @@ def test_legitimate_clients_keep_working_while_real_scans_run(lab, start_daemon,
     assert ATTACKER4 in banned and ATTACKER6 in banned, banned
     listed = {b["address"] for b in json.loads(daemon.cli("list", "--json").stdout)}
     assert {ATTACKER4, ATTACKER6} <= listed, listed
+
+
+def test_a_probe_is_never_taken_for_a_reply_to_itself(lab, start_daemon):
+    """The conntrack lookup finds an entry by either tuple, so a probe finds the
+    entry it made itself: only an entry this host started makes a reply. The
+    daemon is paused so that the probe's entry surely exists when it looks."""
+    daemon = start_daemon(ATCP + 'KERNEL_TRAP="0"\n')
+    source = extra4(16)
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        code = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "s.bind((sys.argv[1],0))\ns.sendto(b'probe',(sys.argv[2],7))")
+        lab.exec("attacker", sys.executable, "-c", code, source, TARGET4, check=True)
+        time.sleep(0.3)  # the probe's own conntrack entry is confirmed by now
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    assert source in daemon.banned()
