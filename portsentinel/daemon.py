@@ -50,7 +50,8 @@ ADDRESSES_EVERY = 30.0
 LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
-RECONCILE_EVERY = 30.0  # kernel sets against the state
+RECONCILE_EVERY = 30.0  # kernel sets against the state; longer with many bans:
+RECONCILE_PER_BAN = 0.001  # a dump costs ~10 us a ban, so at most ~1 % of a core
 SET_WARN, SET_EVICT, SET_EVICT_TO = 0.80, 0.95, 0.90  # of BAN_SET_SIZE
 
 
@@ -575,7 +576,8 @@ class Daemon:
         self.metrics.active_bans.set(active)
         self._watch_set_fill(active)
         if self.bans is not None and time.monotonic() >= self._next_reconcile:
-            self._next_reconcile = time.monotonic() + RECONCILE_EVERY
+            self._next_reconcile = time.monotonic() + max(RECONCILE_EVERY,
+                                                          active * RECONCILE_PER_BAN)
             self._queue(self.reconcile)
         if addresses_too:
             self._refresh_never_block(force=False, addresses=True)
@@ -630,7 +632,8 @@ class Daemon:
             kernel_only = {a: left for a, left in kernel.items()
                            if a not in stored and a not in self._expiring
                            and not self.engine.is_blocked(ipaddress.ip_address(a))}
-        state_only = [r for a, r in stored.items() if a not in kernel]
+        state_only = [r for a, r in stored.items() if a not in kernel
+                      and not self.bans.holds(a)]  # a dump during a resize can miss some
         if kernel_only:
             self._record_found(kernel_only, now)
         if state_only:

@@ -21,13 +21,13 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NFPROTO_INET = 1
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x400, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
 # attributes
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 LIST_ELEM = 1
-SET_ELEM_KEY, SET_ELEM_TIMEOUT = 1, 4
+SET_ELEM_KEY, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION = 1, 4, 5
 DATA_VALUE = 1
 
 CHUNK = 1000
@@ -205,6 +205,50 @@ class SetElements:
                 self._commit([(NFT_MSG_NEWSETELEM, by_set, None),
                               (NFT_MSG_DELSETELEM, by_set, None),
                               (NFT_MSG_NEWSETELEM, by_set, int(timeout * 1000) or None)])
+
+
+def dump_set(table: str, set_name: str) -> dict[str, float | None]:
+    """Every element of one address set: address -> seconds left (None: no
+    timeout). Its own socket, so a long dump never holds up the ban path."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        body = (_attr(SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + _attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
+        payload = _NFGEN.pack(NFPROTO_INET, 0, 0) + body
+        sock.send(_HDR.pack(_HDR.size + len(payload),
+                            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+                            NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload)
+        found: dict[str, float | None] = {}
+        while True:
+            data = sock.recv(1 << 20)
+            for kind, _, at in netlink_messages(data):
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    code = _error_code(data, at)
+                    raise OSError(code, f"nftables set {set_name}: {os.strerror(code)}")
+                length = struct.unpack_from("=I", data, at - _HDR.size)[0]
+                _elements_into(found, data, at + _NFGEN.size, at - _HDR.size + length)
+    finally:
+        sock.close()
+
+
+def _elements_into(found: dict, data: bytes, start: int, end: int) -> None:
+    listed = attributes(data, start, end).get(SET_ELEM_LIST_ELEMENTS, b"")
+    at, size = 0, len(listed)
+    while at + 4 <= size:
+        length = struct.unpack_from("=H", listed, at)[0]
+        if length < 4:
+            break
+        element = attributes(listed, at + 4, at + length)
+        key = attributes(element.get(SET_ELEM_KEY, b""), 0, 64).get(DATA_VALUE)
+        if key is not None and len(key) in (4, 16):
+            expires = element.get(SET_ELEM_EXPIRATION)
+            found[str(ipaddress.ip_address(key))] = (
+                struct.unpack("!Q", expires)[0] / 1000 if expires else None)
+        at += (length + 3) & ~3
 
 
 def is_missing(err: OSError) -> bool:

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 
 from .addrset import AddressSet, canonical
-from .nfnetlink import SetElements
+from .nfnetlink import SetElements, dump_set
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
@@ -365,15 +365,17 @@ class NftBans:
             return False
 
     def banned(self) -> dict[str, float | None]:
-        """Address -> seconds left (None when the ban has no timeout)."""
+        """Address -> seconds left (None when the ban has no timeout). A dump
+        taken while the kernel resizes the set may miss elements: confirm an
+        absence with `holds` before acting on it."""
         found: dict[str, float | None] = {}
-        for name in ("ban4", "ban6"):
-            data = json.loads(self.nft.run(f"list set inet {self.table} {name}", as_json=True))
-            for item in data.get("nftables", []):
-                for element in item.get("set", {}).get("elem", []) or []:
-                    if isinstance(element, dict):
-                        e = element["elem"]
-                        found[str(e["val"])] = e.get("expires")
-                    else:
-                        found[str(element)] = None
+        try:
+            for name in ("ban4", "ban6"):
+                found.update(dump_set(self.table, name))
+        except OSError as err:
+            raise NftError(str(err)) from None
         return found
+
+    def holds(self, address) -> bool:
+        ip = canonical(address)
+        return self.elements.contains(_set_for(ip), ip)
