@@ -6,14 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from . import __version__, config as configuration, logs
 from .config import TCP_MODES, UDP_MODES, ConfigError
+from .notify import Notifier
 
 PID_FILE = Path("/run/portsentinel.pid")
+START_TIMEOUT = 90.0  # how long a classic start waits for the daemon to be ready
 
 DESCRIPTION = """\
 Detects port scans and blocks the scanner in the kernel firewall.
@@ -76,11 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(run)
     _modes_arguments(run)
     run.add_argument("--foreground", action="store_true",
-                     help="stay in the foreground (for systemd and containers)")
+                     help="stay in the foreground (for systemd and containers); without "
+                          "it the daemon detaches once it is ready, and a start-up error "
+                          "is printed with exit status 1")
     run.add_argument("--log", default=None, metavar="TARGETS",
-                     help="where log lines go: syslog, stdout or syslog,stdout "
-                          "(default: syslog; syslog,stdout with --foreground)")
-    run.add_argument("--pid-file", type=Path, default=PID_FILE, help=f"default {PID_FILE}")
+                     help="where log lines go, comma-separated: syslog, stdout (only with "
+                          "--foreground), file:PATH (appended to) (default: syslog; "
+                          "syslog,stdout with --foreground)")
+    run.add_argument("--pid-file", type=Path, default=PID_FILE,
+                     help=f"written in both modes, removed at exit; a start is refused while "
+                          f"it names a running portsentinel (default {PID_FILE})")
 
     for name, text in (("status", "show what the running daemon is doing"),
                        ("list", "list the bans in force"),
@@ -152,19 +162,64 @@ def check_config(args) -> int:
 
 
 def _log_for(args) -> logs.Log:
-    targets = set((args.log or ("syslog,stdout" if args.foreground else "syslog")).split(","))
-    unknown = targets - {"syslog", "stdout"}
+    targets = [t for t in (args.log or ("syslog,stdout" if args.foreground else "syslog"))
+               .split(",") if t]
+    files = [t[len("file:"):] for t in targets if t.startswith("file:")]
+    names = {t for t in targets if not t.startswith("file:")}
+    unknown = names - {"syslog", "stdout"}
     if unknown:
         raise ConfigError(f"--log: unknown target {', '.join(sorted(unknown))}")
+    if "stdout" in names and not args.foreground:
+        raise ConfigError("--log stdout needs --foreground (a daemon has no terminal); "
+                          "use --log file:PATH")
+    if len(files) + ("stdout" in names) > 1:
+        raise ConfigError("--log: one of stdout and file:PATH")
+    stream = sys.stdout if "stdout" in names else None
+    if files:
+        if not files[0]:
+            raise ConfigError("--log file: needs a path, e.g. file:/var/log/portsentinel.log")
+        try:
+            stream = open(files[0], "a", buffering=1)
+        except OSError as err:
+            raise ConfigError(f"--log: cannot open {files[0]}: {err.strerror}") from None
     return logs.Log(ident=args.syslog_ident, facility=args.syslog_facility,
-                    to_syslog="syslog" in targets,
-                    stream=sys.stdout if "stdout" in targets else None)
+                    to_syslog="syslog" in targets, stream=stream)
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message is for the user."""
+
+
+class Startup:
+    """Where the outcome of a start goes: the terminal (foreground), or the
+    parent of a classic start, which waits on a pipe and exits with it."""
+
+    def __init__(self, pipe: int | None = None):
+        self.pipe = pipe
+
+    def failed(self, message: str, log: logs.Log) -> int:
+        log.error(f"adminalert: ERROR: {message}")
+        if self.pipe is None:
+            print(f"portsentinel: {message}", file=sys.stderr)
+        else:
+            self._tell(f"error {message}")
+        return 1
+
+    def ready(self) -> None:
+        if self.pipe is not None:
+            self._tell("ready")
+
+    def _tell(self, text: str) -> None:
+        try:
+            os.write(self.pipe, text.encode(errors="replace") + b"\n")
+        except OSError:
+            pass
+        finally:
+            os.close(self.pipe)
+            self.pipe = None
 
 
 def run(args) -> int:
-    from .daemon import Daemon
-    from .nft import NftError
-
     if os.geteuid() != 0:
         print("portsentinel: run needs root (raw sockets and the firewall)", file=sys.stderr)
         return 1
@@ -181,35 +236,184 @@ def run(args) -> int:
         return 1
     for warning in config.warnings:
         log(f"adminalert: warning: {warning}", logs.WARNING)
+    # a classic daemon works from "/": what it opens later must not be relative
+    config_path = args.config.absolute() if args.config else None
+    pid_file = args.pid_file.absolute()
+    if args.foreground:
+        startup = Startup()
+    else:
+        startup = _daemonize()
+        if isinstance(startup, int):
+            return startup  # the parent: the daemon's start-up outcome
+    return _serve(args, config, tcp, udp, log, config_path, pid_file, startup)
+
+
+def _serve(args, config, tcp, udp, log, config_path, pid_file, startup: Startup) -> int:
+    """The daemon proper, in the process that stays: pid file, Daemon, ready, loop.
+    In a classic start this runs in the detached child, so no thread exists
+    before here (control socket, metrics, fleet and reporter start below)."""
+    from .daemon import Daemon
+    from .nft import NftError
+
+    notifier = Notifier.from_environment()
     try:
-        daemon = Daemon(config, tcp, udp, log, config_path=args.config,
-                        cli_modes=(args.tcp_mode, args.udp_mode))
-        daemon.start()
-    except (ConfigError, OSError, NftError) as err:
-        print(f"portsentinel: cannot start: {err}", file=sys.stderr)
-        log.error(f"adminalert: ERROR: cannot start: {err}")
-        return 1
-    if not args.foreground:
-        _daemonize(args.pid_file)
-    daemon.install_signal_handlers()
-    daemon.run()
+        claim_pid_file(pid_file)
+    except StartError as err:
+        return startup.failed(f"cannot start: {err}", log)
+    try:
+        try:
+            daemon = Daemon(config, tcp, udp, log, config_path=config_path,
+                            cli_modes=(args.tcp_mode, args.udp_mode))
+            daemon.install_signal_handlers()  # a SIGTERM during start stops it cleanly
+            _notify_stopping_on_signals(notifier)
+            daemon.start()
+        except (ConfigError, OSError, NftError) as err:
+            return startup.failed(f"cannot start: {err}", log)
+        except Exception as err:
+            if startup.pipe is None:
+                raise
+            return startup.failed(f"cannot start: {err!r}", log)
+        startup.ready()
+        notifier.ready(f"modes: tcp={tcp or 'off'} udp={udp or 'off'}")
+        try:
+            daemon.run()
+        except Exception as err:
+            log.error(f"adminalert: ERROR: stopped by an unexpected error: {err!r}")
+            raise
+    finally:
+        release_pid_file(pid_file)
     return 0
 
 
-def _daemonize(pid_file: Path) -> None:
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
+def _notify_stopping_on_signals(notifier: Notifier) -> None:
+    """Tell systemd at once that a stop has begun (the daemon's own handlers
+    still do the work)."""
+    if not notifier:
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            notifier.stopping()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+def _daemonize() -> Startup | int:
+    """The classic start: fork before any thread exists (after fork() only the
+    calling thread would be left), detach (setsid, second fork, "/", stdio on
+    /dev/null). The child returns a Startup whose pipe tells the waiting
+    parent "ready" or the error; the parent returns its exit status: 0 once
+    the daemon is ready, 1 with the daemon's error printed."""
+    if threading.active_count() > 1:
+        print("portsentinel: internal error: threads running before the daemon forks",
+              file=sys.stderr)
+        return 1
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    first = os.fork()
+    if first:
+        os.close(write_end)
+        os.waitpid(first, 0)
+        return _await_daemon(read_end)
     try:
-        pid_file.write_text(f"{os.getpid()}\n")
+        os.close(read_end)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        if devnull > 2:
+            os.close(devnull)
+    except BaseException:  # never fall back into the parent's code path
+        os._exit(1)
+    return Startup(write_end)
+
+
+def _await_daemon(read_end: int, timeout: float = START_TIMEOUT) -> int:
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"portsentinel: the daemon has not reported ready after {timeout:.0f} s "
+                      "(see the log)", file=sys.stderr)
+                return 1
+            if not select.select([pipe], [], [], left)[0]:
+                continue
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    said = b"".join(chunks).decode(errors="replace").strip()
+    if said == "ready":
+        return 0
+    if said.startswith("error "):
+        print(f"portsentinel: {said[len('error '):]}", file=sys.stderr)
+    else:
+        print("portsentinel: the daemon exited during start-up (see the log)", file=sys.stderr)
+    return 1
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_portsentinel(pid: int) -> bool:
+    """A live (not zombie) process whose command line names portsentinel."""
+    try:
+        return b"portsentinel" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        pass
+        return False
+
+
+def claim_pid_file(path: Path) -> None:
+    """Write our pid to `path`; refuse while it names another live portsentinel.
+    A stale file (dead process, or a pid now used by something else) is replaced."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StartError(f"cannot write the pid file {path}: {err.strerror}") from None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            other = _pid_in(path)
+            if other is not None and other != os.getpid() and _is_portsentinel(other):
+                raise StartError(f"another portsentinel is running (pid {other}, "
+                                 f"from {path})") from None
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise StartError(f"cannot replace the stale pid file {path}: "
+                                 f"{err.strerror}") from None
+            continue
+        except OSError as err:
+            raise StartError(f"cannot write the pid file {path}: {err.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise StartError(f"cannot claim the pid file {path} (another start at the same time?)")
+
+
+def release_pid_file(path: Path) -> None:
+    """Remove the pid file if it is still ours."""
+    if _pid_in(path) == os.getpid():
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _when(epoch) -> str:

@@ -12,9 +12,12 @@ if [[ -n $config ]]; then
     config=$(realpath "$config")
 fi
 
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    python3 python3-venv nftables iproute2 >/dev/null
+packages=(python3 python3-venv nftables iproute2)
+if ! dpkg -s "${packages[@]}" >/dev/null 2>&1; then  # skipped when all are installed
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
+fi
 python3 -m venv /opt/portsentinel
 /opt/portsentinel/bin/pip install -q --disable-pip-version-check .
 ln -sf /opt/portsentinel/bin/portsentinel /usr/local/sbin/portsentinel
@@ -32,10 +35,23 @@ install -D -m 0644 README.md /opt/portsentinel/README.md
 if ((start == 0)); then
     echo "installed; start with: systemctl enable --now portsentinel (or: portsentinel run ${args[*]})"
 elif [[ -d /run/systemd/system ]]; then
+    # Type=notify: restart returns once the daemon is armed, or fails with its error
     systemctl daemon-reload
-    systemctl enable --now portsentinel
+    systemctl enable portsentinel
+    systemctl restart portsentinel
     systemctl --no-pager status portsentinel | head -5
 else  # no systemd (a container): run it as a classic daemon
+    pid_file=/run/portsentinel.pid
+    alive() { [[ -e /proc/$1/status ]] && ! grep -q '^State:.*zombie' "/proc/$1/status"; }
+    if [[ -s $pid_file ]]; then  # installed again: restart the running daemon (by its pid)
+        pid=$(<"$pid_file")
+        if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" && grep -qa portsentinel "/proc/$pid/cmdline"; then
+            echo "stopping the running portsentinel (pid $pid)"
+            kill -TERM "$pid"
+            for _ in $(seq 150); do alive "$pid" || break; sleep 0.1; done
+        fi
+    fi
+    # returns once the daemon is armed; a start-up error is printed, exit status 1
     portsentinel run "${args[@]}"
-    echo "portsentinel started (pid $(cat /run/portsentinel.pid))"
+    echo "portsentinel started (pid $(cat "$pid_file"))"
 fi

@@ -3,10 +3,12 @@ in the target namespace, real nmap in the attacker namespace."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,12 +61,67 @@ class Client:
         return json.loads(self.proc.stdout.read() or b"{}")
 
 
+PORTSENTRY_FLAGS = {"-tcp", "-stcp", "-atcp", "-udp", "-sudp", "-audp"}
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Daemons that detach from us are reparented to this process (not to
+    PID 1), so their exit status can be collected like a child's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class DetachedProcess:
+    """A daemon that detached (classic start), known by the PID from its pid
+    file; Popen's poll/send_signal/wait/kill, so Lab.stop and the tests treat
+    it like a child. Signals go to that PID only."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not reparented to us: ask /proc
+                if not Path(f"/proc/{self.pid}").exists() or \
+                        Path(f"/proc/{self.pid}/stat").read_text().split(") ")[-1][0] == "Z":
+                    self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (30.0 if timeout is None else timeout)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
 class Daemon:
-    """portsentinel in the target namespace with a config written for the test."""
+    """portsentinel in the target namespace with a config written for the test.
+    `classic=True` starts it the classic way (it detaches; PortSentry's `-atcp`
+    style when the arguments begin with a mode flag) and tracks it by the PID
+    in its pid file; `env` adds environment variables."""
 
     def __init__(self, lab: netlab.Lab, workdir: Path, config: str, *args: str,
-                 fresh: bool = True, role: str = "target"):
+                 fresh: bool = True, role: str = "target", classic: bool = False,
+                 env: dict[str, str] | None = None):
         self.lab, self.workdir, self.role = lab, workdir, role
+        self.classic, self.env = classic, env
+        self.pid_file = workdir / "pid"
         workdir.mkdir(parents=True, exist_ok=True)
         self.history = workdir / "portsentry.history"
         self.blocked = workdir / "portsentry.blocked"
@@ -87,11 +144,29 @@ class Daemon:
     def start(self) -> None:
         lab, workdir, args = self.lab, self.workdir, self.args
         self.log.open("a").write("---- start\n")
-        self.proc = lab.start(self.role, str(PORTSENTINEL), "run", "-c", str(self.conf),
-                              "--foreground", "--log", "stdout",
-                              "--pid-file", str(workdir / "pid"), *args,
-                              stdout=self.log.open("a"))
+        env = {**os.environ, **self.env} if self.env else None
+        if self.classic:
+            self._start_classic(env)
+        else:
+            self.proc = lab.start(self.role, str(PORTSENTINEL), "run", "-c", str(self.conf),
+                                  "--foreground", "--log", "stdout",
+                                  "--pid-file", str(workdir / "pid"), *args,
+                                  stdout=self.log.open("a"), env=env)
         self.wait_log("PortSentry is now active and listening.", after_last_start=True)
+
+    def _start_classic(self, env) -> None:
+        """Returns once the daemon said it is ready (or fails with its error)."""
+        become_subreaper()
+        options = ["-c", str(self.conf), "--log", f"file:{self.log}",
+                   "--pid-file", str(self.pid_file)]
+        args = list(self.args)
+        argv = ([*args, *options] if args and args[0] in PORTSENTRY_FLAGS
+                else ["run", *options, *args])
+        done = self.lab.exec(self.role, str(PORTSENTINEL), *argv, timeout=120, env=env)
+        assert done.returncode == 0, f"classic start failed ({done.returncode}): " \
+                                     f"{done.stdout}{done.stderr}\n{self.log.read_text()[-3000:]}"
+        self.proc = DetachedProcess(int(self.pid_file.read_text()))
+        self.lab.procs.append(self.proc)  # the lab's teardown stops it by PID too
 
     def wait_log(self, text: str, timeout: float = 10.0, after_last_start: bool = False,
                  regex: bool = False) -> str:
@@ -151,8 +226,8 @@ class Daemon:
 def start_daemon(lab, tmp_path):
     started: list[Daemon] = []
 
-    def start(config: str, *args: str) -> Daemon:
-        daemon = Daemon(lab, tmp_path, config, *args)
+    def start(config: str, *args: str, **kw) -> Daemon:
+        daemon = Daemon(lab, tmp_path, config, *args, **kw)
         started.append(daemon)
         return daemon
 

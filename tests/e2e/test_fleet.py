@@ -38,10 +38,10 @@ def start_redis(lab, workdir) -> subprocess.Popen:
     return proc
 
 
-def member(lab, tmp_path, role: str, name: str, extra: str = "") -> Daemon:
+def member(lab, tmp_path, role: str, name: str, extra: str = "", classic: bool = False) -> Daemon:
     return Daemon(lab, tmp_path / name,
                   f'TCP_MODE="atcp"\nFLEET_REDIS_URL="redis://:{PASSWORD}@{HUB4}:6379/0"\n'
-                  f'FLEET_NAME="{name}"\n' + extra, role=role)
+                  f'FLEET_NAME="{name}"\n' + extra, role=role, classic=classic)
 
 
 def wait_banned(daemon: Daemon, address: str, timeout: float = 15.0) -> None:
@@ -59,7 +59,7 @@ def test_a_scan_of_one_member_blocks_the_attacker_everywhere(fleet_lab, tmp_path
     ignore = tmp_path / "c-ignore"
     ignore.write_text(f"{guarded}\n")
     a = member(lab, tmp_path, "target", "a")
-    b = member(lab, tmp_path, "target2", "b")
+    b = member(lab, tmp_path, "target2", "b", classic=True)  # applies and publishes, detached
     c = member(lab, tmp_path, "target3", "c", f'IGNORE_FILE="{ignore}"\n')
     try:
         for d in (a, b, c):

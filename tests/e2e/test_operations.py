@@ -150,7 +150,8 @@ def test_unblock_undoes_kill_route_and_hosts_deny(lab, start_daemon):
 
 def test_status_metrics_and_json_events(lab, start_daemon, tmp_path):
     events = tmp_path / "events.jsonl"
-    daemon = start_daemon(ATCP + 'METRICS_ADDRESS="127.0.0.1:9310"\n' f'JSON_LOG="{events}"\n')
+    daemon = start_daemon(ATCP + 'METRICS_ADDRESS="127.0.0.1:9310"\n' f'JSON_LOG="{events}"\n',
+                          classic=True)
     source = extra4(20)
     scan_and_wait(daemon, lab, source)
     status = daemon.cli("status").stdout

@@ -199,7 +199,7 @@ def test_failed_kill_route_is_reported_and_retried(lab, start_daemon):
 
 
 def test_shutdown_is_clean_and_keeps_bans(lab, start_daemon):
-    daemon = start_daemon('TCP_MODE="atcp"\n')
+    daemon = start_daemon('TCP_MODE="atcp"\n', classic=True)
     source = extra6(29)
     nmap(lab, "-sS", source, TARGET6, "20-25")
     daemon.wait_log("has been blocked via dropped route")

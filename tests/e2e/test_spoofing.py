@@ -134,7 +134,7 @@ print('sent', len(frames) + 3)
 
 def test_a_peer_that_connect_scans_is_challenged_and_banned(lab, start_daemon):
     """A peer's SYN is not enough, but a completed connection to a trap port is."""
-    daemon = start_daemon(ATCP)
+    daemon = start_daemon(ATCP, classic=True)
     source = extra4(20)
     assert can_connect(lab, source, TARGET4, 80)  # a real conversation: now a peer
     time.sleep(2.5)  # ... a mature one
