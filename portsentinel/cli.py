@@ -494,11 +494,21 @@ def control(args) -> int:
             print_bans(reply["bans"])
     elif args.command == "unblock":
         print("unblocked: " + ", ".join(reply["unblocked"]))
+        for address in reply.get("firewall_only", []):
+            print(f"note: {address} was in the firewall's ban set without a record")
         for address, problems in reply.get("problems", {}).items():
             for problem in problems:
                 print(f"warning: {address}: {problem}", file=sys.stderr)
     elif args.command == "block":
         print(f"blocked {reply['address']} until {_when(reply['until'])}")
+    elif args.command == "reconcile":
+        kernel_only, state_only = reply["kernel_only"], reply["state_only"]
+        if not kernel_only and not state_only:
+            print("firewall and state agree")
+        for address in kernel_only:
+            print(f"{address}: in the firewall only; now recorded")
+        for address in state_only:
+            print(f"{address}: missing from the firewall; put back")
     elif args.command == "reload":
         note = reply.get("restart_needed")
         print("reloaded" + (f" ({', '.join(note)} need a restart)" if note else ""))
@@ -520,13 +530,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-        for address in reply.get("firewall_only", []):
-            print(f"note: {address} was in the firewall's ban set without a record")
-    elif args.command == "reconcile":
-        kernel_only, state_only = reply["kernel_only"], reply["state_only"]
-        if not kernel_only and not state_only:
-            print("firewall and state agree")
-        for address in kernel_only:
-            print(f"{address}: in the firewall only; now recorded")
-        for address in state_only:
-            print(f"{address}: missing from the firewall; put back")
