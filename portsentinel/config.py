@@ -85,10 +85,10 @@ class Config:
     syslog_ident: str = "portsentry"
     syslog_facility: str = "daemon"
     host_capacity: int = 65536
-    source: str = EMBEDDED
-    warnings: list[str] = field(default_factory=list)
     ban_set_size: int = 262144  # per family; fuller than 95 %: the soonest-expiring lifted
     nflog_group: int = 7417  # the kernel trap reports its bans here; 0 = off
+    source: str = EMBEDDED
+    warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # KEY -> line it was read from
 
     def kernel_trap_for(self, protocol: str, mode: str | None) -> bool:
@@ -204,10 +204,6 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _advanced_limit(text: str) -> int:
-    value = _count(text)
-    if not 1 <= value <= 65535:
-        raise ValueError(f"{value} must be within 1-65535")
 def _bounded(low: int, high: int):
     def parse(text: str) -> int:
         value = _count(text)
@@ -217,6 +213,10 @@ def _bounded(low: int, high: int):
     return parse
 
 
+def _advanced_limit(text: str) -> int:
+    value = _count(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{value} must be within 1-65535")
     return value
 
 
@@ -318,12 +318,12 @@ KEYS = {
     "FLEET_NAME": ("fleet_name", _identifier),
     "FLEET_PREFIX": ("fleet_prefix", _identifier),
     "NFT_TABLE": ("nft_table", _identifier),
+    "BAN_SET_SIZE": ("ban_set_size", _bounded(16, 1 << 24)),
+    "NFLOG_GROUP": ("nflog_group", _bounded(0, 65535)),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),
     "SYSLOG_FACILITY": ("syslog_facility", _choice(
         "daemon", "auth", "authpriv", "security", "user", "local0", "local1", "local2",
-    "BAN_SET_SIZE": ("ban_set_size", _bounded(16, 1 << 24)),
-    "NFLOG_GROUP": ("nflog_group", _bounded(0, 65535)),
         "local3", "local4", "local5", "local6", "local7")),
     "HOST_CAPACITY": ("host_capacity", _count),
 }
