@@ -58,7 +58,8 @@ def _modes_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", type=Path, metavar="FILE",
-                        help="portsentry.conf to read (default: the embedded default)")
+                        help="portsentry.conf to read (default: /etc/portsentry/portsentry.conf "
+                             "if it exists, else the embedded default)")
 
 
 def _socket_argument(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +159,10 @@ def check_config(args) -> int:
           f"KILL_HOSTS_DENY={'set' if config.kill_hosts_deny else 'unset'} "
           f"KILL_RUN_CMD={'set' if config.kill_run_cmd else 'unset'}")
     print(f"ignore entries: {len(never_block)} (plus this host's own addresses at run time)")
+    if config.source != configuration.EMBEDDED:  # a portsentry.conf: say what changes
+        print("compared with PortSentry 1.2:")
+        for line in configuration.changes_from_12(config, tcp, udp):
+            print(f"  {line}")
     return 0
 
 

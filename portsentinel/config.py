@@ -8,6 +8,7 @@ skipped option, port lists have no 64-entry cap and accept ranges (`1-1023`).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -20,6 +21,7 @@ TCP_MODES = ("tcp", "stcp", "atcp")
 UDP_MODES = ("udp", "sudp", "audp")
 TOKENS = ("$TARGET$", "$PORT$", "$MODE$")
 DEFAULT_MODES_FILE = Path("/etc/default/portsentry")
+DEFAULT_CONFIG = Path("/etc/portsentry/portsentry.conf")  # where PortSentry users keep it
 EMBEDDED = "<embedded default>"
 
 _LINE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$')
@@ -60,7 +62,7 @@ class Config:
     udp_mode: str | None = None
     scan_window: float = 300.0
     ban_time: float = 86400.0
-    block_nftables: str = "auto"  # auto: on when KILL_ROUTE is unset
+    block_nftables: str = "auto"  # auto and 1: on (KILL_ROUTE runs in addition); 0: off
     kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
     ban_time_increment: float = 2.0
     ban_time_max: float = 30 * 86400.0
@@ -100,9 +102,11 @@ class Config:
 
     @property
     def nftables(self) -> bool:
-        if self.block_nftables == "auto":
-            return self.kill_route is None
-        return self.block_nftables == "1"
+        """The nftables set (and the kernel trap) ban first, whether KILL_ROUTE
+        is set or not: a 1.2 config kept unchanged gets the same protection
+        as the defaults, its KILL_ROUTE runs in addition, off the packet path.
+        BLOCK_NFTABLES="0" is the explicit way back to 1.2's KILL_ROUTE only."""
+        return self.block_nftables != "0"
 
 
 # -- value parsers: each takes the raw string, returns a value or raises ValueError
@@ -410,9 +414,13 @@ def embedded_text() -> str:
 
 
 def load(path: Path | None) -> Config:
-    """The file at `path`, or the embedded default when None."""
+    """The file at `path`; when None, PortSentry's own place,
+    /etc/portsentry/portsentry.conf, if it exists (a PortSentry user's
+    install keeps working unchanged), else the embedded default."""
     if path is None:
-        return parse(embedded_text(), EMBEDDED)
+        if not DEFAULT_CONFIG.exists():
+            return parse(embedded_text(), EMBEDDED)
+        path = DEFAULT_CONFIG
     try:
         text = path.read_text()
     except OSError as err:
@@ -447,12 +455,12 @@ def read_modes_file(path: Path = DEFAULT_MODES_FILE) -> tuple[str | None, str | 
 def resolve_modes(cli_tcp: str | None, cli_udp: str | None, config: Config,
                   read_default_file: bool) -> tuple[str | None, str | None]:
     """Command line, else TCP_MODE/UDP_MODE in the config, else Debian's
-    /etc/default/portsentry (for a user config), else atcp + audp."""
+    /etc/default/portsentry (for a config file, given or found), else atcp + audp."""
     if cli_tcp or cli_udp:
         return cli_tcp, cli_udp
     if config.tcp_mode or config.udp_mode:
         return config.tcp_mode, config.udp_mode
-    if read_default_file:
+    if read_default_file or config.source != EMBEDDED:
         file_tcp, file_udp = read_modes_file()
         if file_tcp or file_udp:
             return file_tcp, file_udp
@@ -499,3 +507,122 @@ def fill(template: str, target: str, port: int, mode: str) -> str:
     for token, value in (("$TARGET$", target), ("$PORT$", str(port)), ("$MODE$", mode)):
         template = template.replace(token, value)
     return template
+
+
+# -- address families: KILL_ROUTE was written for 1.2, which only ever gave it IPv4
+IPTABLES_PROGRAM = re.compile(r"^ip(6?)tables(-legacy|-nft)?$")
+
+
+def command_family(argv: list[str]) -> int | None:
+    """4 or 6 when the command takes addresses of one family only, None when
+    it takes both. iptables -> 4, ip6tables -> 6, net-tools route -> 4 (6 with
+    `-A inet6`), `ip` -> both (unless -4/-6), anything else -> 4: a 1.2 command
+    never saw an IPv6 address."""
+    program = argv[0].rsplit("/", 1)[-1]
+    args = argv[1:]
+    match = IPTABLES_PROGRAM.match(program)
+    if match:
+        return 6 if match[1] else 4
+    if program == "ip":
+        for i, arg in enumerate(args):
+            if arg in ("-4", "-6"):
+                return int(arg[1])
+            if arg in ("-f", "-family") and i + 1 < len(args):
+                return {"inet": 4, "inet6": 6}.get(args[i + 1])
+        return None
+    if program == "route":
+        inet6 = "-6" in args or "--inet6" in args or any(
+            a in ("-A", "--family") and b == "inet6" for a, b in zip(args, args[1:]))
+        return 6 if inet6 else 4
+    return 4
+
+
+def kill_route_for(template: str, version: int) -> str | None:
+    """The KILL_ROUTE (or KILL_ROUTE_UNDO) template to run for an address of
+    IP `version`: the template itself when it takes that family; for
+    iptables <-> ip6tables the other program in the same directory, if it
+    exists there; None when the command cannot take such an address."""
+    argv = shlex.split(template)
+    family = command_family(argv)
+    if family is None or family == version:
+        return template
+    program = argv[0]
+    match = IPTABLES_PROGRAM.match(program.rsplit("/", 1)[-1])
+    if not match:
+        return None
+    other = ("ip6tables" if version == 6 else "iptables") + (match[2] or "")
+    if "/" in program:
+        candidate = f"{program.rsplit('/', 1)[0]}/{other}"
+        if not os.access(candidate, os.X_OK):
+            return None
+    else:
+        candidate = other
+        if not shutil.which(other):
+            return None
+    stripped = template.lstrip()
+    if stripped.startswith(program):  # keep the rest exactly as written
+        return candidate + stripped[len(program):]
+    return shlex.join([candidate, *argv[1:]])
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def changes_from_12(config: Config, tcp: str | None, udp: str | None) -> list[str]:
+    """What portsentinel will do differently from PortSentry 1.2 with this
+    config, in a few short lines (for check-config)."""
+    lines = []
+    logged_only = [f"BLOCK_{p}" for p, level in (("TCP", config.block_tcp), ("UDP", config.block_udp))
+                   if level == 0]
+    if logged_only:
+        lines.append(f"{'/'.join(logged_only)}=0: those scans are only logged, and (unlike 1.2) "
+                     "the host is not recorded as blocked")
+    trapped = [p for p, mode in (("tcp", tcp), ("udp", udp)) if config.kernel_trap_for(p, mode)]
+    if config.nftables:
+        first = "nftables set" + (f" + kernel trap ({', '.join(trapped)}: the first probe "
+                                  "is banned in the kernel)" if trapped else "")
+        lines.append(f"firewall: {first} first" + (
+            "; KILL_ROUTE also runs, off the packet path" if config.kill_route else ""))
+    elif config.kill_route:
+        lines.append("firewall: KILL_ROUTE only, as in 1.2 (BLOCK_NFTABLES=0): a fork per ban, "
+                     "no kernel trap")
+    else:
+        lines.append("firewall: none (BLOCK_NFTABLES=0 and no KILL_ROUTE)")
+    ipv6 = "IPv6: watched" + (" and banned in the nftables set" if config.nftables else "")
+    for version in (4, 6) if config.kill_route else ():
+        template = kill_route_for(config.kill_route, version)
+        if template is None:
+            ipv6 += (f"; KILL_ROUTE takes IPv{10 - version} only: not run for IPv{version} "
+                     "sources" + ("" if config.nftables else
+                                  f", so IPv{version} sources are NOT blocked"))
+        elif template != config.kill_route:
+            program = shlex.split(template)[0]
+            ipv6 += (f"; KILL_ROUTE runs as {program} for IPv{version} sources "
+                     f"({program.rsplit('/', 1)[-1]} derived)")
+    lines.append(ipv6)
+    undone = ["the nftables ban"] if config.nftables else []
+    if config.kill_route and (config.kill_route_undo or undo_command(config.kill_route)):
+        undone.append("KILL_ROUTE")
+    if config.kill_hosts_deny:
+        undone.append("hosts.deny")
+    undo = " and ".join(filter(None, [", ".join(undone[:-1]), undone[-1]])) if undone else ""
+    if config.ban_time > 0:
+        expiry = (f"bans expire after {_duration_text(config.ban_time)} (BAN_TIME"
+                  + (f"; repeat offenders longer, up to {_duration_text(config.ban_time_max)}"
+                     if config.ban_time_increment > 1 else "") + ")"
+                  + (f"; expiry and `portsentinel unblock` undo {undo}" if undo else ""))
+    else:
+        expiry = ("bans never expire (BAN_TIME=0)"
+                  + (f"; `portsentinel unblock` undoes {undo}" if undo else ""))
+    if config.kill_route and "KILL_ROUTE" not in undone:
+        expiry += " (KILL_ROUTE has no known undo: set KILL_ROUTE_UNDO)"
+    lines.append(expiry)
+    lines.append("never blocked: this host, its gateways and resolvers, and the ignore files"
+                 + (" (IGNORE_FILE and IGNORE_FILE.static)" if config.ignore_file else "")
+                 + ("; a host that completed a handshake lately is not banned on spoofable "
+                    "probes (DECOY_GRACE)" if config.decoy_grace else ""))
+    return lines

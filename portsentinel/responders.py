@@ -5,17 +5,23 @@ Commands run as argv lists, never through a shell; `$TARGET$` is only ever
 filled with an address the packet parser produced (an `ipaddress` object), and
 the exit status is checked. These run in the reporter thread, off the packet
 path; the nftables ban (if on) was already applied inline by then.
+
+KILL_ROUTE is never run with an address of the wrong family: 1.2's commands
+only ever saw IPv4. For an IPv6 source an `iptables` command runs as the
+`ip6tables` next to it; a command that cannot take IPv6 is skipped (said
+once in the log), the source being banned in the nftables set.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import subprocess
 from pathlib import Path
 
 from . import logs
-from .config import command_argv, fill, undo_command
+from .config import IPTABLES_PROGRAM, command_argv, fill, kill_route_for, undo_command
 
 COMMAND_TIMEOUT = 30.0
 
@@ -83,24 +89,73 @@ def run_command(argv: list[str]) -> None:
         raise ActionFailed(f"exit status {done.returncode}" + (f": {detail}" if detail else ""))
 
 
+def _already_undone(argv: list[str], error: ActionFailed) -> bool:
+    """Did an undo fail only because what it removes is gone already (e.g.
+    the admin ran the tutorial's `iptables -D` by hand first)?"""
+    program = argv[0].rsplit("/", 1)[-1]
+    if IPTABLES_PROGRAM.match(program) and "-D" in argv:
+        check = [a if a != "-D" else "-C" for a in argv]
+        try:
+            done = subprocess.run(check, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=COMMAND_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 1  # -C: 1 = no such rule
+    return program in ("route", "ip") and "No such process" in str(error)
+
+
 class CompatActions:
     """hosts.deny, KILL_ROUTE and KILL_RUN_CMD for one configuration."""
 
     def __init__(self, config, log: logs.Log):
         self.config, self.log = config, log
+        # KILL_ROUTE per address family (None: that family is not given to it)
+        self.routes = {v: kill_route_for(config.kill_route, v) if config.kill_route else None
+                       for v in (4, 6)}
+        self._said: set[int] = set()
 
     def hosts_deny(self, target: str, port: int, mode: str) -> str:
-        line = fill(self.config.kill_hosts_deny, target, port, mode)
+        template = self.config.kill_hosts_deny
+        # hosts_access(5) wants IPv6 addresses in brackets ("ALL: [2001:db8::2] : DENY")
+        value = f"[{target}]" if ":" in target and "[$TARGET$]" not in template else target
+        line = fill(template, value, port, mode)
         append_line_once(self.config.hosts_deny_file, line)
         self.log(logs.wrappers_line(target, line))
         return line
 
-    def kill_route(self, target: str, port: int, mode: str) -> str:
-        template = self.config.kill_route
+    def kill_route(self, target: str, port: int, mode: str) -> str | None:
+        """Run KILL_ROUTE for `target`; the command really run, or None when it
+        cannot take this address family (and the nftables set bans it)."""
+        version = ipaddress.ip_address(target).version
+        template = self.routes[version]
+        if template is None:
+            self._say_once(version, None)
+            if not self.config.nftables:  # nothing else bans it: not blocked
+                raise ActionFailed(f"KILL_ROUTE takes IPv{10 - version} addresses only; "
+                                   f"not run for {target}")
+            return None
+        if template != self.config.kill_route:
+            self._say_once(version, template)
         run_command(command_argv(template, target, port, mode))
         command = fill(template, target, port, mode)
         self.log(logs.route_line(target, command))
         return command
+
+    def _say_once(self, version: int, template: str | None) -> None:
+        if version in self._said:
+            return
+        self._said.add(version)
+        if template is not None:
+            self.log(f'adminalert: KILL_ROUTE for IPv{version} sources runs as "{template}" '
+                     f'(derived from "{self.config.kill_route}")', logs.INFO)
+        elif self.config.nftables:
+            self.log(f'adminalert: KILL_ROUTE "{self.config.kill_route}" takes IPv{10 - version} '
+                     f"addresses only: it is not run for IPv{version} sources, which are banned "
+                     "in the nftables set (said once)", logs.NOTICE)
+        else:
+            self.log.error(f'adminalert: ERROR: KILL_ROUTE "{self.config.kill_route}" takes '
+                           f"IPv{10 - version} addresses only and BLOCK_NFTABLES=0: IPv{version} "
+                           "sources are not blocked (said once)")
 
     def undo(self, target: str, hosts_deny_line: str | None, kill_route_command: str | None,
              port: int, mode: str) -> list[str]:
@@ -110,19 +165,31 @@ class CompatActions:
             self.log(f'adminalert: Host {target} removed from {self.config.hosts_deny_file}: '
                      f'"{hosts_deny_line}"', logs.INFO)
         if kill_route_command:
-            undo = (fill(self.config.kill_route_undo, target, port, mode)
-                    if self.config.kill_route_undo else undo_command(kill_route_command))
+            undo = self._undo_for(target, kill_route_command, port, mode)
             if undo is None:
                 problems.append(f"KILL_ROUTE has no known undo; set KILL_ROUTE_UNDO or "
                                 f"reverse by hand: {kill_route_command}")
             else:
+                argv = command_argv(undo, target, port, mode)
                 try:
-                    run_command(command_argv(undo, target, port, mode))
+                    run_command(argv)
                     self.log(f'adminalert: Host {target} route removed using command: "{undo}"',
                              logs.INFO)
                 except ActionFailed as err:
-                    problems.append(f'undo "{undo}" failed: {err}')
+                    if _already_undone(argv, err):
+                        self.log(f'adminalert: Host {target} route was already removed: '
+                                 f'"{kill_route_command}"', logs.INFO)
+                    else:
+                        problems.append(f'undo "{undo}" failed: {err}')
         return problems
+
+    def _undo_for(self, target: str, kill_route_command: str, port: int, mode: str) -> str | None:
+        """The undo of the command that was really run (e.g. the ip6tables one)."""
+        if not self.config.kill_route_undo:
+            return undo_command(kill_route_command)
+        # the same family mapping as KILL_ROUTE got (iptables -> ip6tables for IPv6)
+        template = kill_route_for(self.config.kill_route_undo, ipaddress.ip_address(target).version)
+        return None if template is None else fill(template, target, port, mode)
 
     def run_cmd(self, target: str, port: int, mode: str) -> str:
         template = self.config.kill_run_cmd

@@ -151,7 +151,7 @@ def test_kill_route_hosts_deny_and_run_cmd(lab, start_daemon, tmp_path):
     marks.mkdir()
     iptables = shutil.which("iptables")
     daemon = start_daemon(
-        'TCP_MODE="atcp"\nBLOCK_TCP="1"\n'
+        'TCP_MODE="atcp"\nBLOCK_TCP="1"\nBLOCK_NFTABLES="0"\n'  # 1.2's way: KILL_ROUTE only
         f'KILL_ROUTE="{iptables} -I INPUT -s $TARGET$ -j DROP"\n'
         'KILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n'
         f'KILL_RUN_CMD="/usr/bin/touch {marks}/$TARGET$-$PORT$-$MODE$"\n')
@@ -189,7 +189,7 @@ def test_block_0_only_logs(lab, start_daemon):
 
 
 def test_failed_kill_route_is_reported_and_retried(lab, start_daemon):
-    daemon = start_daemon('TCP_MODE="atcp"\nBLOCK_TCP="1"\n'
+    daemon = start_daemon('TCP_MODE="atcp"\nBLOCK_TCP="1"\nBLOCK_NFTABLES="0"\n'
                           'KILL_ROUTE="/bin/false $TARGET$"\n')
     source = extra4(29)
     nmap(lab, "-sS", source, TARGET4, "20-25")

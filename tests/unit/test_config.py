@@ -34,10 +34,35 @@ def test_reads_debian_style_config():
     assert c.advanced_exclude_udp == {520, 138, 137, 67}
     assert c.block_tcp == 0 and c.resolve_host is False
     assert c.kill_route == "/sbin/route add -host $TARGET$ reject"
-    assert c.nftables is False  # KILL_ROUTE set, BLOCK_NFTABLES=auto
+    assert c.nftables is True  # KILL_ROUTE set: it runs in addition to the nftables ban
+    assert parse('BLOCK_NFTABLES="0"\n' + DEBIAN_LIKE).nftables is False  # 1.2's way, explicitly
+    assert parse('BLOCK_NFTABLES="1"\n' + DEBIAN_LIKE).nftables is True
 
 
-def test_embedded_default_is_safe():
+def test_kill_route_keeps_the_kernel_trap():
+    c = parse('KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"\n')
+    assert c.kernel_trap_for("tcp", "atcp") and c.kernel_trap_for("udp", "audp")
+    assert not parse('BLOCK_NFTABLES="0"\n').kernel_trap_for("tcp", "atcp")
+
+
+def test_no_config_reads_portsentrys_own_file_when_it_exists(tmp_path, monkeypatch):
+    conf = tmp_path / "portsentry.conf"
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", conf)
+    assert config.load(None).source == config.EMBEDDED  # absent: the embedded default
+    conf.write_text('BLOCK_TCP="1"\nKILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"\n')
+    c = config.load(None)
+    assert c.source == str(conf) and c.kill_route and c.nftables
+    modes = tmp_path / "default-portsentry"
+    modes.write_text('TCP_MODE="stcp"\nUDP_MODE=""\n')
+    monkeypatch.setattr(config, "DEFAULT_MODES_FILE", modes)
+    monkeypatch.setattr(config.read_modes_file, "__defaults__", (modes,))
+    assert config.resolve_modes(None, None, c, False) == ("stcp", None)  # Debian's file read
+    # the embedded default (no file anywhere) does not read Debian's modes file
+    assert config.resolve_modes(None, None, config.Config(), False) == ("atcp", "audp")
+
+
+def test_embedded_default_is_safe(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.conf")
     c = config.load(None)
     assert (c.tcp_mode, c.udp_mode) == ("atcp", "audp")
     assert c.block_tcp == 1 and c.block_udp == 1
