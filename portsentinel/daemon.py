@@ -144,6 +144,28 @@ class Daemon:
     def start(self) -> None:
         self.log(f"adminalert: portsentinel {__version__} (PortSentry 1.2 compatible) is starting.",
                  logs.INFO)
+        # the control socket first: a second daemon gives up here, before it
+        # touches the running one's sensors or firewall
+        self.control = ControlServer(self.config.control_socket, self.handle_control,
+                                     self.log.error)
+        try:
+            self._arm()
+        except BaseException:
+            self.control.close()
+            self.control = None
+            raise
+        if self.config.fleet_redis_url:
+            self.fleet = Fleet(self.config.fleet_redis_url, self.config.fleet_name,
+                               self.config.fleet_prefix, self._fleet_ban, self._fleet_unban,
+                               self._own_bans, self.log, self.log.error).start()
+        if self.config.metrics_address:
+            self.metrics.serve(self.config.metrics_address)
+            host, port = self.config.metrics_address
+            self.log(f"adminalert: metrics on http://{host}:{port}/metrics", logs.INFO)
+        self.log("adminalert: PortSentry is now active and listening.", logs.INFO)
+
+    def _arm(self) -> None:
+        """Sensors, the nftables table and the kernel trap, bans restored."""
         stealth = self._start_sensors()
         try:
             self.conntrack = Conntrack()
@@ -154,17 +176,6 @@ class Daemon:
             self.bans = NftBans(Nft(), self.config.nft_table, self.config.ban_set_size)
             self._install_nftables(stealth)
         self._restore()
-        self.control = ControlServer(self.config.control_socket, self.handle_control,
-                                     self.log.error)
-        if self.config.fleet_redis_url:
-            self.fleet = Fleet(self.config.fleet_redis_url, self.config.fleet_name,
-                               self.config.fleet_prefix, self._fleet_ban, self._fleet_unban,
-                               self._own_bans, self.log, self.log.error).start()
-        if self.config.metrics_address:
-            self.metrics.serve(self.config.metrics_address)
-            host, port = self.config.metrics_address
-            self.log(f"adminalert: metrics on http://{host}:{port}/metrics", logs.INFO)
-        self.log("adminalert: PortSentry is now active and listening.", logs.INFO)
 
     def _start_sensors(self) -> dict[str, TrapPorts]:
         stealth: dict[str, TrapPorts] = {}

@@ -112,7 +112,8 @@ def test_classic_start_reports_errors_and_refuses_a_second_daemon(lab, start_dae
            f"{first.socket})" in busy.stderr
     assert not (other / "pid").exists()
     assert "ERROR: cannot start" in (other / "log").read_text()
-    lab.exec("target", "nft", "delete", "table", "inet", "second")  # armed before it failed
+    # it gave up before arming anything: no sensors, no table of its own
+    assert lab.exec("target", "nft", "list", "table", "inet", "second").returncode != 0
     assert "pid" in first.cli("status").stdout  # the first one is untouched
 
 
