@@ -11,13 +11,12 @@ that could still lead to a ban, never per packet.
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 import threading
 
-from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, _HDR, _NFGEN,
-                        _attr, _error_code, _nested, attributes, netlink_messages)
+from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, _HDR, _NFGEN, _attr,
+                        _nested, answers, attributes)
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET = 1
@@ -60,24 +59,9 @@ class Conntrack:
             self._sock.send(_HDR.pack(_HDR.size + len(payload),
                                       (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
                                       NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + payload)
-            return self._answer(self._seq, destination.packed, port)
-
-    def _answer(self, seq: int, ours: bytes, our_port: int) -> bool:
-        found = False
-        while True:
-            data = self._sock.recv(65536)
-            for kind, got, at in netlink_messages(data):
-                if got != seq:
-                    continue
-                if kind != NLMSG_ERROR:  # the entry; an acknowledgement follows
-                    length = struct.unpack_from("=I", data, at - _HDR.size)[0]
-                    found = found or _started_here(data, at + _NFGEN.size,
-                                                   at - _HDR.size + length, ours, our_port)
-                    continue
-                code = _error_code(data, at)
-                if code and code != errno.ENOENT:
-                    raise OSError(code, f"conntrack lookup: {errno.errorcode.get(code, code)}")
-                return found
+            return any(_started_here(data, start + _NFGEN.size, end, destination.packed, port)
+                       for data, start, end in answers(self._sock, self._seq,
+                                                       "conntrack lookup"))
 
 
 def _started_here(data: bytes, start: int, end: int, ours: bytes, our_port: int) -> bool:

@@ -57,6 +57,25 @@ def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
     return found
 
 
+def answers(sock: socket.socket, seq: int, what: str) -> list[tuple[bytes, int, int]]:
+    """The data messages answering request `seq`, as (datagram, payload start,
+    payload end), once its acknowledgement came; ENOENT is no answer at all."""
+    found = []
+    while True:
+        data = sock.recv(65536)
+        for kind, got, at in netlink_messages(data):
+            if got != seq:
+                continue
+            if kind != NLMSG_ERROR:  # an answer; the acknowledgement follows
+                found.append((data, at, at - _HDR.size + struct.unpack_from("=I", data,
+                                                                           at - _HDR.size)[0]))
+                continue
+            code = _error_code(data, at)
+            if code and code != errno.ENOENT:
+                raise OSError(code, f"{what}: {os.strerror(code)}")
+            return found
+
+
 def _error_code(data: bytes, at: int) -> int:
     """The errno an NLMSG_ERROR carries (0 = an acknowledgement)."""
     return -struct.unpack_from("=i", data, at)[0]
@@ -179,21 +198,8 @@ class SetElements:
         with self._lock:
             message = self._message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
                                     NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, body)
-            seq = self._seq
             self._sock.send(message)
-            found = False
-            while True:
-                data = self._sock.recv(65536)
-                for kind, got_seq, at in netlink_messages(data):
-                    if got_seq != seq:
-                        continue
-                    if kind != NLMSG_ERROR:
-                        found = True  # the element came back; the ack follows
-                        continue
-                    code = _error_code(data, at)
-                    if code and code != errno.ENOENT:
-                        raise OSError(code, f"nftables get element: {os.strerror(code)}")
-                    return found
+            return bool(answers(self._sock, self._seq, "nftables get element"))
 
     def replace(self, addresses, timeout: float = 0) -> None:
         """Set the timeout of addresses whether or not they are in the set yet:

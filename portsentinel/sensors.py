@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 import time

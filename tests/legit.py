@@ -30,6 +30,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from probes import _checksum
 
 HTTP10 = b"GET / HTTP/1.0\r\n\r\n"
 HTTP11 = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -168,15 +172,6 @@ def _tcp(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
     header = struct.pack("!HHIIBBHHH", sport, dport, 12345, 67890, 5 << 4, flags, 64240, 0, 0)
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, 20)
     return header[:16] + struct.pack("!H", _checksum(pseudo + header)) + header[18:]
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def case_udp(targets, n, counts):

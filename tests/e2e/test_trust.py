@@ -35,7 +35,7 @@ def test_a_ban_the_kernel_makes_alone_is_logged_listed_and_liftable(lab, start_d
     nmap(lab, "-sS", source, TARGET4, "25")
     line = daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
     assert "add element inet portsentinel ban4" in line
-    daemon.wait_log(f"to TCP port: 25")
+    daemon.wait_log("to TCP port: 25")
     bans = listed(daemon)
     assert bans[source]["origin"] == "kernel" and bans[source]["port"] == 25, bans
     assert daemon.history.read_text().count(f"Host: {source}/") == 1, daemon.history.read_text()
