@@ -18,12 +18,15 @@ Client cases (every request is counted: ok / failed):
   udp         queries to the UDP echo on 53 with retries, from fixed and random ports
   outgoing    (run on the target) one-shot UDP queries from port 123 to a remote server that
               answers after the socket is closed, like ntpdate; argument: the server's address
+  mix         for N seconds (or until SIGTERM): port reuse, a burst of short connections
+              and UDP queries, in turn (needs only tests/services.py; for the benchmark)
 Each case bounds its own count and time.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
 import sys
@@ -210,9 +213,19 @@ def case_outgoing(servers, n, counts):
             time.sleep(0.2)
 
 
+def case_mix(targets, seconds, counts):
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    deadline = time.monotonic() + seconds
+    while running[0] and time.monotonic() < deadline:
+        case_reuse(targets, 1, counts)
+        case_burst(targets, 20, counts)
+        case_udp(targets, 2, counts)
+
+
 CASES = {"reuse": case_reuse, "keepalive": case_keepalive, "burst": case_burst,
          "reset": case_reset, "latefin": case_latefin, "udp": case_udp,
-         "outgoing": case_outgoing}
+         "outgoing": case_outgoing, "mix": case_mix}
 
 
 # -- servers -----------------------------------------------------------------
