@@ -157,7 +157,10 @@ class Daemon:
         if self.config.fleet_redis_url:
             self.fleet = Fleet(self.config.fleet_redis_url, self.config.fleet_name,
                                self.config.fleet_prefix, self._fleet_ban, self._fleet_unban,
-                               self._own_bans, self.log, self.log.error).start()
+                               self._own_bans, self.log, self.log.error,
+                               max_seconds=self.config.ban_time_max,
+                               rejected=lambda reason: self.metrics.fleet_rejected.labels(
+                                   reason).inc()).start()
         if self.config.metrics_address:
             self.metrics.serve(self.config.metrics_address)
             host, port = self.config.metrics_address

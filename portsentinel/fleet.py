@@ -17,14 +17,109 @@ empty is rebuilt from the members.
 from __future__ import annotations
 
 import json
+import math
 import queue
+import re
 import threading
 import time
+import unicodedata
 from typing import Callable
 
 import redis
 
+from .addrset import canonical
+
 BACKOFF = (0.5, 1, 2, 5)
+MEMBER = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+MAX_TEXT = 200
+MAX_MESSAGE = 4096
+REJECTION_LOG_EVERY = 1.0
+
+
+class BadMessage(ValueError):
+    """A fleet message that does not fit the schema; `reason` names the rule."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+def read_message(raw, now: float, max_seconds: float) -> dict:
+    """One fleet message, validated against the schema and rebuilt from the
+    parsed values only (nothing of the raw text reaches a log line, a file or
+    a command):
+    {type: ban|unban, address: canonical IP (no scope), origin: member name,
+     since/until/sent: finite times, until within max_seconds from now (or
+     None: forever), reason: at most 200 printable characters, port, protocol}.
+    Raises BadMessage."""
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_MESSAGE:
+            raise BadMessage("too large", f"{len(raw)} bytes")
+        try:
+            raw = raw.decode()
+        except UnicodeDecodeError:
+            raise BadMessage("not UTF-8") from None
+    try:
+        message = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, TypeError) as err:
+        raise BadMessage("not JSON", str(err)[:80]) from None
+    if not isinstance(message, dict):
+        raise BadMessage("not an object", type(message).__name__)
+    kind = message.get("type", "ban")
+    if kind not in ("ban", "unban"):
+        raise BadMessage("unknown type")
+    address = message.get("address")
+    if not isinstance(address, str) or "%" in address:
+        raise BadMessage("bad address")
+    try:
+        ip = canonical(address)
+    except ValueError:
+        raise BadMessage("bad address") from None
+    origin = message.get("origin")
+    if not isinstance(origin, str) or not MEMBER.match(origin):
+        raise BadMessage("bad origin")
+    clean = {"type": kind, "address": str(ip), "origin": origin}
+    if kind == "unban":
+        return clean
+    until = _time(message, "until", optional=True)
+    if until is not None:
+        if until <= now:
+            raise BadMessage("expired")
+        until = min(until, now + max_seconds) if max_seconds > 0 else until
+    clean.update(until=until, since=_time(message, "since", optional=True),
+                 sent=_time(message, "sent", optional=True),
+                 reason=_text(message.get("reason")) or "fleet",
+                 port=_port(message.get("port")),
+                 protocol=message.get("protocol") if message.get("protocol") in ("tcp", "udp")
+                 else None)
+    return clean
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _time(message: dict, key: str, optional: bool) -> float | None:
+    value = message.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not 0 <= value < 1e11:
+        raise BadMessage(f"bad {key}")
+    return float(value)
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        return ""
+    kept = "".join(c for c in value if not unicodedata.category(c).startswith("C"))
+    return kept.strip()[:MAX_TEXT]
+
+
+def _port(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        return None
+    return value
 
 
 def _ttl_ms(message: dict, now: float) -> int | None:
@@ -35,8 +130,11 @@ def _ttl_ms(message: dict, now: float) -> int | None:
 class Fleet:
     def __init__(self, url: str, member: str, prefix: str,
                  apply: Callable[[dict], None], lift: Callable[[dict], None],
-                 local_bans: Callable[[], list[dict]], log, log_error):
+                 local_bans: Callable[[], list[dict]], log, log_error,
+                 max_seconds: float = 0, rejected: Callable[[str], None] = lambda reason: None):
         self.url, self.member, self.prefix = url, member, prefix
+        self.max_seconds, self.rejected = max_seconds, rejected
+        self._rejection_logged = float("-inf")
         self.channel = f"{prefix}:bans"
         self.apply, self.lift, self.local_bans = apply, lift, local_bans
         self.log, self.log_error = log, log_error
@@ -141,18 +239,38 @@ class Fleet:
                 self.backlog.setdefault(ban["address"], {**ban, "type": "ban",
                                                          "origin": self.member})
         for key in client.scan_iter(match=f"{self.prefix}:ban:*", count=1000):
-            raw = client.get(key)
+            try:
+                raw = client.get(key)
+            except redis.ResponseError as err:  # e.g. a key of another type: skip it
+                self._reject(BadMessage("bad key", f"{_printable(key)}: {err}"))
+                continue
             if raw is not None:
                 self._receive(raw, resync=True)
 
     def _receive(self, raw, resync: bool = False) -> None:
+        """Apply one message; whatever it holds, the subscriber goes on."""
         try:
-            message = json.loads(raw)
-            if message.get("origin") == self.member:
+            message = read_message(raw, time.time(), self.max_seconds)
+            if message["origin"] == self.member:
                 return
-            if message.get("type") == "unban":
+            if message["type"] == "unban":
                 self.lift(message)
-            elif message.get("type", "ban") == "ban":
+            else:
                 self.apply({**message, "resync": resync})
-        except (ValueError, KeyError, TypeError) as err:
-            self.log_error(f"adminalert: ERROR: fleet: bad message ignored: {err}")
+        except BadMessage as err:
+            self._reject(err)
+        except Exception as err:  # a bug must not silence the fleet either
+            self._reject(BadMessage("not applied", repr(err)[:120]))
+
+    def _reject(self, err: BadMessage) -> None:
+        self.rejected(err.reason)
+        now = time.monotonic()
+        if now - self._rejection_logged >= REJECTION_LOG_EVERY:
+            self._rejection_logged = now
+            self.log_error(f"adminalert: ERROR: fleet: message ignored ({_printable(str(err))}); "
+                           "further ones are counted in portsentinel_fleet_rejected_total")
+
+
+def _printable(value) -> str:
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return "".join(c if c.isprintable() else "?" for c in text)[:120]

@@ -27,6 +27,9 @@ class Metrics:
         self.fleet_received = Counter("portsentinel_fleet_bans_applied",
                                       "Bans received from fleet members and applied",
                                       registry=r)
+        self.fleet_rejected = Counter("portsentinel_fleet_rejected",
+                                      "Fleet messages and keys ignored, by reason",
+                                      ["reason"], registry=r)
         self.active_bans = Gauge("portsentinel_active_bans", "Bans in force", registry=r)
         self.dropped = Counter("portsentinel_dropped_events",
                                "Events not fully handled, by reason", ["reason"], registry=r)
