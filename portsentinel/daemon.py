@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import selectors
+import sqlite3
 import signal
 import socket
 import threading
@@ -124,6 +125,8 @@ class Daemon:
         self.kernel_trap: KernelTrap | None = None  # as last installed (reinstall after a flush)
         self._next_reconcile = time.monotonic() + RECONCILE_EVERY
         self._set_warned = False
+        self._unsaved: dict[str, BanRecord] = {}  # bans whose state write failed: retried
+        self._unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         never = never_block_set(config.ignore_file, self.automatic,
                                 configuration.where(config, "IGNORE_FILE"))
@@ -494,16 +497,28 @@ class Daemon:
                     self.reload_requested = False
                     with self.lock:
                         waiters, self._reload_waiters = self._reload_waiters, []
-                    result = self.reload()
+                    result = self._survive("reload", self.reload) or {
+                        "ok": False, "error": "reload failed; see the log"}
                     for waiter in waiters:
                         waiter.put(result)
                 if now >= next_housekeeping:
                     next_housekeeping = now + HOUSEKEEPING_EVERY
-                    self._housekeeping(now >= next_addresses)
+                    self._survive("housekeeping", self._housekeeping, now >= next_addresses)
                     if now >= next_addresses:
                         next_addresses = now + ADDRESSES_EVERY
         finally:
             self._shutdown(previous_wakeup, wake_r, reporter)
+
+    def _survive(self, what: str, job, *args):
+        """Run periodic work; a failure (say, the state database locked by
+        another program for longer than its timeout) is logged and counted,
+        and the loop, the sensors and the kernel trap go on."""
+        try:
+            return job(*args)
+        except Exception as err:
+            self.metrics.dropped.labels(f"{what} error").inc()
+            self._report_error(f"{what} failed, will retry: {err!r}")
+            return None
 
     def _read(self, sensor) -> None:
         # a trap hit is handled as soon as it is parsed: a ban must not wait for
@@ -586,6 +601,8 @@ class Daemon:
             if record.address not in self._expiring:
                 self._expiring.add(record.address)
                 self._queue(partial(self._lift, record, "expire"))
+        if self._unsaved or self._unremoved:
+            self._queue(self._save_unsaved)
         active = self.store.count()
         self.metrics.active_bans.set(active)
         self._watch_set_fill(active)
@@ -640,8 +657,8 @@ class Daemon:
             self.bans.install(self.kernel_trap, self.config.ban_time)
             self.bans.set_never_block(self.engine.policy.never_block)
             kernel = {}
-        stored = {r.address: r for r in self.store.bans()
-                  if r.until is None or r.until > now + 1}
+        stored = {r.address: r for r in self._with_unsaved(self.store.bans())
+                  if (r.until is None or r.until > now + 1) and r.address not in self._unremoved}
         with self.lock:  # decided, but maybe not stored yet: not drift
             kernel_only = {a: left for a, left in kernel.items()
                            if a not in stored and a not in self._expiring
@@ -825,7 +842,7 @@ class Daemon:
                 self.log.error(f"adminalert: ERROR: {action} for host {target} failed: {err}")
         if done == 0:
             return False
-        self.store.add_ban(record)
+        self._save(record)
         self.metrics.active_bans.inc()  # exact again at the next housekeeping
         self.metrics.bans.labels("fleet" if record.origin not in LOCAL_ORIGINS
                                  else record.origin).inc()
@@ -835,6 +852,44 @@ class Daemon:
                          mode=record.mode, reason=record.reason, origin=record.origin,
                          until=record.until, actions=list(actions))
         return True
+
+    def _save(self, record: BanRecord) -> None:
+        """Store a ban whose actions ran. If the state cannot be written now
+        (locked by another program, a full disk), the record is kept in memory,
+        listed and liftable, and written by the next housekeeping that can."""
+        try:
+            self.store.add_ban(record)
+            self._unsaved.pop(record.address, None)
+        except sqlite3.Error as err:
+            first = record.address not in self._unsaved
+            self._unsaved[record.address] = record
+            if first:
+                self.metrics.dropped.labels("state write failed").inc()
+                self._report_error(f"cannot write the state ({err}): the ban of "
+                                   f"{record.address} is kept in memory and written later")
+
+    def _remove(self, address: str, cause: str) -> None:
+        """Drop a lifted ban's record; if the state cannot be written now, the
+        removal is retried (and reconciliation must not put the ban back)."""
+        try:
+            if self.store.remove_ban(address, cause) is not None:
+                self.metrics.active_bans.dec()
+            self._unremoved.pop(address, None)
+        except sqlite3.Error as err:
+            if address not in self._unremoved:
+                self.metrics.dropped.labels("state write failed").inc()
+                self._report_error(f"cannot write the state ({err}): the lifted ban of "
+                                   f"{address} is removed from it later")
+            self._unremoved[address] = cause
+
+    def _save_unsaved(self) -> None:
+        """Retry what the state could not take (housekeeping, reporter thread)."""
+        for record in list(self._unsaved.values()):
+            self._save(record)
+        for address, cause in list(self._unremoved.items()):
+            self._remove(address, cause)
+        if not self._unsaved and not self._unremoved:
+            self.log("adminalert: the state is writable again; every ban is recorded", logs.INFO)
 
     def _lift(self, record: BanRecord, cause: str) -> list[str]:
         problems = self._lift_here(record, cause)
@@ -852,8 +907,8 @@ class Daemon:
         problems = self.compat.undo(record.address, record.hosts_deny_line,
                                     record.kill_route_command, record.port or 0,
                                     record.mode or "")
-        if self.store.remove_ban(record.address, cause) is not None:
-            self.metrics.active_bans.dec()
+        self._unsaved.pop(record.address, None)
+        self._remove(record.address, cause)
         self._expiring.discard(record.address)
         self.metrics.unbans.labels(cause).inc()
         what = {"expire": "expired", "fleet": "lifted by a fleet member",
@@ -922,14 +977,19 @@ class Daemon:
 
     def list_bans(self) -> list[dict]:
         now = time.time()
-        return [{**dataclasses.asdict(r), "remaining": r.remaining(now)} for r in self.store.bans()]
+        return [{**dataclasses.asdict(r), "remaining": r.remaining(now)}
+                for r in self._with_unsaved(self.store.bans())]
+
+    def _with_unsaved(self, records: list[BanRecord]) -> list[BanRecord]:
+        stored = {r.address for r in records}
+        return records + [r for r in list(self._unsaved.values()) if r.address not in stored]
 
     def unblock(self, target: str) -> dict:
         try:
             network = canonical_network(target)
         except ValueError:
             return {"ok": False, "error": f"{target!r} is not an IP address or CIDR network"}
-        records = [r for r in self.store.bans()
+        records = [r for r in self._with_unsaved(self.store.bans())
                    if ipaddress.ip_address(r.address) in network]
         with self.lock:  # bans the engine holds without a stored record (e.g. mid-report)
             engine_only = [b for b in self.engine.bans() if b.address in network

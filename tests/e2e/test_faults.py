@@ -1,0 +1,56 @@
+"""Faults a production host meets: the daemon goes on and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from conftest import nmap
+from netlab import TARGET4, extra4
+
+ATCP = 'TCP_MODE="atcp"\nUDP_MODE="audp"\n'
+HOLD = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # the write lock: every other writer waits, then fails
+db.execute("CREATE TABLE IF NOT EXISTS held (x)")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+def test_a_locked_state_database_does_not_stop_the_daemon(lab, start_daemon):
+    """Another program holds the state's write lock for longer than SQLite's
+    5 s timeout: the main loop, the sensors and the kernel trap go on; the ban
+    made meanwhile is listed at once and written, with its reason and port,
+    once the database is free again."""
+    daemon = start_daemon(ATCP)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(daemon.state), "7"],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        source = extra4(22)
+        nmap(lab, "-sS", source, TARGET4, "20-25")
+        assert source in daemon.banned()  # the kernel trap goes on meanwhile
+        daemon.wait_log("is kept in memory and written later", timeout=12)
+        assert source in listed(daemon)  # listed while the state is locked
+    finally:
+        holder.wait(15)
+    daemon.wait_log("the state is writable again; every ban is recorded")
+    assert daemon.proc.poll() is None, daemon.log_text()[-2000:]
+    import sqlite3
+    row = sqlite3.connect(daemon.state).execute(
+        "SELECT port, reason, origin FROM bans WHERE address = ?", (source,)).fetchone()
+    assert row is not None and row[0] in range(20, 26) and "scan" in row[1], row
+    later = extra4(23)  # and it still detects, records and bans
+    nmap(lab, "-sS", later, TARGET4, "20-25")
+    daemon.wait_log(f"attackalert: Host {later} has been blocked via dropped route")
+    time.sleep(0.5)
+    assert later in listed(daemon)
+
+
+def listed(daemon) -> set[str]:
+    return {b["address"] for b in json.loads(daemon.cli("list", "--json").stdout)}
