@@ -265,7 +265,13 @@ class Engine:
         if self._tokens_at is not None and now > self._tokens_at:
             self._tokens = min(float(policy.ban_burst),
                                self._tokens + (now - self._tokens_at) * policy.ban_rate)
-        self._tokens_at = now if self._tokens_at is None else max(now, self._tokens_at)
+        # probes come slightly out of order (max keeps the bucket monotonic), but
+        # a clock stepped back by more than a second restarts the bucket's time
+        # there, or it would not refill until the clock caught up
+        if self._tokens_at is None or now < self._tokens_at - 1.0:
+            self._tokens_at = now
+        else:
+            self._tokens_at = max(now, self._tokens_at)
         if self._tokens < 1.0:
             return False
         self._tokens -= 1.0

@@ -130,3 +130,17 @@ def test_soonest_expiring_never_offers_manual_or_permanent_bans(tmp_path: Path):
     assert [r.address for r in store.soonest_expiring(10)] == [
         "198.51.100.2", "198.51.100.5", "198.51.100.1"]
     assert [r.address for r in store.soonest_expiring(1)] == ["198.51.100.2"]
+
+
+def test_a_clock_stepped_back_does_not_freeze_the_ban_rate_limit():
+    """The token bucket must not wait for the clock to catch up with its last
+    refill: after a 1 h step back, new scanners are banned at the normal rate."""
+    engine = Engine(Policy(ban_rate=1.0, ban_burst=5))
+    t = 10_000.0
+    for i in range(5):
+        assert engine.observe(Probe(A(f"198.51.100.{i + 1}"), 1, TCP, Kind.SYN, t)).verdict \
+            is Verdict.BLOCK
+    t -= 3600  # NTP steps the clock back an hour
+    verdicts = [engine.observe(Probe(A(f"198.51.100.{i + 20}"), 1, TCP, Kind.SYN,
+                                     t + 2 * i)).verdict for i in range(10)]
+    assert verdicts.count(Verdict.BLOCK) >= 9, verdicts
