@@ -43,7 +43,7 @@ from .nft import LOG_PREFIX, KernelTrap, Nft, NftBans, NftError, port_ranges
 from .responders import ActionFailed, CompatActions, Records
 from .routewatch import RouteWatch
 from .sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
-from .store import BanRecord, Store
+from .store import BanRecord, open_store
 from .trw import SequentialDetector, TrwParameters
 
 HOUSEKEEPING_EVERY = 1.0
@@ -131,7 +131,7 @@ class Daemon:
         never = never_block_set(config.ignore_file, self.automatic,
                                 configuration.where(config, "IGNORE_FILE"))
         self.engine = Engine(policy_for(config, never), _sequential_for(config))
-        self.store = Store(config.state_file)
+        self.store = open_store(config.state_file, log.error)
         self._next_state_save = time.monotonic() + STATE_SAVE_EVERY
         self._set_responders(config)
 
@@ -320,7 +320,7 @@ class Daemon:
                  for a, left in self.bans.banned().items() if a not in known]
         if not found:
             return
-        self.store.add_bans(found)
+        self.store.add_bans(found, replace=False)
         with self.lock:
             for r in found:
                 self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
@@ -678,7 +678,7 @@ class Daemon:
         records = [BanRecord(a, now, None if left is None else now + left,
                              reason="found in the firewall", origin="kernel")
                    for a, left in found.items()]
-        self.store.add_bans(records)
+        self.store.add_bans(records, replace=False)
         with self.lock:
             for r in records:
                 self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)

@@ -8,6 +8,7 @@ command), so `unblock` and expiry can undo exactly that.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -50,6 +51,27 @@ CREATE TABLE IF NOT EXISTS counters (
 MAX_EVENTS = 100_000
 
 
+class StateCorrupt(Exception):
+    """The state file is not a database we can read."""
+
+
+def open_store(path: Path, log_error) -> "Store":
+    """The store; a corrupt file is set aside (kept for a post-mortem) and a
+    new one started, with one clear error. The bans in force are still in
+    the kernel: reconciliation records them again."""
+    try:
+        return Store(path)
+    except StateCorrupt as err:
+        kept = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(kept)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        log_error(f"adminalert: ERROR: the state file is corrupt ({err.__cause__}); kept as "
+                  f"{kept}, starting with a new one (bans in the firewall are kept and "
+                  "recorded again)")
+        return Store(path)
+
+
 @dataclass
 class BanRecord:
     address: str
@@ -75,13 +97,28 @@ class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-        path.chmod(0o600)
+        old_umask = os.umask(0o077)  # the database and its -wal/-shm files: root only
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+                self._db.execute("SELECT COUNT(*) FROM bans").fetchone()
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise
+            try:
+                self._db.close()
+            except (AttributeError, sqlite3.Error):
+                pass
+            raise StateCorrupt(f"{path} is not a readable state database") from err
+        finally:
+            os.umask(old_umask)
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if name.exists():
+                name.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:
@@ -111,14 +148,20 @@ class Store:
                                (ban.address, ban.since, ban.since)))
         self._write(statements)
 
-    def add_bans(self, bans: list[BanRecord]) -> None:
-        """Many bans in one transaction (adoption at start-up)."""
+    def add_bans(self, bans: list[BanRecord], replace: bool = True) -> None:
+        """Many bans in one transaction; `replace=False` (adoption of bans found
+        in the firewall) never overwrites a record made meanwhile."""
         rows = [tuple(getattr(b, c) for c in _COLUMNS) for b in bans]
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(f"INSERT OR REPLACE INTO bans ({', '.join(_COLUMNS)}) "
-                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany(f"{verb} INTO bans ({', '.join(_COLUMNS)}) "
+                                     f"VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def get_ban(self, address: str) -> BanRecord | None:
         with self._lock:

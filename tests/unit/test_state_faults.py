@@ -1,0 +1,54 @@
+"""The state file under faults: private files, a corrupt file set aside with a
+clear error, adoption never overwriting a real record."""
+
+import os
+from pathlib import Path
+
+from portsentinel.store import BanRecord, Store, StateCorrupt, open_store
+
+
+def test_every_state_file_is_private(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "state.db")
+        store.add_ban(BanRecord("198.51.100.2", 1.0, None))
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            path = tmp_path / name
+            assert path.exists(), name
+            assert path.stat().st_mode & 0o077 == 0, (name, oct(path.stat().st_mode))
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_corrupt_state_file_is_set_aside_with_a_clear_error(tmp_path: Path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database" * 100)
+    said = []
+    store = open_store(path, said.append)
+    assert store.bans() == []
+    kept = list(tmp_path.glob("state.db.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_bytes().startswith(b"this is not")
+    assert len(said) == 1 and "corrupt" in said[0] and str(kept[0]) in said[0]
+
+
+def test_a_corrupt_state_is_an_error_not_a_traceback(tmp_path: Path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"SQLite format 3\0" + b"\xff" * 4000)
+    try:
+        Store(path)
+    except StateCorrupt as err:
+        assert str(path) in str(err)
+    else:
+        raise AssertionError("a corrupt file was accepted")
+
+
+def test_adoption_never_overwrites_a_record(tmp_path: Path):
+    store = Store(tmp_path / "state.db")
+    store.add_ban(BanRecord("198.51.100.2", 1.0, 100.0, reason="from web-2", origin="web-2"))
+    store.add_bans([BanRecord("198.51.100.2", 5.0, 50.0, reason="found in the firewall",
+                              origin="kernel"),
+                    BanRecord("198.51.100.3", 5.0, 50.0, reason="found in the firewall",
+                              origin="kernel")], replace=False)
+    assert store.get_ban("198.51.100.2").origin == "web-2"
+    assert store.get_ban("198.51.100.3").origin == "kernel"
