@@ -40,7 +40,7 @@ from .listeners import ListeningPorts, PeerMemory
 from .metrics import Metrics
 from .nflog import KernelBanLog
 from .nft import LOG_PREFIX, KernelTrap, Nft, NftBans, NftError, port_ranges
-from .responders import ActionFailed, CompatActions, Records
+from .responders import COMMAND_TIMEOUT, ActionFailed, CompatActions, Records
 from .routewatch import RouteWatch
 from .sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from .store import BanRecord, open_store
@@ -450,11 +450,13 @@ class Daemon:
             self._errors_reported = now
             self.log.error(f"adminalert: ERROR: {message}")
 
-    def _queue(self, job) -> None:
+    def _queue(self, job) -> bool:
         try:
             self.reports.put_nowait(job)
+            return True
         except queue.Full:
             self.metrics.dropped.labels("report queue full").inc()
+            return False
 
     def run(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -853,12 +855,12 @@ class Daemon:
                          until=record.until, actions=list(actions))
         return True
 
-    def _save(self, record: BanRecord) -> None:
+    def _save(self, record: BanRecord, count_offence: bool = True) -> None:
         """Store a ban whose actions ran. If the state cannot be written now
         (locked by another program, a full disk), the record is kept in memory,
         listed and liftable, and written by the next housekeeping that can."""
         try:
-            self.store.add_ban(record)
+            self.store.add_ban(record, count_offence)
             self._unsaved.pop(record.address, None)
         except sqlite3.Error as err:
             first = record.address not in self._unsaved
@@ -1019,7 +1021,13 @@ class Daemon:
             return []
         return [a for a in banned if a not in known and ipaddress.ip_address(a) in network]
 
-    def block(self, address: str, seconds, origin: str = "cli", reason: str = "manual") -> dict:
+    def block(self, address: str, seconds, origin: str = "cli", reason: str = "manual",
+              wait: bool = True) -> dict:
+        """Ban by hand or for a fleet member. The nftables ban is made here; the
+        compatibility commands run on the reporter thread (never on the control
+        or fleet thread); `wait` for their outcome (the CLI does, the fleet not).
+        An address already blocked only gets its ban time set: no command runs
+        twice (two iptables rules that one unblock could not both lift)."""
         try:
             ip = canonical(address)
         except ValueError:
@@ -1028,6 +1036,9 @@ class Daemon:
             return {"ok": False, "error": f"{ip} is never blocked (this host, its gateways and "
                                           "resolvers, loopback or the ignore files)"}
         now = time.time()
+        existing = self.store.get_ban(str(ip)) or self._unsaved.get(str(ip))
+        if existing is not None:
+            return self._set_ban_time(existing, ip, seconds, now)
         with self.lock:
             length = self.engine.ban(ip, now, None if seconds is None else float(seconds))
         record = BanRecord(str(ip), now, now + length if length else None, reason=reason,
@@ -1042,14 +1053,44 @@ class Daemon:
                 nft_result = self.bans.ban(ip, length, replace=True)
             except NftError as err:
                 nft_result = err
-        if not actions or not self._apply(actions, record, nft_result):
-            with self.lock:
-                self.engine.forget(ip)
+        outcome: queue.SimpleQueue = queue.SimpleQueue()
+
+        def apply() -> None:
+            ok = bool(actions) and self._apply(actions, record, nft_result)
+            if not ok:
+                with self.lock:
+                    self.engine.forget(ip)
+            elif origin == "cli":
+                self.log(f"adminalert: Host {ip} blocked by command for {_duration(length)}",
+                         logs.NOTICE)
+            outcome.put(ok)
+
+        if not self._queue(apply):
+            apply()  # the reporter is swamped: an admin's command still gets done
+        if not wait:
+            return {"ok": True, "address": str(ip), "until": record.until}
+        try:
+            ok = outcome.get(timeout=3 * COMMAND_TIMEOUT)
+        except queue.Empty:
+            return {"ok": False, "error": f"blocking {ip} is taking long; see the log"}
+        if not ok:
             return {"ok": False, "error": f"could not block {ip}: no block action worked"}
-        if origin == "cli":
-            self.log(f"adminalert: Host {ip} blocked by command for {_duration(length)}",
-                     logs.NOTICE)
         return {"ok": True, "address": str(ip), "until": record.until}
+
+    def _set_ban_time(self, record: BanRecord, ip, seconds, now: float) -> dict:
+        length = self.config.ban_time if seconds is None else float(seconds)
+        record.until = now + length if length else None
+        with self.lock:
+            self.engine.restore(ip, record.since, record.until)
+        if self.bans is not None:
+            try:
+                self.bans.ban(ip, length, replace=True)
+            except NftError as err:
+                return {"ok": False, "error": f"could not set the ban time of {ip}: {err}"}
+        self._save(record, count_offence=False)
+        self.log(f"adminalert: Host {ip} was blocked already; its ban now lasts "
+                 f"{_duration(length)} from now", logs.NOTICE)
+        return {"ok": True, "address": str(ip), "until": record.until, "already": True}
 
     # -- fleet (fleet thread) ---------------------------------------------
     def _fleet_ban(self, message: dict) -> None:
@@ -1072,7 +1113,7 @@ class Daemon:
             return
         reason = str(message.get("reason") or "fleet")[:200]
         result = self.block(address, 0 if until is None else until - now, origin=member,
-                            reason=reason)
+                            reason=reason, wait=False)
         if not result["ok"]:
             self.log.error(f"adminalert: ERROR: fleet ban of {ip} from {member}: {result['error']}")
             return

@@ -54,3 +54,24 @@ def test_a_locked_state_database_does_not_stop_the_daemon(lab, start_daemon):
 
 def listed(daemon) -> set[str]:
     return {b["address"] for b in json.loads(daemon.cli("list", "--json").stdout)}
+
+
+def test_block_of_a_blocked_address_sets_its_time_and_runs_no_command_twice(
+        lab, start_daemon, tmp_path):
+    ran = tmp_path / "ran"
+    script = tmp_path / "route.sh"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {ran}\n')
+    script.chmod(0o755)
+    daemon = start_daemon(ATCP + f'KILL_ROUTE="{script} add $TARGET$"\n'
+                                 f'KILL_ROUTE_UNDO="{script} del $TARGET$"\n')
+    address = extra4(24)
+    first = daemon.cli("block", address, "--for", "1h")
+    second = daemon.cli("block", address, "--for", "2h")
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    assert ran.read_text() == f"add {address}\n"
+    left = daemon.set_timeouts()[address]
+    assert 3600 < left <= 7200, left
+    daemon.wait_log(f"Host {address} was blocked already; its ban now lasts 7200s")
+    daemon.cli("unblock", address)
+    assert ran.read_text() == f"add {address}\ndel {address}\n"
+    assert address not in daemon.banned()
