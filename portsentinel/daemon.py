@@ -39,6 +39,7 @@ from .ignore import (IgnoreFilesStamp, gateway_addresses, local_addresses, never
 from .listeners import ListeningPorts, PeerMemory
 from .metrics import Metrics
 from .nflog import KernelBanLog
+from .nftwatch import RulesetWatch
 from .nft import LOG_PREFIX, KernelTrap, Nft, NftBans, NftError, port_ranges
 from .responders import COMMAND_TIMEOUT, ActionFailed, CompatActions, Records
 from .routewatch import RouteWatch
@@ -51,6 +52,7 @@ ADDRESSES_EVERY = 30.0
 LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
+FIREWALL_CHECK_DELAY = 0.05  # after a deletion in our table: let a burst of events pass
 RECONCILE_EVERY = 30.0  # kernel sets against the state; longer with many bans:
 RECONCILE_PER_BAN = 0.001  # a dump costs ~10 us a ban, so at most ~1 % of a core
 SET_WARN, SET_EVICT, SET_EVICT_TO = 0.80, 0.95, 0.90  # of BAN_SET_SIZE
@@ -127,6 +129,8 @@ class Daemon:
         self._set_warned = False
         self._unsaved: dict[str, BanRecord] = {}  # bans whose state write failed: retried
         self._unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
+        self.ruleset_watch: RulesetWatch | None = None
+        self._firewall_check_due = 0.0
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         never = never_block_set(config.ignore_file, self.automatic,
                                 configuration.where(config, "IGNORE_FILE"))
@@ -474,6 +478,7 @@ class Daemon:
         except OSError as err:
             self.log.error(f"adminalert: ERROR: cannot watch routes ({err}); polling every "
                            f"{ADDRESSES_EVERY:.0f} s")
+        self._watch_ruleset()
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
         next_housekeeping = next_addresses = next_listeners = 0.0
@@ -490,8 +495,15 @@ class Daemon:
                         if self.route_watch.changed():
                             self._refresh_never_block(force=False, addresses=True)
                         continue
+                    if key.fileobj is self.ruleset_watch:
+                        if self.ruleset_watch.touched() and not self._firewall_check_due:
+                            self._firewall_check_due = time.monotonic() + FIREWALL_CHECK_DELAY
+                        continue
                     self._read(key.fileobj)
                 now = time.monotonic()
+                if self._firewall_check_due and now >= self._firewall_check_due:
+                    self._firewall_check_due = 0.0
+                    self._queue(self.verify_firewall)
                 if watching and now >= next_listeners:
                     next_listeners = now + LISTENERS_EVERY
                     self._refresh_listeners()
@@ -558,6 +570,8 @@ class Daemon:
             self.control.close()
         if self.route_watch is not None:
             self.route_watch.close()
+        if self.ruleset_watch is not None:
+            self.ruleset_watch.close()
         if self.fleet is not None:
             self.fleet.stop()
         self.reports.put(None)
@@ -644,6 +658,34 @@ class Daemon:
             self._lift(record, "evict")
         self.log.error(f"adminalert: WARNING: ban sets nearly full: lifted the {len(victims)} "
                        "bans that end soonest to make room for new ones")
+
+    def _watch_ruleset(self) -> None:
+        if self.bans is None:
+            return
+        try:
+            self.ruleset_watch = RulesetWatch(self.config.nft_table)
+            self.selector.register(self.ruleset_watch, selectors.EVENT_READ)
+        except OSError as err:
+            self.log.error(f"adminalert: ERROR: cannot watch the ruleset ({err}); a flushed "
+                           f"firewall is found by reconciliation instead")
+
+    def verify_firewall(self) -> None:
+        """Another program deleted something of our table (reporter thread):
+        if anything is missing, install the table again and put back every ban."""
+        if self.bans is None or self.bans.intact():
+            return
+        started = time.perf_counter()
+        self.metrics.drift.labels("table").inc()
+        self.log.error("adminalert: WARNING: our nftables table was changed by another program "
+                       "(a ruleset flush?); restoring it, the kernel trap and every ban")
+        self.bans.install(self.kernel_trap, self.config.ban_time)
+        self.bans.set_never_block(self.engine.policy.never_block)
+        now = time.time()
+        records = [r for r in self._with_unsaved(self.store.bans())
+                   if (r.until is None or r.until > now) and r.address not in self._unremoved]
+        self.bans.elements.add_each((r.address, r.remaining(now) or 0) for r in records)
+        self.log(f"adminalert: firewall restored: table, kernel trap and {len(records)} bans, "
+                 f"in {1000 * (time.perf_counter() - started):.0f} ms", logs.NOTICE)
 
     def reconcile(self) -> dict:
         """Kernel sets against the state: each difference is logged, counted and

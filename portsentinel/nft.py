@@ -28,6 +28,7 @@ from .addrset import AddressSet, canonical
 from .nfnetlink import SetElements, dump_set
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
+NFT_CTX_OUTPUT_TERSE = 1 << 11  # no set elements in listings
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
@@ -60,9 +61,10 @@ class Nft:
         lib.nft_ctx_buffer_error(self._ctx)
         self._lock = threading.Lock()
 
-    def run(self, commands: str, as_json: bool = False) -> str:
+    def run(self, commands: str, as_json: bool = False, terse: bool = False) -> str:
+        flags = (NFT_CTX_OUTPUT_JSON if as_json else 0) | (NFT_CTX_OUTPUT_TERSE if terse else 0)
         with self._lock:
-            self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON if as_json else 0)
+            self._lib.nft_ctx_output_set_flags(self._ctx, flags)
             rc = self._lib.nft_run_cmd_from_buffer(self._ctx, commands.encode())
             out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
             err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
@@ -124,6 +126,7 @@ class NftBans:
     def __init__(self, nft: Nft, table: str = "portsentinel", set_size: int = BAN_SET_SIZE):
         self.nft, self.table, self.set_size = nft, table, set_size
         self.elements = SetElements(table)  # the fast path for bans
+        self.expected_rules: dict[str, int] = {}  # chain -> rules, as last installed
 
     def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
         """Create or refresh the table in one transaction; bans already in
@@ -272,6 +275,23 @@ class NftBans:
                 f"add rule inet {t} trap meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }}{log} counter drop",
             ]
         self.nft.run("\n".join(commands) + "\n")
+        prefix = f"add rule inet {t} "
+        chains = [c[len(prefix):].split(" ", 1)[0] for c in commands if c.startswith(prefix)]
+        self.expected_rules = {c: chains.count(c) for c in set(chains)}
+
+    def intact(self) -> bool:
+        """Are our table, its ban sets and every rule we installed still there?
+        (Listed without set elements: milliseconds, whatever the bans.)"""
+        try:
+            data = json.loads(self.nft.run(f"list table inet {self.table}", as_json=True,
+                                           terse=True))
+        except (NftError, ValueError):
+            return False
+        items = data.get("nftables", [])
+        sets = {i["set"]["name"] for i in items if "set" in i}
+        rules = [i["rule"]["chain"] for i in items if "rule" in i]
+        return {"ban4", "ban6"} <= sets and all(
+            rules.count(chain) >= n for chain, n in self.expected_rules.items())
 
     def _challenge(self, port: int) -> list[str]:
         """A peer's SYN to an unserved TCP trap port goes to our catch-all
@@ -338,6 +358,8 @@ class NftBans:
         """Stop trapping (daemon stopping); bans stay enforced."""
         self.nft.run(f"flush chain inet {self.table} input\n"
                      f"flush chain inet {self.table} prerouting_nat\n")
+        for chain in ("input", "prerouting_nat"):
+            self.expected_rules.pop(chain, None)
 
     def command(self, address, timeout: float) -> str:
         ip = canonical(address)  # never format anything but an address

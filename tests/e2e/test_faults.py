@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -75,3 +76,28 @@ def test_block_of_a_blocked_address_sets_its_time_and_runs_no_command_twice(
     daemon.cli("unblock", address)
     assert ran.read_text() == f"add {address}\ndel {address}\n"
     assert address not in daemon.banned()
+
+
+def test_a_ruleset_flush_is_undone_within_a_second(lab, start_daemon):
+    """`nft flush ruleset` (an nftables.service restart): the daemon notices at
+    once and puts back its table, the kernel trap and every ban in force."""
+    daemon = start_daemon(ATCP)
+    banned = extra4(25)
+    daemon.cli("block", banned, "--for", "1h")
+    lab.exec("target", "nft", "flush", "ruleset", check=True)
+    flushed = time.monotonic()
+    while banned not in daemon.banned():
+        assert time.monotonic() - flushed < 1.0, daemon.log_text()[-1500:]
+        time.sleep(0.02)
+    daemon.wait_log("firewall restored: table, kernel trap and 1 bans")
+    assert 3000 < daemon.set_timeouts()[banned] <= 3600
+    source = extra4(26)  # the trap is armed again
+    nmap(lab, "-sS", source, TARGET4, "20-25")
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
+    # a chain flushed by hand is noticed too
+    lab.exec("target", "nft", "flush", "chain", "inet", "portsentinel", "trap", check=True)
+    time.sleep(1.0)
+    assert "add @ban4" in lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
+                                   "trap").stdout
