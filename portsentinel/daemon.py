@@ -52,6 +52,7 @@ ADDRESSES_EVERY = 30.0
 LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
+REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
 FIREWALL_CHECK_DELAY = 0.05  # after a deletion in our table: let a burst of events pass
 RECONCILE_EVERY = 30.0  # kernel sets against the state; longer with many bans:
 RECONCILE_PER_BAN = 0.001  # a dump costs ~10 us a ban, so at most ~1 % of a core
@@ -130,6 +131,7 @@ class Daemon:
         self._unsaved: dict[str, BanRecord] = {}  # bans whose state write failed: retried
         self._unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
         self.ruleset_watch: RulesetWatch | None = None
+        self.repeat_lines = logs.LineBudget(REPEAT_LINES_PER_SECOND, REPEAT_LINES_PER_SECOND)
         self._firewall_check_due = 0.0
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         never = never_block_set(config.ignore_file, self.automatic,
@@ -344,6 +346,9 @@ class Daemon:
                 return None
             probe = decision.probe
         if decision.verdict in (Verdict.IGNORED, Verdict.PENDING) or not decision.report:
+            return decision
+        if decision.verdict is Verdict.ALREADY_BLOCKED \
+                and not self.repeat_lines.take(time.monotonic()):
             return decision
         nft_result: str | Exception | None = None
         if decision.verdict is Verdict.BLOCK:
@@ -619,6 +624,9 @@ class Daemon:
                 self._queue(partial(self._lift, record, "expire"))
         if self._unsaved or self._unremoved:
             self._queue(self._save_unsaved)
+        held = self.repeat_lines.summary()
+        if held:
+            self.log(held)
         active = self.store.count()
         self.metrics.active_bans.set(active)
         self._watch_set_fill(active)

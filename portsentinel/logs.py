@@ -119,3 +119,33 @@ class Log:
     def error(self, message: str) -> None:
         self(message, ERROR)
 
+
+
+class LineBudget:
+    """An overall limit on repeat lines (a token bucket, clock given): the
+    engine limits "already blocked" lines per host, this limits them for all
+    hosts together, so ten thousand banned hosts probing cannot flood syslog.
+    What it holds back is counted for a one-line summary."""
+
+    def __init__(self, per_second: float, burst: int):
+        self.rate, self.burst = per_second, float(burst)
+        self.tokens, self.at, self.held = float(burst), None, 0
+
+    def take(self, now: float) -> bool:
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.held += 1
+        return False
+
+    def summary(self) -> str | None:
+        """The line for what was held back since the last call, if anything."""
+        if not self.held:
+            return None
+        held, self.held = self.held, 0
+        return (f"attackalert: {held} more probes from blocked hosts were not logged "
+                "(repeat lines are limited to "
+                f"{self.rate:g}/s overall)")

@@ -102,3 +102,14 @@ def test_fail2ban_stock_filter_matches_history(tmp_path: Path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"Failregex: 2 total", done.stdout), done.stdout
+
+
+def test_repeat_lines_are_limited_overall_and_summarised():
+    from portsentinel.logs import LineBudget
+    budget = LineBudget(per_second=20, burst=20)
+    taken = sum(budget.take(100.0 + i / 10_000) for i in range(10_000))  # 10,000 in 1 s
+    assert 38 <= taken <= 41  # the burst, then 20 a second
+    assert budget.summary() == (f"attackalert: {10_000 - taken} more probes from blocked hosts "
+                                "were not logged (repeat lines are limited to 20/s overall)")
+    assert budget.summary() is None
+    assert budget.take(200.0)  # refilled a while later
