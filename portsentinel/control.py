@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 MAX_REQUEST = 65536
+MAX_REPLY = 1 << 30  # `list` of a million bans
 TIMEOUT = 30.0
 
 
@@ -97,16 +98,17 @@ class ControlServer:
         conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
+def _read_line(conn: socket.socket, limit: int = MAX_REQUEST) -> bytes:
+    chunks, size = [], 0
+    while not chunks or not chunks[-1].endswith(b"\n"):
+        chunk = conn.recv(1 << 16)
         if not chunk:
             break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ControlError("request too large")
-    return data
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ControlError("request too large" if limit == MAX_REQUEST else "reply too large")
+    return b"".join(chunks)
 
 
 def request(path: Path, message: dict, timeout: float = TIMEOUT) -> dict:
@@ -120,7 +122,7 @@ def request(path: Path, message: dict, timeout: float = TIMEOUT) -> dict:
         except PermissionError:
             raise ControlError(f"permission denied on {path}: run as root") from None
         sock.sendall(json.dumps(message).encode() + b"\n")
-        reply = _read_line(sock)
+        reply = _read_line(sock, MAX_REPLY)
     finally:
         sock.close()
     if not reply:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import nmap
-from netlab import TARGET4, extra4
+from netlab import TARGET4, TARGET6, extra4
+
+PROBES = str(Path(__file__).resolve().parents[2] / "bench" / "probes.py")
 
 ATCP = 'TCP_MODE="atcp"\nUDP_MODE="audp"\n'
 HOLD = """
@@ -101,3 +106,65 @@ def test_a_ruleset_flush_is_undone_within_a_second(lab, start_daemon):
     time.sleep(1.0)
     assert "add @ban4" in lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
                                    "trap").stdout
+
+
+def test_sigkill_in_a_burst_of_bans_then_restart_loses_and_doubles_nothing(
+        lab, start_daemon, tmp_path):
+    """Killed while spoofed sources are being banned: after a restart every ban
+    is both in the kernel set and in the state, and no hosts.deny line twice."""
+    daemon = start_daemon(ATCP + 'BAN_RATE_LIMIT="1000/s"\nKILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n')
+    mac = re.search(r"link/ether (\S+)",
+                    lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
+    flood = lab.start("attacker", sys.executable, PROBES, "flood", "eth0", mac, TARGET6,
+                      "500", "1", "1")
+    time.sleep(0.4)
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    flood.wait(10)
+    daemon.start()
+    daemon.wait_log("PortSentry is now active and listening.", after_last_start=True)
+    time.sleep(1.0)  # adoption of what the kernel banned while we were down
+    kernel = daemon.banned()
+    assert len(kernel) > 100, len(kernel)
+    state = {b["address"] for b in json.loads(daemon.cli("list", "--json").stdout)}
+    assert state == kernel, (len(state), len(kernel), sorted(kernel ^ state)[:5])
+    lines = daemon.hosts_deny.read_text().splitlines()
+    assert len(lines) == len(set(lines)), "a hosts.deny line twice"
+
+
+def test_a_broken_ignore_file_keeps_the_last_good_list(lab, start_daemon, tmp_path):
+    ignore = tmp_path / "portsentry.ignore"
+    friend = extra4(27)
+    ignore.write_text(f"{friend}\n")
+    daemon = start_daemon(ATCP + f'IGNORE_FILE="{ignore}"\n')
+    ignore.write_text(f"{friend}\nthis is not an address\n")
+    daemon.wait_log("ignore list not reloaded", timeout=5)
+    nmap(lab, "-sS", friend, TARGET4, "20-25")
+    time.sleep(0.5)
+    assert friend not in daemon.banned()  # still ignored: the old list stands
+    assert daemon.proc.poll() is None
+
+
+def test_a_full_disk_loses_no_ban(lab, start_daemon, tmp_path):
+    """The state directory's filesystem fills up: blocking goes on, the bans are
+    listed from memory, and written once there is room again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        daemon = start_daemon(ATCP + f'STATE_FILE="{disk}/state.db"\n'
+                                     f'HISTORY_FILE="{disk}/history"\n')
+        filler = disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        source = extra4(28)
+        nmap(lab, "-sS", source, TARGET4, "20-25")
+        assert source in daemon.banned()
+        daemon.wait_log(f"cannot write {disk}/history")
+        state = {b["address"] for b in json.loads(daemon.cli("list", "--json").stdout)}
+        assert source in state
+        filler.unlink()
+        daemon.wait_log("every ban is recorded", timeout=5)
+        assert daemon.proc.poll() is None
+        daemon.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -52,3 +52,14 @@ def test_adoption_never_overwrites_a_record(tmp_path: Path):
                               origin="kernel")], replace=False)
     assert store.get_ban("198.51.100.2").origin == "web-2"
     assert store.get_ban("198.51.100.3").origin == "kernel"
+
+
+def test_list_of_many_bans_fits_through_the_control_socket(tmp_path: Path):
+    """A reply is not a request: `list` of 100,000 bans is several MB."""
+    from portsentinel.control import ControlServer, request
+    bans = [{"address": f"10.0.{i // 250}.{i % 250}", "reason": "x"} for i in range(100_000)]
+    server = ControlServer(tmp_path / "c.sock", lambda message: {"ok": True, "bans": bans})
+    try:
+        assert len(request(tmp_path / "c.sock", {"command": "list"})["bans"]) == 100_000
+    finally:
+        server.close()
