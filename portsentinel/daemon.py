@@ -885,8 +885,12 @@ class Daemon:
                     self.log(logs.route_line(target, nft_result))
                 elif action == HOSTS_DENY:
                     record.hosts_deny_line = self.compat.hosts_deny(target, port, mode)
+                    record.hosts_deny_file = str(self.config.hosts_deny_file)
                 elif action == KILL_ROUTE:
                     record.kill_route_command = self.compat.kill_route(target, port, mode)
+                    if record.kill_route_command:
+                        record.kill_route_undo = self.compat.undo_for(
+                            target, record.kill_route_command, port, mode)
                 elif action == RUN_CMD:
                     self.compat.run_cmd(target, port, mode)
                 done += 1
@@ -958,7 +962,8 @@ class Daemon:
             self.bans.unban(address)
         problems = self.compat.undo(record.address, record.hosts_deny_line,
                                     record.kill_route_command, record.port or 0,
-                                    record.mode or "")
+                                    record.mode or "", record.hosts_deny_file,
+                                    record.kill_route_undo)
         self._unsaved.pop(record.address, None)
         self._remove(record.address, cause)
         self._expiring.discard(record.address)

@@ -158,14 +158,18 @@ class CompatActions:
                            "sources are not blocked (said once)")
 
     def undo(self, target: str, hosts_deny_line: str | None, kill_route_command: str | None,
-             port: int, mode: str) -> list[str]:
-        """Reverse what a ban did outside nftables; returns problems, if any."""
+             port: int, mode: str, hosts_deny_file: str | None = None,
+             kill_route_undo: str | None = None) -> list[str]:
+        """Reverse what a ban did outside nftables; returns problems, if any.
+        `hosts_deny_file` and `kill_route_undo` are as they were at ban time
+        (a reload may have changed the config since); older records have none."""
         problems = []
-        if hosts_deny_line and remove_line(self.config.hosts_deny_file, hosts_deny_line):
-            self.log(f'adminalert: Host {target} removed from {self.config.hosts_deny_file}: '
+        deny_file = Path(hosts_deny_file) if hosts_deny_file else self.config.hosts_deny_file
+        if hosts_deny_line and remove_line(deny_file, hosts_deny_line):
+            self.log(f'adminalert: Host {target} removed from {deny_file}: '
                      f'"{hosts_deny_line}"', logs.INFO)
         if kill_route_command:
-            undo = self._undo_for(target, kill_route_command, port, mode)
+            undo = kill_route_undo or self.undo_for(target, kill_route_command, port, mode)
             if undo is None:
                 problems.append(f"KILL_ROUTE has no known undo; set KILL_ROUTE_UNDO or "
                                 f"reverse by hand: {kill_route_command}")
@@ -183,7 +187,7 @@ class CompatActions:
                         problems.append(f'undo "{undo}" failed: {err}')
         return problems
 
-    def _undo_for(self, target: str, kill_route_command: str, port: int, mode: str) -> str | None:
+    def undo_for(self, target: str, kill_route_command: str, port: int, mode: str) -> str | None:
         """The undo of the command that was really run (e.g. the ip6tables one)."""
         if not self.config.kill_route_undo:
             return undo_command(kill_route_command)

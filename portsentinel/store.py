@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS bans (
     reason TEXT NOT NULL,       -- e.g. 'TCP SYN/Normal scan', 'manual'
     origin TEXT NOT NULL,       -- 'local', 'cli', 'kernel', a fleet member's name
     hosts_deny_line TEXT,
-    kill_route_command TEXT
+    kill_route_command TEXT,
+    hosts_deny_file TEXT,       -- where the line went, and the undo of the command, as
+    kill_route_undo TEXT        -- they were at ban time (a reload may change both)
 );
 CREATE INDEX IF NOT EXISTS bans_until ON bans (until);
 CREATE TABLE IF NOT EXISTS offenders (
@@ -84,13 +86,16 @@ class BanRecord:
     origin: str = "local"
     hosts_deny_line: str | None = None
     kill_route_command: str | None = None
+    hosts_deny_file: str | None = None
+    kill_route_undo: str | None = None
 
     def remaining(self, now: float) -> float | None:
         return None if self.until is None else max(0.0, self.until - now)
 
 
 _COLUMNS = ("address", "since", "until", "port", "protocol", "mode", "reason", "origin",
-            "hosts_deny_line", "kill_route_command")
+            "hosts_deny_line", "kill_route_command", "hosts_deny_file", "kill_route_undo")
+_ADDED_COLUMNS = ("hosts_deny_file", "kill_route_undo")  # state files made before them
 
 
 class Store:
@@ -105,6 +110,10 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(SCHEMA)
+                have = {row[1] for row in self._db.execute("PRAGMA table_info(bans)")}
+                for column in _ADDED_COLUMNS:
+                    if column not in have:
+                        self._db.execute(f"ALTER TABLE bans ADD COLUMN {column} TEXT")
                 self._db.execute("SELECT COUNT(*) FROM bans").fetchone()
         except sqlite3.DatabaseError as err:
             if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):

@@ -168,3 +168,28 @@ def test_a_full_disk_loses_no_ban(lab, start_daemon, tmp_path):
         daemon.stop()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_reload_never_undoes_older_bans_with_new_settings(lab, start_daemon, tmp_path):
+    """A ban is undone the way it was done: its hosts.deny file and its
+    KILL_ROUTE undo are kept with it, whatever a reload changed since."""
+    ran = tmp_path / "ran"
+    script = tmp_path / "route.sh"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {ran}\n')
+    script.chmod(0o755)
+    first, second = tmp_path / "deny.first", tmp_path / "deny.second"
+    keys = (ATCP + 'KILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n'
+            f'KILL_ROUTE="{script} add $TARGET$"\n')
+    daemon = start_daemon(keys + f'HOSTS_DENY_FILE="{first}"\n'
+                                 f'KILL_ROUTE_UNDO="{script} undo-one $TARGET$"\n')
+    address = extra4(29)
+    daemon.cli("block", address)
+    assert f"ALL: {address} : DENY" in first.read_text()
+    config = daemon.conf.read_text()
+    config = config.replace(f'HOSTS_DENY_FILE="{first}"', f'HOSTS_DENY_FILE="{second}"')
+    config = config.replace("undo-one", "undo-two")
+    daemon.conf.write_text(config)
+    daemon.cli("reload")
+    daemon.cli("unblock", address)
+    assert f"ALL: {address} : DENY" not in first.read_text()
+    assert ran.read_text() == f"add {address}\nundo-one {address}\n"

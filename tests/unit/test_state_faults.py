@@ -63,3 +63,18 @@ def test_list_of_many_bans_fits_through_the_control_socket(tmp_path: Path):
         assert len(request(tmp_path / "c.sock", {"command": "list"})["bans"]) == 100_000
     finally:
         server.close()
+
+
+def test_a_state_file_from_before_the_undo_columns_is_migrated(tmp_path: Path):
+    import sqlite3
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.executescript("""CREATE TABLE bans (address TEXT PRIMARY KEY, since REAL NOT NULL,
+        until REAL, port INTEGER, protocol TEXT, mode TEXT, reason TEXT NOT NULL,
+        origin TEXT NOT NULL, hosts_deny_line TEXT, kill_route_command TEXT);
+        INSERT INTO bans VALUES ('198.51.100.2', 1, NULL, 22, 'tcp', 'atcp', 'scan', 'local',
+                                 'ALL: 198.51.100.2 : DENY', NULL);""")
+    old.commit()
+    old.close()
+    ban = Store(path).get_ban("198.51.100.2")
+    assert ban.hosts_deny_line == "ALL: 198.51.100.2 : DENY" and ban.hosts_deny_file is None
