@@ -23,6 +23,8 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -52,6 +54,7 @@ ADDRESSES_EVERY = 30.0
 LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
+RESOLVE_WAIT = 0.5  # RESOLVE_HOST: longest wait for a name, from the detection
 REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
 FIREWALL_CHECK_DELAY = 0.05  # after a deletion in our table: let a burst of events pass
 RECONCILE_EVERY = 30.0  # kernel sets against the state; longer with many bans:
@@ -132,6 +135,7 @@ class Daemon:
         self._unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
         self.ruleset_watch: RulesetWatch | None = None
         self.repeat_lines = logs.LineBudget(REPEAT_LINES_PER_SECOND, REPEAT_LINES_PER_SECOND)
+        self._names: ThreadPoolExecutor | None = None  # RESOLVE_HOST lookups
         self._firewall_check_due = 0.0
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         never = never_block_set(config.ignore_file, self.automatic,
@@ -367,7 +371,7 @@ class Daemon:
             self.metrics.decoys.inc()
         elif decision.verdict is Verdict.RATE_LIMITED:
             self.metrics.rate_limited.inc()
-        self._queue(partial(self._report, decision, nft_result))
+        self._queue(partial(self._report, decision, nft_result, "local", self._lookup(probe)))
         return decision
 
     def _judge(self, probe, served: bool) -> Decision | None:
@@ -433,7 +437,7 @@ class Daemon:
                 nft_result = self.bans.ban(probe.source, decision.ban_seconds, replace=True)
             except NftError as err:
                 nft_result = err
-        self._queue(partial(self._report, decision, nft_result, "kernel"))
+        self._queue(partial(self._report, decision, nft_result, "kernel", self._lookup(probe)))
 
     def _with_peer(self, probe):
         """Mark a stateless probe whose source completed a handshake with us lately."""
@@ -829,10 +833,31 @@ class Daemon:
             except Exception as err:  # a report must never kill the reporter
                 self.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
 
-    def _report(self, decision: Decision, nft_result, origin: str = "local") -> None:
+    def _lookup(self, probe) -> Future | None:
+        """RESOLVE_HOST: start the reverse lookup as soon as a scan is seen, on a
+        small pool, so that slow lookups overlap instead of queueing up."""
+        if not self.config.resolve_host:
+            return None
+        if self._names is None:
+            self._names = ThreadPoolExecutor(8, thread_name_prefix="resolve")
+        return self._names.submit(_resolve, str(probe.source))
+
+    def _name(self, lookup: Future | None, probe) -> str | None:
+        """The name, if it came within RESOLVE_WAIT of the detection: a scanner
+        that controls its reverse zone cannot stall the bans behind it."""
+        if lookup is None:
+            return None
+        try:
+            return lookup.result(timeout=max(0.0, probe.time + RESOLVE_WAIT - time.time()))
+        except FutureTimeout:
+            self.metrics.dropped.labels("name lookup too slow").inc()
+            return None
+
+    def _report(self, decision: Decision, nft_result, origin: str = "local",
+                lookup: Future | None = None) -> None:
         probe = decision.probe
         target = str(probe.source)
-        name = _resolve(target) if self.config.resolve_host else None
+        name = self._name(lookup, probe)
         if decision.slow_scan:
             self.log(f"attackalert: Slow scan from host: {logs.host_label(target, name)} to "
                      f"{probe.protocol.upper()} port: {probe.port} ({decision.slow_scan} failed "

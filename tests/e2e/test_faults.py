@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import nmap
-from netlab import TARGET4, TARGET6, extra4
+from netlab import CLIENT4, TARGET4, TARGET6, extra4
 
 PROBES = str(Path(__file__).resolve().parents[2] / "bench" / "probes.py")
 
@@ -193,3 +194,32 @@ def test_a_reload_never_undoes_older_bans_with_new_settings(lab, start_daemon, t
     daemon.cli("unblock", address)
     assert f"ALL: {address} : DENY" not in first.read_text()
     assert ran.read_text() == f"add {address}\nundo-one {address}\n"
+
+
+def test_a_slow_reverse_zone_does_not_stall_the_bans_behind_it(lab, start_daemon):
+    """RESOLVE_HOST=1 with a resolver that never answers (a scanner controlling
+    its reverse zone): each ban's records wait at most half a second for a
+    name, not the resolver's timeout, one after the other."""
+    sink = lab.start("client", sys.executable, "-c",
+                     "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                     "s.bind(('0.0.0.0',53))\ns.settimeout(1)\nt=time.time()\n"
+                     "while time.time()-t<120:\n try: s.recvfrom(2048)\n except OSError: pass\n")
+    netns_etc = Path("/etc/netns") / lab.ns["target"]  # `ip netns exec` mounts it over /etc
+    netns_etc.mkdir(parents=True, exist_ok=True)
+    (netns_etc / "resolv.conf").write_text(f"nameserver {CLIENT4}\noptions timeout:5 attempts:1\n")
+    try:
+        daemon = start_daemon(ATCP + 'RESOLVE_HOST="1"\nKILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n')
+        sources = [extra4(i) for i in (20, 21, 22)]
+        for source in sources:
+            nmap(lab, "-sS", source, TARGET4, "20-21")
+        scanned = time.monotonic()
+        while not all(f"ALL: {s} : DENY" in (daemon.hosts_deny.read_text()
+                                              if daemon.hosts_deny.exists() else "")
+                      for s in sources):
+            assert time.monotonic() - scanned < 3.0, daemon.log_text()[-1500:]
+            time.sleep(0.05)
+    finally:
+        shutil.rmtree(netns_etc, ignore_errors=True)
+        if not any(netns_etc.parent.iterdir()):
+            netns_etc.parent.rmdir()
+        lab.stop(sink)
