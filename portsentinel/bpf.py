@@ -4,7 +4,9 @@ Attached to an AF_PACKET/SOCK_DGRAM socket (data starts at the IP header), it
 lets through only what can be a probe, so Python never sees the bulk of the
 traffic: packets addressed to this host (PACKET_HOST), IPv4/IPv6, TCP without
 ACK or RST, or UDP, first fragments only, destination port below a limit.
-IPv6 packets with extension headers are passed on for the Python parser.
+IPv6 packets with extension headers are passed on whole for the Python parser
+(they may be long), and so are IPv4 first fragments of TCP, whose flags may lie
+in the next fragment (`nmap -f`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SKF_AD_PROTOCOL, SKF_AD_PKTTYPE = 0, 4
 SO_ATTACH_FILTER = 26
 PACKET_HOST = 0
 SNAPLEN = 256
+SNAPLEN_EXTENDED = 65535  # IPv6 extension headers: up to 8 of 2 KiB before TCP/UDP
 
 Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
@@ -72,6 +75,8 @@ def probe_filter(tcp: bool, udp: bool, tcp_limit: int = 65536, udp_limit: int = 
     p.op(JEQ, 17, "udp4" if udp else "drop", "drop")
     p.label("tcp4")
     p.op(LDX_MSH, 0)  # X = IPv4 header length
+    p.op(LD_H_ABS, 6)
+    p.op(JSET, 0x2000, "accept", 0)  # a first fragment: the flags may come later
     p.op(LD_B_IND, 13)
     p.op(JSET, 0x14, "drop", 0)  # ACK or RST
     p.op(LD_H_IND, 2)
@@ -86,7 +91,7 @@ def probe_filter(tcp: bool, udp: bool, tcp_limit: int = 65536, udp_limit: int = 
     p.op(JEQ, 6, "tcp6" if tcp else "drop", 0)
     p.op(JEQ, 17, "udp6" if udp else "drop", 0)
     for ext in (0, 43, 44, 60, 51):  # extension headers: let the parser walk them
-        p.op(JEQ, ext, "accept", 0)
+        p.op(JEQ, ext, "accept_whole", 0)
     p.op(RET_K, 0)
     p.label("tcp6")
     p.op(LD_B_ABS, 40 + 13)
@@ -99,6 +104,8 @@ def probe_filter(tcp: bool, udp: bool, tcp_limit: int = 65536, udp_limit: int = 
 
     p.label("accept")
     p.op(RET_K, SNAPLEN)
+    p.label("accept_whole")
+    p.op(RET_K, SNAPLEN_EXTENDED)
     p.label("drop")
     p.op(RET_K, 0)
     return p.assemble()

@@ -49,6 +49,7 @@ class Kind(enum.Enum):
     NULL = "null"
     XMAS = "xmas"
     OTHER = "other"  # any other flag mix without ACK/RST
+    FRAGMENT = "fragment"  # a TCP header split across fragments (nmap -f): flags unseen
     UDP = "udp"  # a datagram seen by the packet sensor
 
 

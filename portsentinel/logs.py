@@ -20,6 +20,7 @@ _SCAN_NAMES = {
     Kind.NULL: " TCP NULL scan",  # 1.2 prints two spaces here; filters may rely on it
     Kind.XMAS: "TCP XMAS scan",
     Kind.UDP: "UDP scan",
+    Kind.FRAGMENT: "TCP fragmented scan",
 }
 
 

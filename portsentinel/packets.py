@@ -27,6 +27,7 @@ class Packet:
     flags: int  # TCP flags, 0 for UDP
     ip_options: bool
     source_port: int = 0
+    truncated: bool = False  # a first fragment too short for the TCP flags (nmap -f)
 
 
 def parse(data: bytes, probes_only: bool = True) -> Packet | None:
@@ -46,19 +47,21 @@ def _parse_ipv4(data: bytes, probes_only: bool = True) -> Packet | None:
     header_len = (data[0] & 0x0F) * 4
     if header_len < 20 or len(data) < header_len:
         return None
-    if int.from_bytes(data[6:8], "big") & 0x1FFF:  # a later fragment: no L4 header
+    fragment = int.from_bytes(data[6:8], "big")
+    if fragment & 0x1FFF:  # a later fragment: no L4 header
         return None
     return _transport(
         data[9], data[header_len:],
         ipaddress.IPv4Address(data[12:16]), ipaddress.IPv4Address(data[16:20]),
-        ip_options=header_len > 20, probes_only=probes_only)
+        ip_options=header_len > 20, probes_only=probes_only,
+        first_of_many=bool(fragment & 0x2000))
 
 
 def _parse_ipv6(data: bytes, probes_only: bool = True) -> Packet | None:
     if len(data) < 40:
         return None
     next_header, offset = data[6], 40
-    options = False
+    options = first_of_many = False
     for _ in range(_MAX_EXTENSIONS):
         if next_header in (PROTO_TCP, PROTO_UDP):
             break
@@ -72,6 +75,7 @@ def _parse_ipv6(data: bytes, probes_only: bool = True) -> Packet | None:
                 return None
             if int.from_bytes(data[offset + 2:offset + 4], "big") & 0xFFF8:
                 return None  # a later fragment
+            first_of_many = bool(data[offset + 3] & 1)
             next_header, offset = data[offset], offset + 8
         elif next_header == _AH:
             if len(data) < offset + 2:
@@ -86,13 +90,17 @@ def _parse_ipv6(data: bytes, probes_only: bool = True) -> Packet | None:
     return _transport(
         next_header, data[offset:],
         canonical(ipaddress.IPv6Address(data[8:24])), ipaddress.IPv6Address(data[24:40]),
-        ip_options=options, probes_only=probes_only)
+        ip_options=options, probes_only=probes_only, first_of_many=first_of_many)
 
 
 def _transport(proto: int, segment: bytes, source, destination, ip_options: bool,
-               probes_only: bool = True) -> Packet | None:
+               probes_only: bool = True, first_of_many: bool = False) -> Packet | None:
     if proto == PROTO_TCP:
         if len(segment) < 14:
+            if first_of_many and len(segment) >= 4:  # the header split on purpose
+                return Packet(source, destination, TCP, int.from_bytes(segment[2:4], "big"),
+                              0, ip_options, int.from_bytes(segment[0:2], "big"),
+                              truncated=True)
             return None
         flags = segment[13]
         if probes_only and flags & (ACK | RST):  # part of a conversation, not a probe

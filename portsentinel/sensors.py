@@ -93,6 +93,8 @@ class PacketSensor(_SocketSensor):
         # every TCP port, not just traps: first contacts for the sequential test
         self.tcp_contacts = tcp_contacts and TCP in traps
         self.malformed = 0
+        self._buffer = bytearray(bpf.SNAPLEN_EXTENDED)  # reused: no allocation per packet
+        self._view = memoryview(self._buffer)
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         try:
             bpf.attach(self.sock, bpf.probe_filter(
@@ -107,7 +109,8 @@ class PacketSensor(_SocketSensor):
             raise
 
     def _take(self) -> Probe | None:
-        data, ancillary, _, _ = self.sock.recvmsg(bpf.SNAPLEN, 64)
+        size, ancillary, _, _ = self.sock.recvmsg_into([self._buffer], 64)
+        data = bytes(self._view[:size])
         try:
             return self.to_probe(data, _kernel_time(ancillary))
         except Exception:  # whatever a packet holds, the sensor goes on
@@ -128,6 +131,8 @@ class PacketSensor(_SocketSensor):
         if packet.destination not in self.local:
             return None  # routed through, not for us
         kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
+        if packet.truncated:
+            kind = Kind.FRAGMENT
         return Probe(packet.source, packet.port, packet.protocol, kind, stamp,
                      packet.flags, packet.ip_options, trap=trap,
                      source_port=packet.source_port, destination=packet.destination)

@@ -223,3 +223,32 @@ def test_a_slow_reverse_zone_does_not_stall_the_bans_behind_it(lab, start_daemon
         if not any(netns_etc.parent.iterdir()):
             netns_etc.parent.rmdir()
         lab.stop(sink)
+
+
+def test_probes_the_sensor_used_to_miss_are_seen(lab, start_daemon):
+    """The userspace path (no kernel trap): `nmap -f` splits the TCP header
+    over fragments, and a SYN can hide behind 248 bytes of IPv6 options."""
+    daemon = start_daemon(ATCP + 'KERNEL_TRAP="0"\n')
+    fragmented = extra4(10)
+    done = lab.exec("attacker", "nmap", "-sS", "-f", "-Pn", "-n", "--max-retries", "0",
+                    "-e", "eth0", "-S", fragmented, "-p", "20-25", TARGET4, timeout=60)
+    assert done.returncode == 0, done.stderr
+    daemon.wait_log(f"attackalert: TCP fragmented scan from host: {fragmented}/{fragmented}")
+    daemon.wait_log(f"attackalert: Host {fragmented} has been blocked via dropped route")
+    mac = re.search(r"link/ether (\S+)",
+                    lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
+    code = r"""
+import socket, struct, ipaddress, sys
+mac = bytes.fromhex(sys.argv[1].replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x86DD))
+src, dst = ipaddress.ip_address(sys.argv[2]).packed, ipaddress.ip_address(sys.argv[3]).packed
+options = bytes([6, 30, 1, 244]) + bytes(244)  # destination options, 248 bytes, then TCP
+tcp = struct.pack('!HHIIBBHHH', 40000, 111, 1, 0, 5 << 4, 0x02, 1024, 0, 0)
+s.sendto(struct.pack('!IHBB', 0x60000000, len(options) + 20, 60, 64) + src + dst + options + tcp,
+         ('eth0', 0x86DD, 0, 0, mac))
+print('sent')
+"""
+    hidden = "2001:db8::1d"
+    sent = lab.exec("attacker", sys.executable, "-c", code, mac, hidden, TARGET6)
+    assert "sent" in sent.stdout, sent.stderr
+    daemon.wait_log(f"attackalert: Host {hidden} has been blocked via dropped route")

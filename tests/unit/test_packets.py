@@ -107,3 +107,22 @@ def test_fuzz_random_bytes_never_raise(data):
 def test_fuzz_ipv6_headers_never_raise(next_header, rest, first):
     packets.parse(ipv6(next_header, bytes([first]) + rest))
     packets.parse(ipv4(next_header, rest))
+
+
+def test_a_tiny_first_fragment_is_a_probe_without_flags():
+    """nmap -f: the first fragment holds 8 bytes of TCP (ports, sequence), the
+    flags come later. No real stack splits a TCP header (RFC 1858)."""
+    first = struct.pack("!HHI", 40000, 111, 1)  # 8 bytes
+    p = packets.parse(ipv4(6, first, frag=0x2000))  # MF, offset 0
+    assert (p.protocol, p.port, p.truncated) == (TCP, 111, True)
+    frag6 = bytes([6, 0, 0, 1]) + b"\x00\x00\x00\x07"  # offset 0, M=1
+    p6 = packets.parse(ipv6(44, frag6 + first))
+    assert (p6.protocol, p6.port, p6.truncated) == (TCP, 111, True)
+    assert packets.parse(ipv4(6, first)) is None  # a short unfragmented segment is garbage
+
+
+def test_a_syn_behind_long_extension_headers_is_read():
+    """A 248-byte destination options header before the TCP header."""
+    options = bytes([6, 30]) + bytes([1, 244]) + b"\x00" * 244  # next=TCP, (30+1)*8 bytes
+    p = packets.parse(ipv6(60, options + tcp(111, SYN)))
+    assert (p.protocol, p.port, p.flags, p.ip_options) == (TCP, 111, SYN, True)
