@@ -625,7 +625,8 @@ class Daemon:
         for record in self.store.expired(now):
             if record.address not in self._expiring:
                 self._expiring.add(record.address)
-                self._queue(partial(self._lift, record, "expire"))
+                if not self._queue(partial(self._lift, record, "expire")):
+                    self._expiring.discard(record.address)  # queue full: the next second
         if self._unsaved or self._unremoved:
             self._queue(self._save_unsaved)
         held = self.repeat_lines.summary()
@@ -663,7 +664,8 @@ class Daemon:
         if active >= SET_EVICT * size and not self._expiring:
             victims = self.store.soonest_expiring(active - int(SET_EVICT_TO * size))
             self._expiring.update(r.address for r in victims)
-            self._queue(partial(self._evict, victims))
+            if not self._queue(partial(self._evict, victims)):
+                self._expiring.difference_update(r.address for r in victims)
 
     def _evict(self, victims: list[BanRecord]) -> None:
         for record in victims:

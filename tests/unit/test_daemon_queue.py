@@ -1,0 +1,37 @@
+"""The daemon's bookkeeping when its report queue is full (no sockets: the
+Daemon object is built, never started)."""
+
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from portsentinel import config as configuration, logs
+from portsentinel.daemon import Daemon
+from portsentinel.store import BanRecord
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    (tmp_path / "ignore").write_text("")
+    config = configuration.parse(
+        f'STATE_FILE="{tmp_path}/state.db"\nHISTORY_FILE="{tmp_path}/h"\n'
+        f'BLOCKED_FILE="{tmp_path}/b"\nIGNORE_FILE="{tmp_path}/ignore"\n', "test")
+    log = logs.Log(to_syslog=False, stream=None)
+    d = Daemon(config, "atcp", "audp", log)
+    yield d
+    d.store.close()
+
+
+def test_an_expiry_dropped_on_a_full_queue_is_retried(daemon):
+    daemon.store.add_ban(BanRecord("198.51.100.7", 1.0, time.time() - 1))
+    daemon.reports = queue.Queue(1)
+    daemon.reports.put(None)  # full
+    daemon._housekeeping(False)
+    assert "198.51.100.7" not in daemon._expiring  # not queued, so not pending either
+    daemon.reports.get()
+    daemon._housekeeping(False)
+    job = daemon.reports.get_nowait()
+    job()
+    assert daemon.store.get_ban("198.51.100.7") is None
