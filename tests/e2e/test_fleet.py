@@ -154,3 +154,38 @@ def test_fleet_over_tls_with_a_password(fleet_lab, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_hostile_fleet_messages_and_keys_change_nothing(fleet_lab, tmp_path):
+    """Messages and keys that do not fit the schema are ignored and counted;
+    the subscriber goes on, and no text of theirs reaches a file or a log."""
+    lab = fleet_lab
+    start_redis(lab, tmp_path)
+    b = member(lab, tmp_path, "target2", "b", 'KILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n')
+    a = member(lab, tmp_path, "target", "a")
+    try:
+        b.wait_log("fleet: member b connected")
+
+        def cli(*args):
+            done = lab.exec("lan", "redis-cli", "-h", HUB4, "-a", PASSWORD, "--no-auth-warning",
+                            *args)
+            assert done.returncode == 0, done.stderr
+
+        cli("HSET", "portsentinel:ban:junk", "x", "1")  # a key of the wrong type
+        for raw in ("1", "null", "[]", "{", '{"type":"ban","address":"2001:db8::5%\\nALL: ALL",'
+                    '"origin":"evil","until":null}', '{"type":"ban","address":"198.51.100.9",'
+                    '"origin":"evil","until":NaN}', '{"type":"ban","address":"198.51.100.9",'
+                    '"origin":["x"]}'):
+            cli("PUBLISH", "portsentinel:bans", raw)
+        b.wait_log("fleet: message ignored")
+        attacker = extra4(13)
+        nmap(lab, "-sS", attacker, TARGET4, "20-25")
+        wait_banned(b, attacker)  # the subscriber is alive
+        b.cli("reload")  # a resync with the wrong-typed key still there (reconnect path)
+        assert "ALL: ALL" not in (b.hosts_deny.read_text() if b.hosts_deny.exists() else "")
+        assert "198.51.100.9" not in b.banned()
+        status = b.cli("status").stdout
+        assert "connected" in status and "NOT connected" not in status, status
+    finally:
+        for d in (a, b):
+            d.stop()
