@@ -23,6 +23,7 @@ TOKENS = ("$TARGET$", "$PORT$", "$MODE$")
 DEFAULT_MODES_FILE = Path("/etc/default/portsentry")
 DEFAULT_CONFIG = Path("/etc/portsentry/portsentry.conf")  # where PortSentry users keep it
 EMBEDDED = "<embedded default>"
+MAX_SECONDS = 100 * 365 * 86400  # any duration longer is a mistake (or infinity)
 
 _LINE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$')
 _SHELL_SYNTAX = re.compile(r"[|;&<>`]|\$\(")
@@ -161,7 +162,10 @@ def _seconds(text: str) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
     if not match:
         raise ValueError(f"{text!r} is not a duration (e.g. 3600, 30m, 12h, 7d)")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    if not seconds <= MAX_SECONDS:  # also infinity from 400 nines
+        raise ValueError(f"{text!r} is longer than {MAX_SECONDS // 86400} days")
+    return seconds
 
 
 def _factor(text: str) -> float:
@@ -329,13 +333,14 @@ KEYS = {
     "SYSLOG_FACILITY": ("syslog_facility", _choice(
         "daemon", "auth", "authpriv", "security", "user", "local0", "local1", "local2",
         "local3", "local4", "local5", "local6", "local7")),
-    "HOST_CAPACITY": ("host_capacity", _count),
+    "HOST_CAPACITY": ("host_capacity", _bounded(16, 1 << 24)),
 }
 
 
 def _unquote(raw: str, key: str, source: str, number: int) -> str:
-    if len(raw) >= 2 and raw[0] == '"' and raw.rfind('"') > 0:
-        end = raw.rfind('"')
+    # the value ends at the next quote, as in 1.2: `KEY="v" # "x"` is "v" and a comment
+    if len(raw) >= 2 and raw[0] == '"' and raw.find('"', 1) > 0:
+        end = raw.find('"', 1)
         rest = raw[end + 1:].strip()
         if rest and not rest.startswith("#"):
             raise ConfigError(f"{key}: unexpected text after the closing quote: {rest!r}",
@@ -348,10 +353,14 @@ def _unquote(raw: str, key: str, source: str, number: int) -> str:
 def read_assignments(text: str, source: str) -> list[tuple[str, str, int]]:
     """(KEY, unquoted value, line number) for every assignment, in order."""
     found = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: splitlines() would also split at a form feed and
+    # shift every line number after it
+    for number, line in enumerate(text.split("\n"), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
+        if any("\udc80" <= c <= "\udcff" for c in stripped):  # undecodable bytes
+            raise ConfigError("this line is not UTF-8 text", source, number)
         match = _LINE.match(stripped)
         if not match:
             raise ConfigError(f"cannot read this line (expected KEY=\"value\"): {stripped[:60]!r}",
