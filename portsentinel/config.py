@@ -431,12 +431,12 @@ def load(path: Path | None) -> Config:
             return parse(embedded_text(), EMBEDDED)
         path = DEFAULT_CONFIG
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config: {err.strerror}", str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("config is not text (UTF-8)", str(path)) from None
-    return parse(text, str(path))
+    # bytes that are not UTF-8 (a Latin-1 comment from an old install) are
+    # kept as surrogates: harmless in a comment, an error with its line in a value
+    return parse(data.decode("utf-8", errors="surrogateescape"), str(path))
 
 
 def read_modes_file(path: Path = DEFAULT_MODES_FILE) -> tuple[str | None, str | None]:
