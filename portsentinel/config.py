@@ -90,6 +90,7 @@ class Config:
     host_capacity: int = 65536
     ban_set_size: int = 262144  # per family; fuller than 95 %: the soonest-expiring lifted
     nflog_group: int = 7417  # the kernel trap reports its bans here; 0 = off
+    service_memory: float = 3600.0  # a port served this lately is no trap (restarts)
     source: str = EMBEDDED
     warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # KEY -> line it was read from
@@ -328,6 +329,7 @@ KEYS = {
     "NFT_TABLE": ("nft_table", _identifier),
     "BAN_SET_SIZE": ("ban_set_size", _bounded(16, 1 << 24)),
     "NFLOG_GROUP": ("nflog_group", _bounded(0, 65535)),
+    "SERVICE_MEMORY": ("service_memory", _seconds),
     "HOSTS_DENY_FILE": ("hosts_deny_file", _path),
     "SYSLOG_IDENT": ("syslog_ident", _identifier),
     "SYSLOG_FACILITY": ("syslog_facility", _choice(

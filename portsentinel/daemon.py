@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import lru_cache, partial
@@ -55,6 +56,11 @@ LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not a
 REPORT_QUEUE = 10000
 STATE_SAVE_EVERY = 300.0
 RESOLVE_WAIT = 0.5  # RESOLVE_HOST: longest wait for a name, from the detection
+# DHCP (68) and DHCPv6 (546) clients: answers to this host's own broadcast and
+# multicast queries, which connection tracking cannot pair with the query
+ANSWERS_TO_BROADCASTS = frozenset({68, 546})
+TRIAL_DELAY = 0.05  # a failed first contact is judged this much later (NAT known by then)
+DEFERRED_TRIALS = 65536  # bounded under floods: the oldest are dropped
 REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
 FIREWALL_CHECK_DELAY = 0.05  # after a deletion in our table: let a burst of events pass
 RECONCILE_EVERY = 30.0  # kernel sets against the state; longer with many bans:
@@ -112,7 +118,9 @@ class Daemon:
         self.bans: NftBans | None = None
         self.control: ControlServer | None = None
         self.fleet: Fleet | None = None
-        self.listening = ListeningPorts(time.monotonic)
+        self.listening = ListeningPorts(time.monotonic, memory=config.service_memory)
+        self._served_pushed: dict[str, dict[int, float]] = {TCP: {}, UDP: {}}
+        self._deferred_trials: deque = deque(maxlen=DEFERRED_TRIALS)  # (due, probe)
         self.reports: queue.Queue = queue.Queue(REPORT_QUEUE)
         self.lock = threading.RLock()
         self.metrics = Metrics()
@@ -227,6 +235,8 @@ class Daemon:
                                       log_group=log_group)
         self.bans.install(self.kernel_trap, self.config.ban_time)
         self.bans.set_never_block(self.engine.policy.never_block)
+        self._served_pushed = {TCP: {}, UDP: {}}
+        self._push_served()
         for protocol in trapped:
             self.log(f"adminalert: kernel trap armed for {protocol.upper()}: the first probe "
                      "to a trap port is banned inside the kernel", logs.INFO)
@@ -268,7 +278,7 @@ class Daemon:
             return TrapPorts(mode, frozenset(ports))
         limit = self.config.advanced_ports_tcp if protocol == TCP else self.config.advanced_ports_udp
         exclude = (self.config.advanced_exclude_tcp if protocol == TCP
-                   else self.config.advanced_exclude_udp)
+                   else self.config.advanced_exclude_udp | ANSWERS_TO_BROADCASTS)
         self.log(f"adminalert: Advanced mode will monitor first {limit} ports", logs.INFO)
         for port in sorted(exclude):
             self.log(f"adminalert: Advanced mode will manually exclude port: {port}", logs.INFO)
@@ -348,7 +358,11 @@ class Daemon:
             decision = self._judge(probe, served)
             if decision is None:
                 return None
-            probe = decision.probe
+        return self._act(decision)
+
+    def _act(self, decision: Decision) -> Decision:
+        """A decision's inline part (the nftables ban), then its report queued."""
+        probe = decision.probe
         if decision.verdict in (Verdict.IGNORED, Verdict.PENDING) or not decision.report:
             return decision
         if decision.verdict is Verdict.ALREADY_BLOCKED \
@@ -378,24 +392,67 @@ class Daemon:
         """Trap probes are counted (SCAN_TRIGGER); every TCP probe the packet
         sensor sees is also a first-contact trial for the sequential test."""
         decision = None
-        if probe.kind is not Kind.CONNECT and self._is_reply(probe):
+        stateless = probe.kind is not Kind.CONNECT
+        if stateless and self._is_reply(probe):
             self.metrics.replies.inc()
             return None
         if probe.trap and not served:
             probe = self._with_peer(probe)
-            with self.lock:
-                decision = self.engine.count(probe)
-            if decision.verdict is not Verdict.PENDING:
-                return decision
-        if probe.kind is Kind.CONNECT:
+            if stateless and not probe.peer and self._kernel_decides(probe.protocol):
+                pass  # the kernel trap judges it, after NAT and exactly; NFLOG reports it
+            elif stateless and self._forwarded(probe):
+                return None  # a port forward (DNAT): no local socket is expected
+            else:
+                with self.lock:
+                    decision = self.engine.count(probe)
+                if decision.verdict is not Verdict.PENDING:
+                    return decision
+        if not stateless or probe.protocol != TCP or self.engine.sequential is None:
             return decision
+        if served:
+            return self._trial(probe, True) or decision
+        # a failed first contact is judged a moment later, when connection
+        # tracking surely knows whether destination NAT forwarded it
+        self._deferred_trials.append((time.monotonic() + TRIAL_DELAY, probe))
+        return decision
+
+    def _trial(self, probe, served: bool) -> Decision | None:
         with self.lock:
             failures = self.engine.trial(probe, served)
         if failures is None:
-            return decision
+            return None
         probe = self._with_peer(probe)
         with self.lock:
             return self.engine.decide(probe, failures)
+
+    def _run_deferred_trials(self) -> None:
+        now = time.monotonic()
+        while self._deferred_trials and self._deferred_trials[0][0] <= now:
+            _, probe = self._deferred_trials.popleft()
+            with self.lock:
+                if self.engine.check(probe) is not None:
+                    continue  # banned or ignored meanwhile
+            served = self.listening.in_use(TCP, probe.port) or self._forwarded(probe)
+            decision = self._trial(probe, served)
+            if decision is not None:
+                self._act(decision)
+
+    def _kernel_decides(self, protocol: str) -> bool:
+        """Is the kernel trap armed for `protocol`, with its bans reported to us?"""
+        trap = self.kernel_trap
+        return bool(trap and trap.log_group and (trap.ban_tcp if protocol == TCP
+                                                  else trap.ban_udp))
+
+    def _forwarded(self, probe) -> bool:
+        if self.conntrack is None or probe.destination is None:
+            return False
+        try:
+            challenge = self.kernel_trap.challenge_port if self.kernel_trap else 0
+            return self.conntrack.is_forwarded(probe.protocol, probe.source, probe.source_port,
+                                               probe.destination, probe.port, challenge)
+        except OSError as err:
+            self._report_error(f"conntrack lookup failed: {err}")
+            return False
 
     def _is_reply(self, probe) -> bool:
         """An answer to this host's own traffic (conntrack knows the flow)?
@@ -494,8 +551,12 @@ class Daemon:
         watching = any(getattr(s, "needs_listener_check", False) for s in self.sensors)
         try:
             while not self.stopping.is_set():
-                wait = max(0.0, min(next_housekeeping, next_listeners if watching
-                                    else next_housekeeping) - time.monotonic())
+                deadlines = [next_housekeeping, next_listeners if watching else next_housekeeping]
+                if self._firewall_check_due:
+                    deadlines.append(self._firewall_check_due)
+                if self._deferred_trials:
+                    deadlines.append(self._deferred_trials[0][0])
+                wait = max(0.0, min(deadlines) - time.monotonic())
                 for key, _ in self.selector.select(timeout=wait):
                     if key.fileobj is wake_r:
                         _drain(wake_r)
@@ -510,6 +571,8 @@ class Daemon:
                         continue
                     self._read(key.fileobj)
                 now = time.monotonic()
+                if self._deferred_trials:
+                    self._survive("first-contact trials", self._run_deferred_trials)
                 if self._firewall_check_due and now >= self._firewall_check_due:
                     self._firewall_check_due = 0.0
                     self._queue(self.verify_firewall)
@@ -635,6 +698,7 @@ class Daemon:
         active = self.store.count()
         self.metrics.active_bans.set(active)
         self._watch_set_fill(active)
+        self._push_served()
         if self.bans is not None and time.monotonic() >= self._next_reconcile:
             self._next_reconcile = time.monotonic() + max(RECONCILE_EVERY,
                                                           active * RECONCILE_PER_BAN)
@@ -647,6 +711,23 @@ class Daemon:
             self._queue(self._save_sequential)
         elif IgnoreFilesStamp.of(self.config.ignore_file) != self.ignore_stamp:
             self._refresh_never_block(force=True)
+
+    def _push_served(self) -> None:
+        """Ports served lately go to the kernel's served_* sets, so that the
+        trap spares a service's port while it restarts (SERVICE_MEMORY)."""
+        memory = self.config.service_memory
+        if self.bans is None or not memory:
+            return
+        now = time.monotonic()
+        for protocol in (TCP, UDP):
+            if self.listening.age(protocol) > 1.0:
+                self.listening.refresh(protocol)
+            pushed = self._served_pushed[protocol]
+            due = [p for p, at in self.listening.last_served[protocol].items()
+                   if now - at <= memory and now - pushed.get(p, float("-inf")) > memory / 4]
+            if due:
+                self.bans.elements.refresh_ports(f"served_{protocol}", due, memory)
+                pushed.update((p, now) for p in due)
 
     def _watch_set_fill(self, active: int) -> None:
         """The ban sets must never fill silently: a full set bans no one more.
@@ -694,6 +775,8 @@ class Daemon:
                        "(a ruleset flush?); restoring it, the kernel trap and every ban")
         self.bans.install(self.kernel_trap, self.config.ban_time)
         self.bans.set_never_block(self.engine.policy.never_block)
+        self._served_pushed = {TCP: {}, UDP: {}}
+        self._push_served()
         now = time.time()
         records = [r for r in self._with_unsaved(self.store.bans())
                    if (r.until is None or r.until > now) and r.address not in self._unremoved]
@@ -803,6 +886,7 @@ class Daemon:
         self.config, self.modes = config, {TCP: tcp, UDP: udp}
         self.ignore_stamp = IgnoreFilesStamp.of(config.ignore_file)
         self.peers.memory = config.peer_memory
+        self.listening.memory = config.service_memory
         self._set_responders(config)
         with self.lock:
             self.engine.policy = policy_for(config, never)

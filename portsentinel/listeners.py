@@ -62,10 +62,22 @@ def _dump(protocol: int, family: int, states: int, field: str = "sport") -> set:
             # sport, dport (2 bytes each), src[16], dst[16]
             sockid = at + 4
             if field == "sport":
+                size = 4 if family == socket.AF_INET else 16
+                bound = data[sockid + 4:sockid + 4 + size]
+                if _loopback(bound):
+                    continue  # 127.0.0.1:25 serves nobody outside: that port is a trap
                 found.add(int.from_bytes(data[sockid:sockid + 2], "big"))
             else:
                 size = 4 if family == socket.AF_INET else 16
                 found.add(ipaddress.ip_address(data[sockid + 20:sockid + 20 + size]))
+
+
+def _loopback(packed: bytes) -> bool:
+    if len(packed) == 4:
+        return packed[0] == 127
+    address = ipaddress.IPv6Address(packed)
+    return address.is_loopback or (address.ipv4_mapped is not None
+                                   and address.ipv4_mapped.is_loopback)
 
 
 def tcp_listening() -> set[int]:
@@ -129,24 +141,39 @@ class PeerMemory:
 
 
 class ListeningPorts:
-    """Ports in use per protocol, refreshed when older than `max_age` seconds."""
+    """Ports in use per protocol, refreshed when older than `max_age` seconds.
+    A port served within `memory` seconds still counts as served: a service
+    restarting (or a UDP client between two queries) is no trap for its
+    clients meanwhile."""
 
-    def __init__(self, clock, max_age: float = 0.02):
+    def __init__(self, clock, max_age: float = 0.02, memory: float = 0.0):
         self._clock = clock
-        self.max_age = max_age
+        self.max_age, self.memory = max_age, memory
+        self.last_served: dict[str, dict[int, float]] = {"tcp": {}, "udp": {}}
         self._ports = {"tcp": set(), "udp": set()}
         self._stamp = {"tcp": float("-inf"), "udp": float("-inf")}
         self._readers = {"tcp": tcp_listening, "udp": udp_bound}
 
     def refresh(self, protocol: str) -> set[int]:
         self._ports[protocol] = self._readers[protocol]()
-        self._stamp[protocol] = self._clock()
+        now = self._stamp[protocol] = self._clock()
+        if self.memory:
+            seen = self.last_served[protocol]
+            for port in self._ports[protocol]:
+                seen[port] = now
         return self._ports[protocol]
 
+    def age(self, protocol: str) -> float:
+        return self._clock() - self._stamp[protocol]
+
+    def remembered(self, protocol: str, port: int) -> bool:
+        return self._clock() - self.last_served[protocol].get(port, float("-inf")) <= self.memory
+
     def in_use(self, protocol: str, port: int) -> bool:
-        """True when a real service uses the port; re-asks the kernel if stale."""
+        """True when a real service uses the port (or did within `memory`);
+        re-asks the kernel if stale."""
         if port in self._ports[protocol]:
             return True
-        if self._clock() - self._stamp[protocol] > self.max_age:
-            return port in self.refresh(protocol)
-        return False
+        if self._clock() - self._stamp[protocol] > self.max_age and port in self.refresh(protocol):
+            return True
+        return bool(self.memory) and self.remembered(protocol, port)

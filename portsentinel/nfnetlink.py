@@ -115,7 +115,8 @@ class SetElements:
             each = timeout_ms
             if isinstance(address, tuple):
                 address, each = address
-            parts = [_nested(SET_ELEM_KEY, _attr(DATA_VALUE, address.packed))]
+            key = address if isinstance(address, bytes) else address.packed
+            parts = [_nested(SET_ELEM_KEY, _attr(DATA_VALUE, key))]
             if each:
                 parts.append(_attr(SET_ELEM_TIMEOUT, struct.pack("!Q", each)))
             elements.append(_nested(LIST_ELEM, *parts))
@@ -190,6 +191,15 @@ class SetElements:
         for start in range(0, len(addresses), CHUNK):
             self._commit([(NFT_MSG_NEWSETELEM, {set_name: addresses[start:start + CHUNK]},
                            int(timeout * 1000) or None)])
+
+    def refresh_ports(self, set_name: str, ports, timeout: float) -> None:
+        """Put ports in an inet_service set with a fresh timeout (add, delete,
+        add: a plain add would keep an existing element's old timeout)."""
+        keys = [struct.pack("!H", p) for p in sorted(ports)]
+        for start in range(0, len(keys), CHUNK):
+            chunk = {set_name: keys[start:start + CHUNK]}
+            self._commit([(NFT_MSG_NEWSETELEM, chunk, None), (NFT_MSG_DELSETELEM, chunk, None),
+                          (NFT_MSG_NEWSETELEM, chunk, int(timeout * 1000) or None)])
 
     def contains(self, set_name: str, address) -> bool:
         """One GETSETELEM round trip: is `address` in the set?"""

@@ -179,6 +179,12 @@ class NftBans:
             f"add set inet {t} young6 {{ type ipv6_addr; flags dynamic, timeout; size 65536; }}",
             f"add set inet {t} met4 {{ type ipv4_addr . inet_service; flags dynamic, timeout; size 262144; }}",
             f"add set inet {t} met6 {{ type ipv6_addr . inet_service; flags dynamic, timeout; size 262144; }}",
+            # ports a service used lately (SERVICE_MEMORY): a restarting service is no trap
+            f"add set inet {t} served_tcp {{ type inet_service; flags timeout; }}",
+            f"add set inet {t} served_udp {{ type inet_service; flags timeout; }}",
+            # completed challenges, per connection: only its first ACK may ban
+            f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; flags dynamic, timeout; size 65536; }}",
+            f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; flags dynamic, timeout; size 65536; }}",
             f"add chain inet {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}",
             f"add chain inet {t} input {{ type filter hook input priority filter - 10; policy accept; }}",
             f"add chain inet {t} trap",
@@ -228,8 +234,13 @@ class NftBans:
             # (bound to our address: wildcard 0) exist for the connection's next
             # packet; a decoy's RST finds only the listener. (Not "ct state
             # established": conntrack says so as soon as we answered the SYN.)
-            commands.append(f"add rule inet {t} input tcp dport {int(trap.challenge_port)} "
-                            "ct status dnat socket wildcard 0 jump challenged")
+            for v, field in (("4", "ip saddr"), ("6", "ip6 saddr")):
+                # once per connection: its later packets (a FIN retransmitted after
+                # an unblock) must not ban again
+                commands.append(
+                    f"add rule inet {t} input tcp dport {int(trap.challenge_port)} "
+                    f"ct status dnat socket wildcard 0 {field} . tcp sport != @chal{v} "
+                    f"add @chal{v} {{ {field} . tcp sport timeout 10m }} jump challenged")
             if trap.ban_rate[0] > 0:
                 commands.append(f"add rule inet {t} challenged limit rate over "
                                 f"{_limit(trap.ban_rate)} return")
@@ -261,6 +272,8 @@ class NftBans:
                 # retransmitting its SYN to a half-open one, would be banned.
                 f"add rule inet {t} trap socket transparent 0 return",
                 f"add rule inet {t} trap socket transparent 1 return",
+                f"add rule inet {t} trap tcp dport @served_tcp return",
+                f"add rule inet {t} trap udp dport @served_udp return",
                 # a reply to this host's own traffic (e.g. an answer to a UDP query
                 # whose socket is closed by now) is never a probe
                 f"add rule inet {t} trap ct direction reply return",
@@ -309,6 +322,7 @@ class NftBans:
             "ip6 saddr != @young6 jump challenge",
             f"add rule inet {t} challenge socket transparent 0 return",
             f"add rule inet {t} challenge socket transparent 1 return",
+            f"add rule inet {t} challenge tcp dport @served_tcp return",
             f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
         ]
 

@@ -23,9 +23,10 @@ def listed(daemon) -> dict[str, dict]:
 
 
 def test_a_ban_the_kernel_makes_alone_is_logged_listed_and_liftable(lab, start_daemon):
-    """A service bound to 127.0.0.1:25 only (a local MTA): userspace sees port 25
-    in use, the kernel finds no socket for the target's address and bans. That
-    ban used to be silent: not logged, not listed, not liftable."""
+    """A service bound to 127.0.0.1:25 only (a local MTA) serves nobody outside:
+    port 25 is a trap, and the kernel bans the first probe by itself. That ban
+    used to be silent when userspace took port 25 for served: not logged, not
+    listed, not liftable."""
     local_only = lab.start("target", sys.executable, "-c",
                            "import socket,time\ns=socket.socket()\n"
                            "s.bind(('127.0.0.1',25))\ns.listen()\ntime.sleep(300)")

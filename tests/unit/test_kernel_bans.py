@@ -144,3 +144,19 @@ def test_a_clock_stepped_back_does_not_freeze_the_ban_rate_limit():
     verdicts = [engine.observe(Probe(A(f"198.51.100.{i + 20}"), 1, TCP, Kind.SYN,
                                      t + 2 * i)).verdict for i in range(10)]
     assert verdicts.count(Verdict.BLOCK) >= 9, verdicts
+
+
+def test_a_challenge_bans_once_per_connection_and_spares_served_ports():
+    """After an unblock, a challenged connection's later packets (a FIN
+    retransmitted) must not ban again; a port served lately is never a trap."""
+    nft = _RecordingNft()
+    bans = NftBans.__new__(NftBans)
+    bans.nft, bans.table, bans.set_size = nft, "t", 1000
+    bans._install(KernelTrap(((1, 1023),), ((1, 1023),), peer_memory=600, challenge_port=4000,
+                             log_group=7417), 3600)
+    rules = nft.batches[-1]
+    assert ("tcp dport 4000 ct status dnat socket wildcard 0 ip saddr . tcp sport != @chal4 "
+            "add @chal4 { ip saddr . tcp sport timeout 10m } jump challenged") in rules
+    assert "add rule inet t trap tcp dport @served_tcp return" in rules
+    assert "add rule inet t trap udp dport @served_udp return" in rules
+    assert "add rule inet t challenge tcp dport @served_tcp return" in rules
