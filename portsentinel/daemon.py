@@ -165,8 +165,10 @@ class Daemon:
     def start(self) -> None:
         self.log(f"adminalert: portsentinel {__version__} (PortSentry 1.2 compatible) is starting.",
                  logs.INFO)
-        # the control socket first: a second daemon gives up here, before it
-        # touches the running one's sensors or firewall
+        # the table and the control socket first: a second daemon gives up
+        # here, before it touches the running one's sensors or firewall
+        if self.config.nftables:
+            self._table_lock = claim_table(self.config.nft_table)
         self.control = ControlServer(self.config.control_socket, self.handle_control,
                                      self.log.error)
         try:
@@ -1343,6 +1345,21 @@ def _decode_sequential(blob: bytes) -> dict:
             return [decode(v) for v in value]
         return value
     return {k: decode(v) for k, v in json.loads(blob).items()}
+
+
+def claim_table(table: str) -> socket.socket:
+    """One daemon per nftables table and network namespace: an abstract unix
+    socket named after the table is the lock (per network namespace, released
+    by the kernel when the process ends, whatever the way)."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0portsentinel-nft-{table}")
+    except OSError:
+        lock.close()
+        raise OSError(f"another portsentinel uses the nftables table inet {table} in this "
+                      "network namespace (one daemon per table; stop it, or set NFT_TABLE)") \
+            from None
+    return lock
 
 
 def _some(addresses, most: int = 10) -> str:

@@ -283,3 +283,22 @@ def test_install_sh_without_systemd_starts_a_daemon_that_answers(bare_netns, tmp
     finally:
         for pid in pids:
             DetachedProcess(pid).kill()
+
+
+def test_a_second_daemon_with_its_own_socket_cannot_take_over_the_table(lab, start_daemon,
+                                                                         tmp_path):
+    first = start_daemon('TCP_MODE="atcp"\n')
+    rules = lab.exec("target", "nft", "-a", "list", "chain", "inet", "portsentinel", "trap").stdout
+    other = tmp_path / "second"
+    other.mkdir()
+    conf = other / "portsentry.conf"
+    conf.write_text(f'TCP_MODE="atcp"\nCONTROL_SOCKET="{other}/c.sock"\n'
+                    f'STATE_FILE="{other}/state.db"\nHISTORY_FILE="{other}/h"\n'
+                    f'BLOCKED_FILE="{other}/b"\n')
+    second = lab.exec("target", str(PORTSENTINEL), "run", "-c", str(conf), "--pid-file",
+                      str(other / "pid"), "--log", f"file:{other / 'log'}", timeout=60)
+    assert second.returncode == 1, second
+    assert "another portsentinel uses the nftables table inet portsentinel" in second.stderr
+    after = lab.exec("target", "nft", "-a", "list", "chain", "inet", "portsentinel", "trap").stdout
+    assert after == rules  # untouched (handles would change with any rewrite)
+    assert "pid" in first.cli("status").stdout
