@@ -192,6 +192,10 @@ class SetElements:
             self._commit([(NFT_MSG_NEWSETELEM, {set_name: addresses[start:start + CHUNK]},
                            int(timeout * 1000) or None)])
 
+    def delete_keys(self, set_name: str, keys: list[bytes]) -> None:
+        """Delete raw keys from one set (no address canonicalisation)."""
+        self._commit([(NFT_MSG_DELSETELEM, {set_name: keys}, None)])
+
     def refresh_ports(self, set_name: str, ports, timeout: float) -> None:
         """Put ports in an inet_service set with a fresh timeout (add, delete,
         add: a plain add would keep an existing element's old timeout)."""

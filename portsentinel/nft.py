@@ -407,10 +407,21 @@ class NftBans:
         found: dict[str, float | None] = {}
         try:
             for name in ("ban4", "ban6"):
-                found.update(dump_set(self.table, name))
+                for address, left in dump_set(self.table, name).items():
+                    ip = ipaddress.ip_address(address)
+                    if ip.version == 6 and ip.ipv4_mapped is not None:
+                        address = self._move_mapped(ip, left)
+                    found[address] = left
         except OSError as err:
             raise NftError(str(err)) from None
         return found
+
+    def _move_mapped(self, ip: ipaddress.IPv6Address, left: float | None) -> str:
+        """An IPv4-mapped address in ban6 (put there by hand) matches nothing
+        and no unblock finds it: it is the IPv4 address, so it goes to ban4."""
+        self.elements.delete_keys("ban6", [ip.packed])
+        self.elements.add_each([(ip.ipv4_mapped, left or 0)])
+        return str(ip.ipv4_mapped)
 
     def holds(self, address) -> bool:
         ip = canonical(address)

@@ -101,3 +101,17 @@ def test_an_ipv4_mapped_address_is_the_ipv4_address(lab, start_daemon):
     assert address in done.stdout and address not in daemon.banned()
     refused = daemon.cli("block", "::ffff:127.0.0.1", check=False)
     assert refused.returncode != 0 and "never blocked" in refused.stderr
+
+
+def test_an_ipv4_mapped_ban_found_in_ban6_becomes_the_ipv4_ban(lab, start_daemon):
+    """Put in ban6 by hand, ::ffff:a.b.c.d matches no packet and no unblock
+    found it; reconciliation makes it the IPv4 ban it means, liftable."""
+    daemon = start_daemon(ATCP)
+    address = extra4(17)
+    lab.exec("target", "nft", "add", "element", "inet", "portsentinel", "ban6",
+             f"{{ ::ffff:{address} timeout 300s }}", check=True)
+    assert daemon.cli("reconcile").stdout == f"{address}: in the firewall only; now recorded\n"
+    assert address in daemon.banned() and not any(":" in a for a in daemon.banned())
+    assert listed(daemon)[address]["origin"] == "kernel"
+    daemon.cli("unblock", address)
+    assert not daemon.banned()
