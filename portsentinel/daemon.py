@@ -790,6 +790,7 @@ class Daemon:
         """Kernel sets against the state: each difference is logged, counted and
         fixed (a ban only in the kernel is recorded; one only in the state is put
         back). A missing table (someone flushed the ruleset) is installed anew."""
+        self.verify_firewall()  # rules and static sets, in case an event was lost
         now = time.time()
         try:
             kernel = self.bans.banned()

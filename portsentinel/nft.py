@@ -32,6 +32,11 @@ NFT_CTX_OUTPUT_TERSE = 1 << 11  # no set elements in listings
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
+STATIC_SETS = ("trap_tcp", "trap_udp", "never4", "never6")  # only we change them
+
+
+def _uncounted(expressions: list) -> list:
+    return [e for e in expressions if not (isinstance(e, dict) and "counter" in e)]
 
 
 class NftError(Exception):
@@ -126,7 +131,7 @@ class NftBans:
     def __init__(self, nft: Nft, table: str = "portsentinel", set_size: int = BAN_SET_SIZE):
         self.nft, self.table, self.set_size = nft, table, set_size
         self.elements = SetElements(table)  # the fast path for bans
-        self.expected_rules: dict[str, int] = {}  # chain -> rules, as last installed
+        self.expected: str | None = None  # fingerprint() as last installed
 
     def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
         """Create or refresh the table in one transaction; bans already in
@@ -288,23 +293,34 @@ class NftBans:
                 f"add rule inet {t} trap meta nfproto ipv6 add @ban6 {{ ip6 saddr{expiry} }}{log} counter drop",
             ]
         self.nft.run("\n".join(commands) + "\n")
-        prefix = f"add rule inet {t} "
-        chains = [c[len(prefix):].split(" ", 1)[0] for c in commands if c.startswith(prefix)]
-        self.expected_rules = {c: chains.count(c) for c in set(chains)}
+        self.expected = self.fingerprint()
 
-    def intact(self) -> bool:
-        """Are our table, its ban sets and every rule we installed still there?
-        (Listed without set elements: milliseconds, whatever the bans.)"""
+    def fingerprint(self) -> str | None:
+        """Our rules (without their counters) and the static sets (trap ports,
+        never-block) as they are now; None when the table is gone. Listed
+        without the dynamic sets' elements: milliseconds, whatever the bans."""
         try:
             data = json.loads(self.nft.run(f"list table inet {self.table}", as_json=True,
                                            terse=True))
-        except (NftError, ValueError):
-            return False
-        items = data.get("nftables", [])
-        sets = {i["set"]["name"] for i in items if "set" in i}
-        rules = [i["rule"]["chain"] for i in items if "rule" in i]
-        return {"ban4", "ban6"} <= sets and all(
-            rules.count(chain) >= n for chain, n in self.expected_rules.items())
+            items = data.get("nftables", [])
+            parts = [json.dumps([i["rule"]["chain"], _uncounted(i["rule"]["expr"])])
+                     for i in items if "rule" in i]
+            names = {i["set"]["name"] for i in items if "set" in i}
+            if not {"ban4", "ban6"} <= names:
+                return None
+            for name in STATIC_SETS:
+                listed = json.loads(self.nft.run(f"list set inet {self.table} {name}",
+                                                 as_json=True))
+                parts += [json.dumps(i["set"].get("elem", [])) for i in listed["nftables"]
+                          if "set" in i]
+        except (NftError, ValueError, KeyError):
+            return None
+        return "\n".join(parts)
+
+    def intact(self) -> bool:
+        """Is our table still as we installed it: rules, ban sets, trap ports,
+        never-block list? (Another program may flush or rewrite any of it.)"""
+        return self.expected is not None and self.fingerprint() == self.expected
 
     def _challenge(self, port: int) -> list[str]:
         """A peer's SYN to an unserved TCP trap port goes to our catch-all
@@ -352,6 +368,7 @@ class NftBans:
                 commands.append(f"add element inet {t} {name} {{ "
                                 f"{_elements(ranges, lambda v: str(cls(v)))} }}")
         self.nft.run("\n".join(commands) + "\n")
+        self.expected = self.fingerprint()
 
     def is_peer(self, address) -> bool:
         """A mature peer: a completed handshake within PEER_MEMORY, the first
@@ -372,8 +389,7 @@ class NftBans:
         """Stop trapping (daemon stopping); bans stay enforced."""
         self.nft.run(f"flush chain inet {self.table} input\n"
                      f"flush chain inet {self.table} prerouting_nat\n")
-        for chain in ("input", "prerouting_nat"):
-            self.expected_rules.pop(chain, None)
+        self.expected = self.fingerprint()
 
     def command(self, address, timeout: float) -> str:
         ip = canonical(address)  # never format anything but an address

@@ -1,11 +1,13 @@
 """Notice at once when another program deletes from our nftables table.
 
 `nft flush ruleset` (an nftables.service restart, a firewall manager) removes
-our table, its ban sets and the kernel trap. nf_tables announces every change
-on a netlink multicast group; this socket listens for deletions of our
-table, its chains, rules and sets, so the daemon can check and restore them
-within a second instead of at the next reconciliation. Our own re-installs
-cause such events too: they only lead to a check that finds all in place.
+our table, its ban sets and the kernel trap; `nft flush set ... trap_tcp` or
+a rule inserted into our chains disarms it more quietly. nf_tables announces
+every change on a netlink multicast group; this socket listens for changes to
+our table (deleted table, chains, sets; rules added or deleted; elements of the
+trap-port and never-block sets deleted), so the daemon can check and restore
+it within a second. Our own re-installs cause such events too: they only lead
+to a check that finds all in place.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from .nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, _N
     attributes, netlink_messages
 
 NFNLGRP_NFTABLES = 7
-NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_DELRULE, NFT_MSG_DELSET = 2, 5, 8, 11
-DELETIONS = {NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_DELRULE, NFT_MSG_DELSET}
-TABLE_ATTRIBUTE = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE} alike
+NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 2, 5, 6, 8
+NFT_MSG_DELSET, NFT_MSG_DELSETELEM = 11, 14
+CHANGES = {NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE,
+           NFT_MSG_DELSET, NFT_MSG_DELSETELEM}
+TABLE_ATTRIBUTE, SET_ATTRIBUTE = 1, 2  # NFTA_*_TABLE alike; NFTA_SET_ELEM_LIST_SET
+STATIC_SETS = {b"trap_tcp", b"trap_udp", b"never4", b"never6"}  # bans come and go: not these
 
 
 class RulesetWatch:
@@ -53,11 +58,16 @@ class RulesetWatch:
                 touched = True
                 continue
             for kind, _, at in netlink_messages(data):
-                if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xFF not in DELETIONS:
+                if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xFF not in CHANGES:
                     continue
                 if data[at] != NFPROTO_INET:
                     continue
                 length = struct.unpack_from("=I", data, at - 16)[0]
-                name = attributes(data, at + _NFGEN.size, at - 16 + length).get(TABLE_ATTRIBUTE)
-                if name is not None and name.rstrip(b"\0") == self.table:
-                    touched = True
+                found = attributes(data, at + _NFGEN.size, at - 16 + length)
+                name = found.get(TABLE_ATTRIBUTE)
+                if name is None or name.rstrip(b"\0") != self.table:
+                    continue
+                if kind & 0xFF == NFT_MSG_DELSETELEM and \
+                        found.get(SET_ATTRIBUTE, b"").rstrip(b"\0") not in STATIC_SETS:
+                    continue  # a ban lifted or expired
+                touched = True

@@ -252,3 +252,22 @@ print('sent')
     sent = lab.exec("attacker", sys.executable, "-c", code, mac, hidden, TARGET6)
     assert "sent" in sent.stdout, sent.stderr
     daemon.wait_log(f"attackalert: Host {hidden} has been blocked via dropped route")
+
+
+def test_quiet_changes_inside_our_table_are_undone(lab, start_daemon):
+    """Not the whole table: its trap ports flushed, a rule slipped into a chain."""
+    daemon = start_daemon(ATCP)
+    lab.exec("target", "nft", "flush", "set", "inet", "portsentinel", "trap_tcp", check=True)
+    daemon.wait_log("firewall restored", timeout=3)
+    assert "{0-112,114-138,140-1023}" in lab.exec("target", "nft", "list", "set", "inet", "portsentinel",
+                               "trap_tcp").stdout.replace(" ", "")
+    lab.exec("target", "nft", "insert", "rule", "inet", "portsentinel", "trap", "accept",
+             check=True)
+    time.sleep(1.0)
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    assert "\t\taccept\n" not in trap, trap
+    source = extra4(27)
+    nmap(lab, "-sS", source, TARGET4, "20-25")  # the trap bans in the kernel again
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap

@@ -66,7 +66,7 @@ def test_unblock_and_reconciliation_know_bans_made_behind_our_back(lab, start_da
     # someone flushes the whole ruleset (e.g. an nftables.service restart)
     lab.exec("target", "nft", "flush", "ruleset", check=True)
     request(daemon.socket, {"command": "reconcile"})
-    daemon.wait_log("our nftables table is gone")
+    daemon.wait_log("firewall restored")  # at once, from the ruleset events
     assert found in daemon.banned(), "the recorded ban is back in the kernel"
     source = extra4(14)
     nmap(lab, "-sS", source, TARGET4, "20-25")  # and the trap is armed again
@@ -110,7 +110,7 @@ def test_an_ipv4_mapped_ban_found_in_ban6_becomes_the_ipv4_ban(lab, start_daemon
     address = extra4(17)
     lab.exec("target", "nft", "add", "element", "inet", "portsentinel", "ban6",
              f"{{ ::ffff:{address} timeout 300s }}", check=True)
-    assert daemon.cli("reconcile").stdout == f"{address}: in the firewall only; now recorded\n"
+    daemon.cli("reconcile")  # (or start-up adoption, if it came after the element)
     assert address in daemon.banned() and not any(":" in a for a in daemon.banned())
     assert listed(daemon)[address]["origin"] == "kernel"
     daemon.cli("unblock", address)

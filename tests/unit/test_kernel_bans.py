@@ -98,9 +98,10 @@ class _RecordingNft:
     def __init__(self):
         self.batches = []
 
-    def run(self, commands, as_json=False):
-        self.batches.append(commands)
-        return ""
+    def run(self, commands, as_json=False, terse=False):
+        if not commands.startswith("list"):
+            self.batches.append(commands)
+        return '{"nftables": []}' if as_json else ""
 
 
 def test_trap_rules_spare_any_socket_replies_and_mapped_sources_and_log_each_ban():
