@@ -43,7 +43,7 @@ from .listeners import ListeningPorts, PeerMemory
 from .metrics import Metrics
 from .nflog import KernelBanLog
 from .nftwatch import RulesetWatch
-from .nft import LOG_PREFIX, KernelTrap, Nft, NftBans, NftError, port_ranges
+from .nft import LOG_PREFIX, KernelTrap, Nft, NftBans, NftError, SetFull, port_ranges
 from .responders import COMMAND_TIMEOUT, ActionFailed, CompatActions, Records
 from .routewatch import RouteWatch
 from .sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
@@ -139,6 +139,7 @@ class Daemon:
         self.kernel_trap: KernelTrap | None = None  # as last installed (reinstall after a flush)
         self._next_reconcile = time.monotonic() + RECONCILE_EVERY
         self._set_warned = False
+        self._set_full = False  # the kernel refused a ban: evict now, whatever the count
         self._unsaved: dict[str, BanRecord] = {}  # bans whose state write failed: retried
         self._unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
         self.ruleset_watch: RulesetWatch | None = None
@@ -381,6 +382,7 @@ class Daemon:
                     self.metrics.ban_latency.observe(max(0.0, time.time() - probe.time))
                 except NftError as err:
                     nft_result = err
+                    self._set_full = self._set_full or isinstance(err, SetFull)
         elif decision.verdict is Verdict.ALERT:
             self.metrics.alerts.labels(probe.protocol).inc()
         elif decision.verdict is Verdict.DECOY:
@@ -744,8 +746,14 @@ class Daemon:
                            "soonest are lifted to make room (a spoofed flood?)")
         elif active < SET_WARN * size:
             self._set_warned = False
-        if active >= SET_EVICT * size and not self._expiring:
-            victims = self.store.soonest_expiring(active - int(SET_EVICT_TO * size))
+        if (active >= SET_EVICT * size or self._set_full) and not self._expiring:
+            excess = active - int(SET_EVICT_TO * size)
+            if self._set_full:  # the kernel's count is ahead of the state's
+                excess = max(excess, size // 20)
+            self._set_full = False
+            if excess <= 0:
+                return
+            victims = self.store.soonest_expiring(excess)
             self._expiring.update(r.address for r in victims)
             if not self._queue(partial(self._evict, victims)):
                 self._expiring.difference_update(r.address for r in victims)
@@ -1171,6 +1179,13 @@ class Daemon:
         if not records and not firewall_only:
             return {"ok": False, "error": f"{target} is not blocked"}
         problems = {r.address: self._lift(r, "unblock") for r in records}
+        for record in records:  # a mistake, says the admin: the next ban starts afresh
+            with self.lock:
+                self.engine.pardon(ipaddress.ip_address(record.address))
+            try:
+                self.store.pardon(record.address)
+            except sqlite3.Error:
+                pass
         for address in firewall_only:
             self.bans.unban(address)
             self.metrics.unbans.labels("unblock").inc()
@@ -1204,6 +1219,9 @@ class Daemon:
         if ip in self.engine.policy.never_block:
             return {"ok": False, "error": f"{ip} is never blocked (this host, its gateways and "
                                           "resolvers, loopback or the ignore files)"}
+        if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
+            return {"ok": False, "error": f"{ip} is not a host that can send a probe "
+                                          "(multicast, broadcast or unspecified)"}
         now = time.time()
         existing = self.store.get_ban(str(ip)) or self._unsaved.get(str(ip))
         if existing is not None:
@@ -1216,6 +1234,10 @@ class Daemon:
         actions = tuple(a for a, on in ((NFTABLES, self.bans is not None),
                                         (HOSTS_DENY, self.config.kill_hosts_deny is not None),
                                         (KILL_ROUTE, self.config.kill_route is not None)) if on)
+        if not actions:
+            with self.lock:
+                self.engine.forget(ip)
+            return {"ok": False, "error": f"could not block {ip}: no block action is configured"}
         nft_result: str | Exception | None = None
         if NFTABLES in actions:
             try:
@@ -1225,7 +1247,7 @@ class Daemon:
         outcome: queue.SimpleQueue = queue.SimpleQueue()
 
         def apply() -> None:
-            ok = bool(actions) and self._apply(actions, record, nft_result)
+            ok = self._apply(actions, record, nft_result)
             if not ok:
                 with self.lock:
                     self.engine.forget(ip)

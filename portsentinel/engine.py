@@ -333,6 +333,10 @@ class Engine:
         """Drop a ban (unblocked, or every action failed so it may retry)."""
         return self._bans.pop(_key(address), None) is not None
 
+    def pardon(self, address: Address) -> None:
+        """An admin's unblock says the ban was a mistake: no escalation later."""
+        self._offences.pop(_key(address), None)
+
     def restore(self, address: Address, since: float, until: float | None) -> None:
         self._bans[_key(address)] = Ban(address, since, until, since)
 

@@ -18,6 +18,7 @@ The table:
 from __future__ import annotations
 
 import ctypes
+import errno
 import ctypes.util
 import ipaddress
 import json
@@ -40,6 +41,10 @@ def _uncounted(expressions: list) -> list:
 
 
 class NftError(Exception):
+    pass
+
+
+class SetFull(NftError):
     pass
 
 
@@ -405,6 +410,8 @@ class NftBans:
             else:
                 self.elements.add([address], timeout)
         except OSError as err:
+            if err.errno == errno.ENFILE:  # what nf_tables answers for a full set
+                raise SetFull(f"the ban set is full (BAN_SET_SIZE={self.set_size})") from None
             raise NftError(str(err)) from None
         return self.command(address, timeout)
 

@@ -202,8 +202,13 @@ class Store:
                                     "WHERE until IS NOT NULL AND until <= ?", (now,)).fetchall()
         return [BanRecord(*row) for row in rows]
 
+    def pardon(self, address: str) -> None:
+        self._write([("DELETE FROM offenders WHERE address = ?", (address,))])
+
     def soonest_expiring(self, limit: int) -> list[BanRecord]:
         """Automatic bans that end first (manual and permanent ones never)."""
+        if limit <= 0:  # SQLite reads LIMIT -1 as no limit at all
+            return []
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans WHERE until IS NOT "
                                     "NULL AND origin != 'cli' ORDER BY until LIMIT ?",

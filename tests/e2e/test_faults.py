@@ -35,17 +35,18 @@ def test_a_locked_state_database_does_not_stop_the_daemon(lab, start_daemon):
     made meanwhile is listed at once and written, with its reason and port,
     once the database is free again."""
     daemon = start_daemon(ATCP)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(daemon.state), "7"],
+    # held well past SQLite's 5 s wait, whenever the ban's write comes
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(daemon.state), "12"],
                               stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"held\n"
         source = extra4(22)
         nmap(lab, "-sS", source, TARGET4, "20-25")
         assert source in daemon.banned()  # the kernel trap goes on meanwhile
-        daemon.wait_log("is kept in memory and written later", timeout=12)
+        daemon.wait_log("is kept in memory and written later", timeout=11)
         assert source in listed(daemon)  # listed while the state is locked
     finally:
-        holder.wait(15)
+        holder.wait(20)
     daemon.wait_log("the state is writable again; every ban is recorded")
     assert daemon.proc.poll() is None, daemon.log_text()[-2000:]
     import sqlite3

@@ -78,3 +78,9 @@ def test_a_state_file_from_before_the_undo_columns_is_migrated(tmp_path: Path):
     old.close()
     ban = Store(path).get_ban("198.51.100.2")
     assert ban.hosts_deny_line == "ALL: 198.51.100.2 : DENY" and ban.hosts_deny_file is None
+
+
+def test_no_negative_limit_evicts_everything(tmp_path: Path):
+    store = Store(tmp_path / "state.db")
+    store.add_bans([BanRecord(f"198.51.100.{i}", 0, 100.0 + i) for i in range(1, 6)])
+    assert store.soonest_expiring(-3) == [] and store.soonest_expiring(0) == []
