@@ -12,6 +12,10 @@ Contenders, each started fresh for every measurement in the same lab:
                    run only inside the target namespace with a private /etc overlay
   userspace        portsentinel with KERNEL_TRAP="0": sensor -> engine -> nftables
   kernel-trap      portsentinel defaults: the first trap probe is banned in-kernel
+  config unchanged portsentinel started with no -c on PortSentry 1.2's own files,
+                   unchanged: the same portsentry.conf and portsentry.ignore as the
+                   1.2 contender, /etc/default/portsentry with atcp + audp, in the
+                   same kind of private /etc overlay (KILL_ROUTE set)
 All traffic stays between the lab's namespaces (198.51.100.0/24, 2001:db8::/64).
 """
 
@@ -145,6 +149,44 @@ class Portsentinel(Contender):
 
     def alerts(self) -> int:
         return self.log.read_text().count("attackalert: TCP SYN/Normal scan")
+
+
+class ConfigUnchanged(Portsentinel):
+    """A PortSentry user's files kept as they are: /etc/portsentry/portsentry.conf
+    (the 1.2 contender's, KILL_ROUTE included), portsentry.ignore and
+    /etc/default/portsentry, in a private mount namespace (overlay on /etc,
+    tmpfs on /var/lib and /run: the host's files are never written); the daemon
+    is started with no -c and finds them itself."""
+
+    name = "PortSentry config unchanged (KILL_ROUTE)"
+
+    def __init__(self, lab, work):
+        super().__init__(lab, work, True)
+        self.name = ConfigUnchanged.name
+
+    def start(self) -> None:
+        self.reset_firewall()
+        upper, workdir = self.work / "cu-etc-upper", self.work / "cu-etc-work"
+        subprocess.run(["rm", "-rf", str(upper), str(workdir)], check=True)
+        (upper / "portsentry").mkdir(parents=True)
+        (upper / "default").mkdir()
+        workdir.mkdir()
+        (upper / "portsentry/portsentry.conf").write_text(PORTSENTRY_CONF.format(work=self.work))
+        (upper / "portsentry/portsentry.ignore").write_text(f"127.0.0.1/32\n0.0.0.0\n{TARGET4}\n")
+        (upper / "default/portsentry").write_text('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
+        script = (f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={workdir} /etc"
+                  " && mount -t tmpfs tmpfs /var/lib && mount -t tmpfs tmpfs /run"
+                  f" && exec {PORTSENTINEL} run --foreground --log stdout")
+        self.log = self.work / "config-unchanged.log"
+        self.proc = self.lab.start("target", "unshare", "--mount", "--propagation", "private",
+                                   "sh", "-c", script, stdout=self.log.open("w"))
+        netlab.wait_for_line(self.log, "now active and listening", 15)
+
+    def blocked(self, source: str) -> bool:
+        """In the nftables set, and KILL_ROUTE's rule (ip6tables for IPv6) in place."""
+        tool, suffix = ("ip6tables", "/128") if ":" in source else ("iptables", "/32")
+        rules = self.lab.exec("target", tool, "-S", "INPUT").stdout
+        return super().blocked(source) and f"-s {source}{suffix} -j DROP" in rules
 
 
 def fetch_portsentry() -> Path:
@@ -415,7 +457,7 @@ def leak_table(lab, work: Path, runs: int) -> str:
     delayed = Portsentinel(lab, work, True, 'FIRST_CONTACT_DELAY="1"\n')
     delayed.name = "kernel trap + FIRST_CONTACT_DELAY"
     rows = []
-    for contender in (Portsentinel(lab, work, True), delayed):
+    for contender in (Portsentinel(lab, work, True), delayed, ConfigUnchanged(lab, work)):
         for name, nmap_args in (("SYN -sS", ["-sS"]), ("connect -sT", ["-sT"])):
             results = [run_scan(lab, contender, name, nmap_args, False) for _ in range(runs)]
             leaked = [r["revealed"] for r in results]
@@ -438,12 +480,13 @@ def latency_table(latency: dict) -> str:
     return table(["contender", "blocked", "median ms", "max ms", "median probes through"], rows)
 
 
-def report(scans, latency, cap, load, flood, args) -> str:
-    nmap_version = netlab.sh("nmap", "--version").stdout.split("\n")[0]
+def scan_table(scans) -> str:
     names = [c for c in dict.fromkeys(r["contender"] for r in scans)]
     by = {(r["contender"], r["scan"]): r for r in scans}
     scan_rows = []
     for name, _, _ in SCANS:
+        if not any((c, name) in by for c in names):
+            continue
         row = [name]
         for c in names:
             r = by.get((c, name))
@@ -455,6 +498,12 @@ def report(scans, latency, cap, load, flood, args) -> str:
                        f"{r['passed']}/{r['arrived']} probes in; {r['cpu']:.2f}s CPU"
                        + ("; nmap timed out" if r["timeout"] else ""))
         scan_rows.append(row)
+    return table(["scan", *names], scan_rows)
+
+
+def report(scans, latency, cap, load, flood, args) -> str:
+    nmap_version = netlab.sh("nmap", "--version").stdout.split("\n")[0]
+    names = [c for c in dict.fromkeys(r["contender"] for r in scans)]
     rss_rows = [[c, max(r["rss_kb"] for r in scans if r["contender"] == c) // 1024]
                 for c in names]
 
@@ -472,6 +521,10 @@ Contenders:
   nftables set (no fork), the path every mode and `SCAN_TRIGGER` > 1 use.
 - **portsentinel kernel-trap**: the defaults: the first probe to a trap port is banned
   by an nftables rule before the next packet is processed.
+- **PortSentry config unchanged (KILL_ROUTE)**: portsentinel started with no `-c` on the
+  1.2 contender's own files, unchanged (`KILL_ROUTE` set; `/etc/default/portsentry`:
+  atcp + audp), in a private `/etc` overlay: nftables ban and kernel trap first, the
+  `KILL_ROUTE` (`ip6tables` for IPv6) in addition; "detected" also requires its rule.
 
 ## Scans: what nmap learns
 
@@ -483,7 +536,7 @@ the scan (with children, e.g. 1.2's iptables). nmap runs with `-T4` unless state
 `--max-retries 0 --max-rtt-timeout 100ms` (the lab's round trip is tens of µs; this
 only shortens nmap's wait on dropped probes).
 
-{table(["scan", *names], scan_rows)}
+{scan_table(scans)}
 
 Peak RSS (MiB, largest over the scans):
 
@@ -550,9 +603,13 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs/benchmarks.md")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the first-probe-to-block trials; print the table")
+    parser.add_argument("--scans-only", action="store_true",
+                        help="only the scans and the first-probe-to-block trials, every "
+                             "contender in one run; print the tables")
     parser.add_argument("--leak-trials", type=int, default=0, metavar="N",
                         help="only: N runs of -sS and -sT against the kernel trap, with and "
-                             "without FIRST_CONTACT_DELAY; print the table")
+                             "without FIRST_CONTACT_DELAY, and PortSentry's config unchanged; "
+                             "print the table")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it builds network namespaces)")
@@ -567,13 +624,22 @@ def main() -> None:
         assert services.stdout.readline().strip() == b"ready"
         work = Path(tmp)
         contenders = [Portsentry12(lab, work), Portsentinel(lab, work, False),
-                      Portsentinel(lab, work, True)]
+                      Portsentinel(lab, work, True), ConfigUnchanged(lab, work)]
         if args.leak_trials:
             print(leak_table(lab, work, args.leak_trials))
             return
         if args.latency_only:
             latency = {c.name: [latency_trial(lab, c, args.gap, 400) for _ in range(args.trials)]
                        for c in contenders}
+            print(latency_table(latency))
+            return
+        if args.scans_only:
+            results = [run_scan(lab, contender, name, nmap_args, v6)
+                       for name, nmap_args, v6 in scans for contender in contenders]
+            latency = {c.name: [latency_trial(lab, c, args.gap, 400) for _ in range(args.trials)]
+                       for c in contenders}
+            print(scan_table(results))
+            print()
             print(latency_table(latency))
             return
         results, latency = [], {}

@@ -8,6 +8,7 @@ skipped option, port lists have no 64-entry cap and accept ranges (`1-1023`).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -441,8 +442,9 @@ def load(path: Path | None) -> Config:
     return parse(data.decode("utf-8", errors="surrogateescape"), str(path))
 
 
-def read_modes_file(path: Path = DEFAULT_MODES_FILE) -> tuple[str | None, str | None]:
+def read_modes_file(path: Path | None = None) -> tuple[str | None, str | None]:
     """TCP_MODE / UDP_MODE from Debian's /etc/default/portsentry (a shell file)."""
+    path = DEFAULT_MODES_FILE if path is None else path
     modes: dict[str, str | None] = {"TCP_MODE": None, "UDP_MODE": None}
     allowed = {"TCP_MODE": TCP_MODES, "UDP_MODE": UDP_MODES}
     try:
@@ -543,7 +545,7 @@ def command_family(argv: list[str]) -> int | None:
         return None
     if program == "route":
         inet6 = "-6" in args or "--inet6" in args or any(
-            a in ("-A", "--family") and b == "inet6" for a, b in zip(args, args[1:]))
+            a in ("-A", "--family") and b == "inet6" for a, b in itertools.pairwise(args))
         return 6 if inet6 else 4
     return 4
 

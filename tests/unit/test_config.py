@@ -55,7 +55,6 @@ def test_no_config_reads_portsentrys_own_file_when_it_exists(tmp_path, monkeypat
     modes = tmp_path / "default-portsentry"
     modes.write_text('TCP_MODE="stcp"\nUDP_MODE=""\n')
     monkeypatch.setattr(config, "DEFAULT_MODES_FILE", modes)
-    monkeypatch.setattr(config.read_modes_file, "__defaults__", (modes,))
     assert config.resolve_modes(None, None, c, False) == ("stcp", None)  # Debian's file read
     # the embedded default (no file anywhere) does not read Debian's modes file
     assert config.resolve_modes(None, None, config.Config(), False) == ("atcp", "audp")
