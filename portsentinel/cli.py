@@ -470,7 +470,15 @@ def print_status(status: dict) -> None:
 def control(args) -> int:
     from .control import ControlError, request
 
-    path = args.socket or configuration.load(None).control_socket
+    if args.socket is not None:
+        path = args.socket
+    else:
+        try:  # /etc/portsentry/portsentry.conf if it exists, else the embedded default
+            path = configuration.load(None).control_socket
+        except ConfigError as err:
+            print(f"portsentinel: {err} (give the daemon's socket with --socket)",
+                  file=sys.stderr)
+            return 2
     message: dict = {"command": args.command}
     if args.command == "unblock":
         message["target"] = args.target

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install portsentinel on Debian 12 as root and start it.
-#   bash scripts/install.sh                      # embedded default config (atcp+audp, nftables)
+#   bash scripts/install.sh                      # /etc/portsentry/portsentry.conf if it exists, else the embedded default (atcp+audp, nftables)
 #   bash scripts/install.sh /etc/portsentry/portsentry.conf   # your PortSentry config
 #   bash scripts/install.sh --no-start [CONFIG]               # install, check, do not start
 set -euo pipefail

@@ -37,3 +37,14 @@ def test_non_utf8_bytes_in_a_comment_are_fine_in_a_value_an_error_with_its_line(
     with pytest.raises(ConfigError) as refused:
         config.load(latin1)
     assert f"{latin1}:2:" in str(refused.value) and "UTF-8" in str(refused.value)
+
+
+def test_control_commands_say_what_is_wrong_with_a_broken_default_config(
+        tmp_path, monkeypatch, capsys):
+    from portsentinel import cli
+    broken = tmp_path / "portsentry.conf"
+    broken.write_text('BLOCK_TCP="7"\n')
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", broken)
+    assert cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}:1:" in err and "--socket" in err
