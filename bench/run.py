@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import netlab  # noqa: E402
-from netlab import TARGET4, TARGET6, ATTACKER4, ATTACKER6  # noqa: E402
+from netlab import TARGET4, TARGET6, ATTACKER4, ATTACKER6, CLIENT4, CLIENT6  # noqa: E402
 
 PROBES = ROOT / "bench" / "probes.py"
 PORTSENTINEL = Path(sys.executable).with_name("portsentinel")
@@ -144,7 +144,9 @@ class Portsentinel(Contender):
         return [self.proc.pid]
 
     def blocked(self, source: str) -> bool:
-        out = self.lab.exec("target", "nft", "list", "table", "inet", "portsentinel").stdout
+        """In a ban set (not just anywhere in the table: a client is in the peers sets)."""
+        name = "ban6" if ":" in source else "ban4"
+        out = self.lab.exec("target", "nft", "list", "set", "inet", "portsentinel", name).stdout
         return re.search(rf"[{{ ,]{re.escape(source)}[ ,}}]", out) is not None
 
     def alerts(self) -> int:
@@ -306,11 +308,28 @@ def revealed(states: dict[int, str], closed_seen: bool, real: set[int]) -> set[i
             and (s == "open" or (s == "open|filtered" and closed_seen))}
 
 
+def legit_start(lab) -> subprocess.Popen:
+    """A legitimate client (tests/legit.py mix: port reuse into TIME_WAIT, bursts
+    of short connections, UDP queries with retries), running through the scan."""
+    return lab.start("client", sys.executable, str(ROOT / "tests/legit.py"), "mix", TARGET4,
+                     TARGET6, "900", stdout=subprocess.PIPE)
+
+
+def legit_finish(lab, proc: subprocess.Popen) -> dict:
+    lab.stop(proc, timeout=30)  # SIGTERM: it ends its round and prints its counts
+    try:
+        return json.loads(proc.stdout.read() or b"{}")
+    except ValueError:
+        return {}
+
+
 def run_scan(lab, contender, name, args, v6) -> dict:
     source = ATTACKER6 if v6 else ATTACKER4
     target = TARGET6 if v6 else TARGET4
     contender.start()
     counters_install(lab, source)
+    client = legit_start(lab)
+    time.sleep(0.5)
     cpu0, _ = proc_stats(contender.pids())
     t0 = time.monotonic()
     argv = ["nmap", *(["-6"] if v6 else []), *args, "-Pn", "-n", "--max-retries", "0",
@@ -321,6 +340,7 @@ def run_scan(lab, contender, name, args, v6) -> dict:
     done = lab.exec("attacker", *argv, timeout=400)
     seconds = time.monotonic() - t0
     cpu1, rss = proc_stats(contender.pids())
+    legit = legit_finish(lab, client)
     counts = counters_read(lab)
     states, closed, timed_out = parse_nmap(done.stdout)
     real = REAL_UDP if "-sU" in args else REAL_TCP
@@ -329,6 +349,9 @@ def run_scan(lab, contender, name, args, v6) -> dict:
         "revealed": len(revealed(states, closed, real)), "real": len(real),
         "arrived": counts.get("arrived", 0), "passed": counts.get("passed", 0),
         "cpu": cpu1 - cpu0, "rss_kb": rss, "nmap_s": seconds, "timeout": timed_out,
+        "legit_failed": legit.get("failed", -1),
+        "legit_total": legit.get("ok", 0) + legit.get("failed", 0),
+        "clients_banned": sum(contender.blocked(c) for c in (CLIENT4, CLIENT6)),
     }
     contender.stop()
     print(json.dumps(result), flush=True)
@@ -496,7 +519,9 @@ def scan_table(scans) -> str:
             detected = "yes" if r["detected"] else "**no**"
             row.append(f"{detected}; {r['revealed']}/{r['real']} open; "
                        f"{r['passed']}/{r['arrived']} probes in; {r['cpu']:.2f}s CPU"
-                       + ("; nmap timed out" if r["timeout"] else ""))
+                       + ("; nmap timed out" if r["timeout"] else "")
+                       + (f"; legit {r['legit_failed']}/{r['legit_total']} failed, "
+                          f"{r['clients_banned']} clients banned" if "legit_total" in r else ""))
         scan_rows.append(row)
     return table(["scan", *names], scan_rows)
 

@@ -100,13 +100,7 @@ def test_classic_start_reports_errors_and_refuses_a_second_daemon(lab, start_dae
     # another pid file but the same control socket: the daemon's own start-up
     # error travels back over the pipe
     other = tmp_path / "other"
-    other.mkdir()
-    conf = other / "portsentry.conf"
-    conf.write_text(f'TCP_MODE="atcp"\nNFT_TABLE="second"\nCONTROL_SOCKET="{first.socket}"\n'
-                    f'STATE_FILE="{other}/state.db"\nHISTORY_FILE="{other}/h"\n'
-                    f'BLOCKED_FILE="{other}/b"\n')
-    busy = lab.exec("target", str(PORTSENTINEL), "run", "-c", str(conf), "--pid-file",
-                    str(other / "pid"), "--log", f"file:{other / 'log'}", timeout=60)
+    busy = start_second(lab, other, f'NFT_TABLE="second"\nCONTROL_SOCKET="{first.socket}"\n')
     assert busy.returncode == 1, busy
     assert f"portsentinel: cannot start: another portsentinel is running (it answers on " \
            f"{first.socket})" in busy.stderr
@@ -290,15 +284,19 @@ def test_a_second_daemon_with_its_own_socket_cannot_take_over_the_table(lab, sta
     first = start_daemon('TCP_MODE="atcp"\n')
     rules = lab.exec("target", "nft", "-a", "list", "chain", "inet", "portsentinel", "trap").stdout
     other = tmp_path / "second"
-    other.mkdir()
-    conf = other / "portsentry.conf"
-    conf.write_text(f'TCP_MODE="atcp"\nCONTROL_SOCKET="{other}/c.sock"\n'
-                    f'STATE_FILE="{other}/state.db"\nHISTORY_FILE="{other}/h"\n'
-                    f'BLOCKED_FILE="{other}/b"\n')
-    second = lab.exec("target", str(PORTSENTINEL), "run", "-c", str(conf), "--pid-file",
-                      str(other / "pid"), "--log", f"file:{other / 'log'}", timeout=60)
+    second = start_second(lab, other, f'CONTROL_SOCKET="{other}/c.sock"\n')
     assert second.returncode == 1, second
     assert "another portsentinel uses the nftables table inet portsentinel" in second.stderr
     after = lab.exec("target", "nft", "-a", "list", "chain", "inet", "portsentinel", "trap").stdout
     assert after == rules  # untouched (handles would change with any rewrite)
     assert "pid" in first.cli("status").stdout
+
+
+def start_second(lab, other, keys: str):
+    """A second daemon's start with its own files under `other`, and `keys`."""
+    other.mkdir()
+    conf = other / "portsentry.conf"
+    conf.write_text(f'TCP_MODE="atcp"\n{keys}STATE_FILE="{other}/state.db"\n'
+                    f'HISTORY_FILE="{other}/h"\nBLOCKED_FILE="{other}/b"\n')
+    return lab.exec("target", str(PORTSENTINEL), "run", "-c", str(conf), "--pid-file",
+                    str(other / "pid"), "--log", f"file:{other / 'log'}", timeout=60)
