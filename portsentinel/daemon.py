@@ -397,13 +397,13 @@ class Daemon:
         sensor sees is also a first-contact trial for the sequential test."""
         decision = None
         stateless = probe.kind is not Kind.CONNECT
-        if stateless and self._is_reply(probe):
-            self.metrics.replies.inc()
-            return None
         if probe.trap and not served:
             probe = self._with_peer(probe)
             if stateless and not probe.peer and self._kernel_decides(probe.protocol):
-                pass  # the kernel trap judges it, after NAT and exactly; NFLOG reports it
+                pass  # the kernel trap judges it (after NAT, replies spared); NFLOG reports it
+            elif stateless and self._is_reply(probe):
+                self.metrics.replies.inc()
+                return None
             elif stateless and self._forwarded(probe):
                 return None  # a port forward (DNAT): no local socket is expected
             else:
