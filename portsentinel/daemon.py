@@ -337,16 +337,10 @@ class Daemon:
     def _adopt(self, known: set[str]) -> None:
         """Bans in our nftables sets that the store does not know (e.g. made by
         the kernel trap while the daemon was down) are recorded, not dropped."""
-        now = time.time()
-        found = [BanRecord(a, now, None if left is None else now + left,
-                           reason="found in the firewall", origin="kernel")
-                 for a, left in self.bans.banned().items() if a not in known]
+        found = {a: left for a, left in self.bans.banned().items() if a not in known}
         if not found:
             return
-        self.store.add_bans(found, replace=False)
-        with self.lock:
-            for r in found:
-                self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
+        self._record_found(found, time.time())
         self.metrics.active_bans.set(self.store.count())
         self.log(f"adminalert: adopted {len(found)} bans found only in the firewall", logs.INFO)
 
@@ -797,18 +791,14 @@ class Daemon:
     def reconcile(self) -> dict:
         """Kernel sets against the state: each difference is logged, counted and
         fixed (a ban only in the kernel is recorded; one only in the state is put
-        back). A missing table (someone flushed the ruleset) is installed anew."""
-        self.verify_firewall()  # rules and static sets, in case an event was lost
+        back). A missing or changed table is installed anew first (verify_firewall)."""
+        self.verify_firewall()  # the table, its rules and static sets (a lost event?)
         now = time.time()
         try:
             kernel = self.bans.banned()
         except NftError as err:
-            self.log.error(f"adminalert: ERROR: our nftables table is gone ({err}); "
-                           "installing it again with every ban")
-            self.metrics.drift.labels("table").inc()
-            self.bans.install(self.kernel_trap, self.config.ban_time)
-            self.bans.set_never_block(self.engine.policy.never_block)
-            kernel = {}
+            self._report_error(f"reconciliation: cannot list the ban sets: {err}")
+            return {"kernel_only": [], "state_only": []}
         stored = {r.address: r for r in self._with_unsaved(self.store.bans())
                   if (r.until is None or r.until > now + 1) and r.address not in self._unremoved}
         with self.lock:  # decided, but maybe not stored yet: not drift
@@ -819,6 +809,9 @@ class Daemon:
                       and not self.bans.holds(a)]  # a dump during a resize can miss some
         if kernel_only:
             self._record_found(kernel_only, now)
+            self.metrics.drift.labels("kernel_only").inc(len(kernel_only))
+            self.log.error(f"adminalert: WARNING: {len(kernel_only)} bans were in the firewall "
+                           f"but not in the state; now recorded: {_some(kernel_only)}")
         if state_only:
             self.bans.elements.add_each((r.address, r.remaining(now) or 0) for r in state_only)
             self.metrics.drift.labels("state_only").inc(len(state_only))
@@ -827,6 +820,8 @@ class Daemon:
         return {"kernel_only": sorted(kernel_only), "state_only": [r.address for r in state_only]}
 
     def _record_found(self, found: dict[str, float | None], now: float) -> None:
+        """Record bans found only in our sets (address -> seconds left), never
+        over a record made meanwhile."""
         records = [BanRecord(a, now, None if left is None else now + left,
                              reason="found in the firewall", origin="kernel")
                    for a, left in found.items()]
@@ -834,9 +829,6 @@ class Daemon:
         with self.lock:
             for r in records:
                 self.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
-        self.metrics.drift.labels("kernel_only").inc(len(records))
-        self.log.error(f"adminalert: WARNING: {len(records)} bans were in the firewall but not "
-                       f"in the state; now recorded: {_some(found)}")
 
     def _refresh_never_block(self, force: bool, addresses: bool = False) -> str | None:
         changed = force
