@@ -383,7 +383,7 @@ class Daemon:
             self.metrics.decoys.inc()
         elif decision.verdict is Verdict.RATE_LIMITED:
             self.metrics.rate_limited.inc()
-        self._queue(partial(self._report, decision, nft_result, "local", self._lookup(probe)))
+        self._queue(partial(self._report, decision, nft_result, "local", self._start_name_lookup(probe)))
         return decision
 
     def _judge(self, probe, served: bool) -> Decision | None:
@@ -492,7 +492,7 @@ class Daemon:
                 nft_result = self.bans.ban(probe.source, decision.ban_seconds, replace=True)
             except NftError as err:
                 nft_result = err
-        self._queue(partial(self._report, decision, nft_result, "kernel", self._lookup(probe)))
+        self._queue(partial(self._report, decision, nft_result, "kernel", self._start_name_lookup(probe)))
 
     def _with_peer(self, probe):
         """Mark a stateless probe whose source completed a handshake with us lately."""
@@ -922,7 +922,7 @@ class Daemon:
             except Exception as err:  # a report must never kill the reporter
                 self.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
 
-    def _lookup(self, probe) -> Future | None:
+    def _start_name_lookup(self, probe) -> Future | None:
         """RESOLVE_HOST: start the reverse lookup as soon as a scan is seen, on a
         small pool, so that slow lookups overlap instead of queueing up."""
         if not self.config.resolve_host:
