@@ -383,7 +383,8 @@ class Daemon:
             self.metrics.decoys.inc()
         elif decision.verdict is Verdict.RATE_LIMITED:
             self.metrics.rate_limited.inc()
-        self._queue(partial(self._report, decision, nft_result, "local", self._start_name_lookup(probe)))
+        self._queue(partial(self._report, decision, nft_result, "local",
+                            self._start_name_lookup(probe)))
         return decision
 
     def _judge(self, probe, served: bool) -> Decision | None:
@@ -492,7 +493,8 @@ class Daemon:
                 nft_result = self.bans.ban(probe.source, decision.ban_seconds, replace=True)
             except NftError as err:
                 nft_result = err
-        self._queue(partial(self._report, decision, nft_result, "kernel", self._start_name_lookup(probe)))
+        self._queue(partial(self._report, decision, nft_result, "kernel",
+                            self._start_name_lookup(probe)))
 
     def _with_peer(self, probe):
         """Mark a stateless probe whose source completed a handshake with us lately."""
