@@ -161,7 +161,9 @@ def check_config(args) -> int:
     print(f"ignore entries: {len(never_block)} (plus this host's own addresses at run time)")
     if config.source != configuration.EMBEDDED:  # a portsentry.conf: say what changes
         print("compared with PortSentry 1.2:")
-        for line in configuration.changes_from_12(config, tcp, udp):
+        from .daemon.assembly import changes_from_12
+
+        for line in changes_from_12(config, tcp, udp):
             print(f"  {line}")
     return 0
 

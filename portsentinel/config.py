@@ -8,8 +8,6 @@ skipped option, port lists have no 64-entry cap and accept ranges (`1-1023`).
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
 import shlex
 import shutil
@@ -20,7 +18,6 @@ from pathlib import Path
 
 TCP_MODES = ("tcp", "stcp", "atcp")
 UDP_MODES = ("udp", "sudp", "audp")
-TOKENS = ("$TARGET$", "$PORT$", "$MODE$")
 DEFAULT_MODES_FILE = Path("/etc/default/portsentry")
 DEFAULT_CONFIG = Path("/etc/portsentry/portsentry.conf")  # where PortSentry users keep it
 EMBEDDED = "<embedded default>"
@@ -95,13 +92,6 @@ class Config:
     source: str = EMBEDDED
     warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # KEY -> line it was read from
-
-    def kernel_trap_for(self, protocol: str, mode: str | None) -> bool:
-        """The in-kernel trap does exactly what the engine would: ban on the
-        first probe to a stealth/advanced trap port, into the nftables set."""
-        level = self.block_tcp if protocol == "tcp" else self.block_udp
-        return (self.kernel_trap == "auto" and self.nftables and self.scan_trigger <= 1
-                and level == 1 and mode is not None and mode[0] in "sa")
 
     @property
     def nftables(self) -> bool:
@@ -480,162 +470,8 @@ def resolve_modes(cli_tcp: str | None, cli_udp: str | None, config: Config,
     return "atcp", "audp"
 
 
-def command_argv(template: str, target: str, port: int, mode: str) -> list[str]:
-    """Split a command template, then fill the tokens in each argument.
-
-    Splitting first means a token's value can never add or merge arguments;
-    `target` must already be a validated IP address string.
-    """
-    values = {"$TARGET$": target, "$PORT$": str(port), "$MODE$": mode}
-    argv = []
-    for arg in shlex.split(template):
-        for token, value in values.items():
-            arg = arg.replace(token, value)
-        argv.append(arg)
-    return argv
-
-
-def undo_command(command: str) -> str | None:
-    """The command that reverses a KILL_ROUTE (template or filled), if known:
-    iptables/ip6tables -I/-A -> -D, route add -> route del, ip route add -> del."""
-    argv = shlex.split(command)
-    program = argv[0].rsplit("/", 1)[-1]
-    if program.startswith(("iptables", "ip6tables")):
-        for flag in ("-I", "--insert", "-A", "--append"):
-            if flag in argv[:-1]:
-                i = argv.index(flag)
-                rest = argv[i + 2:]
-                if flag in ("-I", "--insert") and rest and rest[0].isdigit():
-                    rest = rest[1:]  # -I INPUT 1 ...: the position is not part of -D
-                return shlex.join([*argv[:i], "-D", argv[i + 1], *rest])
-        return None
-    if program == "route" and "add" in argv:
-        return shlex.join([a if a != "add" else "del" for a in argv])
-    if program == "ip" and "route" in argv and "add" in argv:
-        return shlex.join([a if a != "add" else "del" for a in argv])
-    return None
-
-
-def fill(template: str, target: str, port: int, mode: str) -> str:
-    for token, value in (("$TARGET$", target), ("$PORT$", str(port)), ("$MODE$", mode)):
-        template = template.replace(token, value)
-    return template
-
-
-# -- address families: KILL_ROUTE was written for 1.2, which only ever gave it IPv4
-IPTABLES_PROGRAM = re.compile(r"^ip(6?)tables(-legacy|-nft)?$")
-
-
-def command_family(argv: list[str]) -> int | None:
-    """4 or 6 when the command takes addresses of one family only, None when
-    it takes both. iptables -> 4, ip6tables -> 6, net-tools route -> 4 (6 with
-    `-A inet6`), `ip` -> both (unless -4/-6), anything else -> 4: a 1.2 command
-    never saw an IPv6 address."""
-    program = argv[0].rsplit("/", 1)[-1]
-    args = argv[1:]
-    match = IPTABLES_PROGRAM.match(program)
-    if match:
-        return 6 if match[1] else 4
-    if program == "ip":
-        for i, arg in enumerate(args):
-            if arg in ("-4", "-6"):
-                return int(arg[1])
-            if arg in ("-f", "-family") and i + 1 < len(args):
-                return {"inet": 4, "inet6": 6}.get(args[i + 1])
-        return None
-    if program == "route":
-        inet6 = "-6" in args or "--inet6" in args or any(
-            a in ("-A", "--family") and b == "inet6" for a, b in itertools.pairwise(args))
-        return 6 if inet6 else 4
-    return 4
-
-
-def kill_route_for(template: str, version: int) -> str | None:
-    """The KILL_ROUTE (or KILL_ROUTE_UNDO) template to run for an address of
-    IP `version`: the template itself when it takes that family; for
-    iptables <-> ip6tables the other program in the same directory, if it
-    exists there; None when the command cannot take such an address."""
-    argv = shlex.split(template)
-    family = command_family(argv)
-    if family is None or family == version:
-        return template
-    program = argv[0]
-    match = IPTABLES_PROGRAM.match(program.rsplit("/", 1)[-1])
-    if not match:
-        return None
-    other = ("ip6tables" if version == 6 else "iptables") + (match[2] or "")
-    if "/" in program:
-        candidate = f"{program.rsplit('/', 1)[0]}/{other}"
-        if not os.access(candidate, os.X_OK):
-            return None
-    else:
-        candidate = other
-        if not shutil.which(other):
-            return None
-    stripped = template.lstrip()
-    if stripped.startswith(program):  # keep the rest exactly as written
-        return candidate + stripped[len(program):]
-    return shlex.join([candidate, *argv[1:]])
-
-
-def _duration_text(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
-
-
-def changes_from_12(config: Config, tcp: str | None, udp: str | None) -> list[str]:
-    """What portsentinel will do differently from PortSentry 1.2 with this
-    config, in a few short lines (for check-config)."""
-    lines = []
-    logged_only = [f"BLOCK_{p}" for p, level in (("TCP", config.block_tcp), ("UDP", config.block_udp))
-                   if level == 0]
-    if logged_only:
-        lines.append(f"{'/'.join(logged_only)}=0: those scans are only logged, and (unlike 1.2) "
-                     "the host is not recorded as blocked")
-    trapped = [p for p, mode in (("tcp", tcp), ("udp", udp)) if config.kernel_trap_for(p, mode)]
-    if config.nftables:
-        first = "nftables set" + (f" + kernel trap ({', '.join(trapped)}: the first probe "
-                                  "is banned in the kernel)" if trapped else "")
-        lines.append(f"firewall: {first} first" + (
-            "; KILL_ROUTE also runs, off the packet path" if config.kill_route else ""))
-    elif config.kill_route:
-        lines.append("firewall: KILL_ROUTE only, as in 1.2 (BLOCK_NFTABLES=0): a fork per ban, "
-                     "no kernel trap")
-    else:
-        lines.append("firewall: none (BLOCK_NFTABLES=0 and no KILL_ROUTE)")
-    ipv6 = "IPv6: watched" + (" and banned in the nftables set" if config.nftables else "")
-    for version in (4, 6) if config.kill_route else ():
-        template = kill_route_for(config.kill_route, version)
-        if template is None:
-            ipv6 += (f"; KILL_ROUTE takes IPv{10 - version} only: not run for IPv{version} "
-                     "sources" + ("" if config.nftables else
-                                  f", so IPv{version} sources are NOT blocked"))
-        elif template != config.kill_route:
-            program = shlex.split(template)[0]
-            ipv6 += (f"; KILL_ROUTE runs as {program} for IPv{version} sources "
-                     f"({program.rsplit('/', 1)[-1]} derived)")
-    lines.append(ipv6)
-    undone = ["the nftables ban"] if config.nftables else []
-    if config.kill_route and (config.kill_route_undo or undo_command(config.kill_route)):
-        undone.append("KILL_ROUTE")
-    if config.kill_hosts_deny:
-        undone.append("hosts.deny")
-    undo = " and ".join(filter(None, [", ".join(undone[:-1]), undone[-1]])) if undone else ""
-    if config.ban_time > 0:
-        expiry = (f"bans expire after {_duration_text(config.ban_time)} (BAN_TIME"
-                  + (f"; repeat offenders longer, up to {_duration_text(config.ban_time_max)}"
-                     if config.ban_time_increment > 1 else "") + ")"
-                  + (f"; expiry and `portsentinel unblock` undo {undo}" if undo else ""))
-    else:
-        expiry = ("bans never expire (BAN_TIME=0)"
-                  + (f"; `portsentinel unblock` undoes {undo}" if undo else ""))
-    if config.kill_route and "KILL_ROUTE" not in undone:
-        expiry += " (KILL_ROUTE has no known undo: set KILL_ROUTE_UNDO)"
-    lines.append(expiry)
-    lines.append("never blocked: this host, its gateways and resolvers, and the ignore files"
-                 + (" (IGNORE_FILE and IGNORE_FILE.static)" if config.ignore_file else "")
-                 + ("; a host that completed a handshake lately is not banned on spoofable "
-                    "probes (DECOY_GRACE)" if config.decoy_grace else ""))
-    return lines

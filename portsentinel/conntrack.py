@@ -15,8 +15,8 @@ import socket
 import struct
 import threading
 
-from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, _HDR, _NFGEN, _attr,
-                        _nested, answers, attributes)
+from .netlink import (NETLINK_NETFILTER, NFGEN, NLM_F_ACK, NLM_F_REQUEST, answers, attr,
+                      attributes, nested, nfnl_message)
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET = 1
@@ -73,22 +73,20 @@ class Conntrack:
         if source.version != destination.version or protocol not in PROTOCOLS:
             return []
         v4 = source.version == 4
-        ips = _nested(CTA_TUPLE_IP,
-                      _attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, source.packed),
-                      _attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, destination.packed))
-        proto = _nested(CTA_TUPLE_PROTO,
-                        _attr(CTA_PROTO_NUM, bytes([PROTOCOLS[protocol]])),
-                        _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", source_port)),
-                        _attr(CTA_PROTO_DST_PORT, struct.pack("!H", port)))
-        body = _nested(CTA_TUPLE_REPLY, ips, proto)
+        ips = nested(CTA_TUPLE_IP,
+                      attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, source.packed),
+                      attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, destination.packed))
+        proto = nested(CTA_TUPLE_PROTO,
+                        attr(CTA_PROTO_NUM, bytes([PROTOCOLS[protocol]])),
+                        attr(CTA_PROTO_SRC_PORT, struct.pack("!H", source_port)),
+                        attr(CTA_PROTO_DST_PORT, struct.pack("!H", port)))
+        body = nested(CTA_TUPLE_REPLY, ips, proto)
         family = socket.AF_INET if v4 else socket.AF_INET6
         with self._lock:
             self._seq += 1
-            payload = _NFGEN.pack(family, 0, 0) + body
-            self._sock.send(_HDR.pack(_HDR.size + len(payload),
-                                      (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
-                                      NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + payload)
-            return [(data, start + _NFGEN.size, end)
+            self._sock.send(nfnl_message(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET,
+                                         NLM_F_REQUEST | NLM_F_ACK, self._seq, family, body))
+            return [(data, start + NFGEN.size, end)
                     for data, start, end in answers(self._sock, self._seq, "conntrack lookup")]
 
 

@@ -1,5 +1,13 @@
 """The detection engine: probes in, decisions out. Pure: no I/O, no clock.
 
+One entry for probes: `Engine.handle(probe, facts)`. `facts` answers the
+questions the engine may ask about a probe (is the port served? is the source
+a peer? is it a reply, a port forward's client, a ban the kernel made?); the
+engine reads only what it needs, so the daemon can answer them lazily (each
+may cost a kernel lookup). Bans asked for by an admin or a fleet member go
+through `block` and `fleet_ban`; the policy changes through `reconfigure`.
+The engine has one owner thread (the daemon's run loop).
+
 Time is whatever the caller puts in `Probe.time` (seconds, any epoch), so the
 engine is driven by tests and by kernel packet timestamps alike.
 
@@ -22,6 +30,12 @@ spoofer cannot do), such probes give DECOY, not BLOCK. A completed handshake
 to a trap port (tcp mode, Kind.CONNECT) is always bannable. A token bucket
 (ban_rate, ban_burst) caps new bans: past it, RATE_LIMITED: detected and
 reported, not banned, so a spoofed flood cannot fill the firewall.
+
+Slow scans: every TCP first contact the packet sensor sees is a trial for the
+sequential test (trw.py): success when a service answers the port. A failed
+first contact is judged `trial_delay` later (the decision says so with
+`recheck_after`), when connection tracking surely knows whether destination
+NAT forwarded it.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .addrset import Address, AddressSet
-from .trw import SequentialDetector
+from .trw import SequentialDetector, TrwParameters
 
 TCP = "tcp"
 UDP = "udp"
@@ -76,12 +90,27 @@ class Probe:
     time: float
     flags: int = 0
     ip_options: bool = False
-    # the source completed a TCP handshake with this host recently (set by the
-    # daemon from kernel evidence); its stateless probes may be spoofed decoys
-    peer: bool = False
     trap: bool = True  # False: a port outside the traps (seen for the sequential test only)
     source_port: int = 0  # with `destination`: lets the daemon ask conntrack "a reply?"
     destination: Address | None = None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the daemon knows of a probe. The engine reads only the fields it
+    needs; the daemon passes an object with the same attributes that looks
+    each one up on first use."""
+
+    served: bool = False  # a local socket serves the port (or did, SERVICE_MEMORY)
+    peer: bool = False  # the source completed a TCP handshake with us lately
+    reply: bool = False  # connection tracking: an answer to this host's own traffic
+    forwarded: bool = False  # connection tracking: destination NAT forwarded it
+    kernel_decides: bool = False  # the kernel trap judges strangers' trap hits (NFLOG reports)
+    banned_by_kernel: bool = False  # the kernel trap banned the source for this probe
+    young: bool = False  # first sight: too early to know whether NAT forwarded it
+
+
+NO_FACTS = Facts()
 
 
 class Verdict(enum.Enum):
@@ -92,6 +121,9 @@ class Verdict(enum.Enum):
     ALREADY_BLOCKED = "already_blocked"
     DECOY = "decoy"  # triggered by stateless probes from a peer: logged, not blocked
     RATE_LIMITED = "rate_limited"  # triggered, but the ban rate limit is reached
+    REPLY = "reply"  # an answer to this host's own traffic: no probe
+    FORWARDED = "forwarded"  # a client of a port forward (DNAT): no probe
+    REFUSED = "refused"  # a ban asked for that cannot be (see Order.error)
 
 
 # Action names, in the order they are run.
@@ -108,7 +140,22 @@ class Decision:
     actions: tuple[str, ...] = ()
     report: bool = True  # False: a repeat that should not be logged again
     ban_seconds: float = 0.0  # BLOCK: how long (0 = forever), escalated for repeat offenders
+    escalated: bool = False  # BLOCK: not BAN_TIME, so it replaces the kernel trap's timeout
     slow_scan: int = 0  # > 0: decided by the sequential test after this many failed contacts
+    recheck_after: float = 0.0  # > 0: hand the probe in again this much later, not young
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """The engine's answer to a ban asked for by an admin or a fleet member."""
+
+    verdict: Verdict  # BLOCK, ALREADY_BLOCKED (its time set anew), IGNORED, REFUSED
+    address: Address
+    since: float = 0.0
+    until: float | None = None  # None = forever
+    actions: tuple[str, ...] = ()
+    ban_seconds: float = 0.0  # from now; 0 = forever
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +181,7 @@ class Policy:
     decoy_grace: bool = True  # peers are not banned on stateless probes alone
     ban_rate: float = 0.0  # new bans per second at most; 0 = unlimited
     ban_burst: int = 1
+    trial_delay: float = 0.05  # a failed first contact is judged this much later
 
     def ban_seconds(self, earlier_bans: int) -> float:
         if self.ban_time <= 0:
@@ -141,17 +189,20 @@ class Policy:
         scaled = self.ban_time * self.ban_time_increment ** min(earlier_bans, 64)
         return min(scaled, max(self.ban_time_max, self.ban_time))
 
+    def firewall_actions(self) -> tuple[str, ...]:
+        """The blocking actions as configured (manual and fleet bans run these)."""
+        return tuple(a for a, on in ((NFTABLES, self.nftables), (HOSTS_DENY, self.hosts_deny),
+                                     (KILL_ROUTE, self.kill_route)) if on)
+
     def actions_for(self, protocol: str) -> tuple[str, ...]:
         level = self.block_tcp if protocol == TCP else self.block_udp
         if level == 2:
             return (RUN_CMD,) if self.run_cmd else ()
         if level != 1:
             return ()
-        firewall = [a for a, on in ((NFTABLES, self.nftables),
-                                    (HOSTS_DENY, self.hosts_deny),
-                                    (KILL_ROUTE, self.kill_route)) if on]
+        firewall = self.firewall_actions()
         if not self.run_cmd:
-            return tuple(firewall)
+            return firewall
         if self.run_cmd_first:
             return (RUN_CMD, *firewall)
         return (*firewall, RUN_CMD)
@@ -171,10 +222,15 @@ def _key(address: Address) -> bytes:
     return address.packed
 
 
+def _not_a_host(address: Address) -> bool:
+    return (address.is_multicast or address.is_unspecified
+            or address == ipaddress.IPv4Address("255.255.255.255"))
+
+
 class Engine:
-    def __init__(self, policy: Policy, sequential: SequentialDetector | None = None):
+    def __init__(self, policy: Policy, trw: TrwParameters | None = None):
         self.policy = policy
-        self.sequential = sequential  # slow-scan detection (TRW); None = off
+        self.sequential = None if trw is None else SequentialDetector(trw)  # slow scans
         # key -> {(protocol, port): last seen}
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
@@ -184,16 +240,41 @@ class Engine:
         self._tokens_at: float | None = None
         self._limit_reported = float("-inf")
 
+    def reconfigure(self, policy: Policy, trw: TrwParameters | None) -> None:
+        """A new policy (reload, never-block list changed); counts and bans
+        are kept, and so is the slow-scan state unless its parameters changed."""
+        self.policy = policy
+        if trw is None:
+            self.sequential = None
+        elif self.sequential is None or self.sequential.p != trw:
+            self.sequential = SequentialDetector(trw)
+
     # -- probes -----------------------------------------------------------
-    def observe(self, probe: Probe) -> Decision:
-        return self.check(probe) or self.count(probe)
+    def handle(self, probe: Probe, facts=NO_FACTS) -> Decision:
+        """The one entry for a probe: its decision."""
+        if facts.banned_by_kernel:
+            return self._kernel_ban(probe)
+        decision = self._check(probe)
+        if decision is not None:
+            return decision
+        stateless = probe.kind is not Kind.CONNECT
+        counted = None
+        if probe.trap and not facts.served:
+            peer = stateless and self.policy.decoy_grace and facts.peer
+            if stateless and not peer and facts.kernel_decides:
+                pass  # the kernel trap judges it (after NAT, replies spared); NFLOG reports it
+            elif stateless and facts.reply:
+                return Decision(Verdict.REPLY, probe, report=False)
+            elif stateless and facts.forwarded:
+                return Decision(Verdict.FORWARDED, probe, report=False)
+            else:
+                counted = self._count(probe, peer)
+                if counted.verdict is not Verdict.PENDING:
+                    return counted
+        return self._first_contact(probe, facts) or counted or Decision(Verdict.PENDING, probe)
 
-    def check(self, probe: Probe) -> Decision | None:
-        """The cheap part: IGNORED or ALREADY_BLOCKED, else None (count it).
-
-        Lets the caller do costlier checks (is the port served?) only for
-        probes that can still matter.
-        """
+    def _check(self, probe: Probe) -> Decision | None:
+        """The cheap part: IGNORED or ALREADY_BLOCKED, else None (count it)."""
         if probe.source in self.policy.never_block:
             return Decision(Verdict.IGNORED, probe)
         key = _key(probe.source)
@@ -204,14 +285,14 @@ class Engine:
             del self._bans[key]
         return None
 
-    def count(self, probe: Probe) -> Decision:
-        """Count a probe that `check` let through; maybe trigger."""
+    def _count(self, probe: Probe, peer: bool) -> Decision:
+        """Count a trap hit; maybe trigger."""
         key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
-        return self._decide(key, probe)
+        return self._decide(key, probe, peer)
 
-    def kernel_ban(self, probe: Probe) -> Decision:
+    def _kernel_ban(self, probe: Probe) -> Decision:
         """The kernel trap banned `probe.source` by itself: BLOCK (record it, with
         the escalated length and the configured actions), ALREADY_BLOCKED when
         known, IGNORED when it must never be blocked (the caller lifts it)."""
@@ -219,28 +300,29 @@ class Engine:
             return Decision(Verdict.IGNORED, probe)
         if self.is_blocked(probe.source):
             return Decision(Verdict.ALREADY_BLOCKED, probe, report=False)
-        seconds = self.ban(probe.source, probe.time)
-        return Decision(Verdict.BLOCK, probe, self.policy.actions_for(probe.protocol),
-                        ban_seconds=seconds)
+        return self._ban_decision(probe, self.policy.actions_for(probe.protocol))
 
-    def trial(self, probe: Probe, served: bool) -> int | None:
-        """A TCP first-contact trial for the sequential test (call after
-        `check`): success when a real service listens on the port. Returns the
-        failed contacts when the test says "scanner" (then call `decide`)."""
-        if self.sequential is None or probe.protocol != TCP:
+    def _first_contact(self, probe: Probe, facts) -> Decision | None:
+        """A TCP first-contact trial for the sequential test (stateless probes
+        only: the packet sensor sees every SYN)."""
+        if self.sequential is None or probe.protocol != TCP or probe.kind is Kind.CONNECT:
             return None
-        return self.sequential.contact(_key(probe.source), probe.port, served, probe.time)
+        served = facts.served or (not facts.young and facts.forwarded)
+        if not served and facts.young:
+            return Decision(Verdict.PENDING, probe, report=False,
+                            recheck_after=self.policy.trial_delay)
+        key = _key(probe.source)
+        failures = self.sequential.contact(key, probe.port, served, probe.time)
+        if failures is None:
+            return None
+        peer = self.policy.decoy_grace and facts.peer
+        return dataclasses.replace(self._decide(key, probe, peer), slow_scan=failures)
 
-    def decide(self, probe: Probe, slow_scan: int = 0) -> Decision:
-        """The sequential test found a scanner: decoy, alert only, rate limited or ban."""
-        return dataclasses.replace(self._decide(_key(probe.source), probe), slow_scan=slow_scan)
-
-    def _decide(self, key: bytes, probe: Probe) -> Decision:
+    def _decide(self, key: bytes, probe: Probe, peer: bool) -> Decision:
         """A source was found scanning: decoy, alert only, rate limited, or ban."""
-        policy = self.policy
-        if probe.peer and policy.decoy_grace and probe.kind is not Kind.CONNECT:
+        if peer and probe.kind is not Kind.CONNECT:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
-        actions = policy.actions_for(probe.protocol)
+        actions = self.policy.actions_for(probe.protocol)
         if not actions:
             return Decision(Verdict.ALERT, probe)
         if not self._take_token(probe.time):
@@ -248,8 +330,12 @@ class Engine:
             if report:
                 self._limit_reported = probe.time
             return Decision(Verdict.RATE_LIMITED, probe, report=report)
-        seconds = self.ban(probe.source, probe.time)
-        return Decision(Verdict.BLOCK, probe, actions, ban_seconds=seconds)
+        return self._ban_decision(probe, actions)
+
+    def _ban_decision(self, probe: Probe, actions: tuple[str, ...]) -> Decision:
+        seconds = self._ban(probe.source, probe.time)
+        return Decision(Verdict.BLOCK, probe, actions, ban_seconds=seconds,
+                        escalated=seconds != self.policy.ban_time)
 
     def _decoy_report(self, key: bytes, now: float) -> bool:
         last = self._decoys.pop(key, float("-inf"))
@@ -304,8 +390,54 @@ class Engine:
         del self._pending[key]
         return True
 
-    # -- bans -------------------------------------------------------------
-    def ban(self, address: Address, now: float, seconds: float | None = None) -> float:
+    # -- bans asked for: an admin, a fleet member ---------------------------
+    def block(self, address: Address, now: float, seconds: float | None = None) -> Order:
+        """An admin's ban, escalated unless `seconds` is given. An address
+        blocked already only gets its ban time set (BAN_TIME unless given)."""
+        refused = self._refusal(address)
+        if refused:
+            return Order(Verdict.REFUSED, address, now, error=refused)
+        ban = self._active(address, now)
+        if ban is not None:
+            length = self.policy.ban_time if seconds is None else float(seconds)
+            ban.until = now + length if length else None
+            return Order(Verdict.ALREADY_BLOCKED, address, ban.since, ban.until,
+                         ban_seconds=length)
+        return self._order(address, now, seconds)
+
+    def fleet_ban(self, address: Address, now: float, until: float | None) -> Order:
+        """A fleet member's ban: applied here unless known, over, or never blocked."""
+        if until is not None and until <= now:
+            return Order(Verdict.IGNORED, address, now)
+        if self._active(address, now) is not None:
+            return Order(Verdict.ALREADY_BLOCKED, address, now)
+        if address in self.policy.never_block:
+            return Order(Verdict.IGNORED, address, now, error="never blocked here")
+        refused = self._refusal(address)
+        if refused:
+            return Order(Verdict.REFUSED, address, now, error=refused)
+        return self._order(address, now, 0.0 if until is None else until - now)
+
+    def _refusal(self, address: Address) -> str:
+        if address in self.policy.never_block:
+            return (f"{address} is never blocked (this host, its gateways and resolvers, "
+                    "loopback or the ignore files)")
+        if _not_a_host(address):
+            return (f"{address} is not a host that can send a probe "
+                    "(multicast, broadcast or unspecified)")
+        return ""
+
+    def _order(self, address: Address, now: float, seconds: float | None) -> Order:
+        actions = self.policy.firewall_actions()  # KILL_RUN_CMD is for scans only
+        if not actions:
+            return Order(Verdict.REFUSED, address, now,
+                         error=f"could not block {address}: no block action is configured")
+        length = self._ban(address, now, seconds)
+        return Order(Verdict.BLOCK, address, now, now + length if length else None, actions,
+                     length)
+
+    # -- the ban table ------------------------------------------------------
+    def _ban(self, address: Address, now: float, seconds: float | None = None) -> float:
         """Record a ban; its length is escalated unless `seconds` is given.
         Returns the length (0 = forever)."""
         key = _key(address)
@@ -322,23 +454,27 @@ class Engine:
             self._bans.popitem(last=False)
         return seconds
 
+    def _active(self, address: Address, now: float) -> Ban | None:
+        ban = self._bans.get(_key(address))
+        return ban if ban is not None and (ban.until is None or ban.until > now) else None
+
+    def restore(self, address: Address, since: float, until: float | None) -> None:
+        """A ban made earlier (the state at start, one found in the firewall)."""
+        self._bans[_key(address)] = Ban(address, since, until, since)
+
     def restore_offences(self, counts: dict[Address, int]) -> None:
         for address, count in counts.items():
             self._offences[_key(address)] = count
 
-    def is_blocked(self, address: Address) -> bool:
-        return _key(address) in self._bans
-
-    def forget(self, address: Address) -> bool:
-        """Drop a ban (unblocked, or every action failed so it may retry)."""
+    def lift(self, address: Address, pardon: bool = False) -> bool:
+        """Drop a ban (lifted, or every action failed so the next probe retries).
+        `pardon`: an admin says it was a mistake, so the next ban is a first one."""
+        if pardon:
+            self._offences.pop(_key(address), None)
         return self._bans.pop(_key(address), None) is not None
 
-    def pardon(self, address: Address) -> None:
-        """An admin's unblock says the ban was a mistake: no escalation later."""
-        self._offences.pop(_key(address), None)
-
-    def restore(self, address: Address, since: float, until: float | None) -> None:
-        self._bans[_key(address)] = Ban(address, since, until, since)
+    def is_blocked(self, address: Address) -> bool:
+        return _key(address) in self._bans
 
     def expired(self, now: float) -> list[Address]:
         """Bans whose time is up, removed from the table."""

@@ -15,16 +15,13 @@ import struct
 import threading
 from collections import OrderedDict
 
-from .nfnetlink import netlink_messages
+from .netlink import (NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+                      error_code, message, messages)
 
-NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_LISTEN = 10
 ALL_STATES = 0xFFFFFFFF
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBBI48x")  # inet_diag_req_v2 with a zero sockid
 
 
@@ -44,20 +41,19 @@ def _dump(protocol: int, family: int, states: int, field: str = "sport") -> set:
     found: set = set()
     nl = _socket()
     body = _REQ.pack(family, protocol, 0, 0, states)
-    nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
-                           NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+    nl.send(message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, body))
     while True:
         data = nl.recv(65536)
         if not data:
             return found
-        for kind, _, at in netlink_messages(data):
+        for kind, _, at in messages(data):
             if kind == NLMSG_DONE:
                 return found
             if kind == NLMSG_ERROR:
-                error = struct.unpack_from("=i", data, at)[0]
-                if error == 0:
+                code = error_code(data, at)
+                if code == 0:
                     return found
-                raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
+                raise OSError(code, f"sock_diag: {os.strerror(code)}")
             # inet_diag_msg: family, state, timer, retrans, then the sockid:
             # sport, dport (2 bytes each), src[16], dst[16]
             sockid = at + 4

@@ -16,8 +16,8 @@ import time
 
 from . import packets
 from .engine import TCP, Kind, Probe, classify_tcp
-from .nfnetlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, _HDR, _NFGEN,
-                        _attr, _error_code, attributes, netlink_messages)
+from .netlink import (NETLINK_NETFILTER, NFGEN, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr,
+                      attributes, error_code, message_end, messages, nfnl_message)
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
@@ -45,26 +45,25 @@ class KernelBanLog:
         try:
             self.sock.bind((0, 0))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            self._configure(_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])))
-            self._configure(_attr(NFULA_CFG_MODE, struct.pack("!IBB", COPY_RANGE,
+            self._configure(attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])))
+            self._configure(attr(NFULA_CFG_MODE, struct.pack("!IBB", COPY_RANGE,
                                                              NFULNL_COPY_PACKET, 0))
-                            + _attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1))
-                            + _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
+                            + attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1))
+                            + attr(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
             raise
 
     def _configure(self, body: bytes) -> None:
-        payload = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(self.group)) + body
-        self.sock.send(_HDR.pack(_HDR.size + len(payload),
-                                 (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
-                                 NLM_F_REQUEST | NLM_F_ACK, 0, 0) + payload)
+        self.sock.send(nfnl_message(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG,
+                                    NLM_F_REQUEST | NLM_F_ACK, 0, socket.AF_UNSPEC, body,
+                                    self.group))
         self.sock.settimeout(2.0)
         data = self.sock.recv(65536)
-        for kind, _, at in netlink_messages(data):
-            if kind == NLMSG_ERROR and _error_code(data, at):
-                code = _error_code(data, at)
+        for kind, _, at in messages(data):
+            if kind == NLMSG_ERROR and error_code(data, at):
+                code = error_code(data, at)
                 raise NflogError(code, f"NFLOG group {self.group}: {os.strerror(code)}")
 
     def fileno(self) -> int:
@@ -79,10 +78,10 @@ class KernelBanLog:
                 data = self.sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 return
-            for kind, _, at in netlink_messages(data):
+            for kind, _, at in messages(data):
                 if kind & 0xFF != NFULNL_MSG_PACKET or kind >> 8 != NFNL_SUBSYS_ULOG:
                     continue
-                probe = self.to_probe(_attributes(data, at + _NFGEN.size))
+                probe = self.to_probe(_attributes(data, at + NFGEN.size))
                 if probe is not None:
                     yield probe
 
@@ -106,5 +105,4 @@ class KernelBanLog:
 
 def _attributes(data: bytes, at: int) -> dict[int, bytes]:
     """The top-level attributes of one message (its length bounds the walk)."""
-    start = at - _HDR.size - _NFGEN.size
-    return attributes(data, at, start + struct.unpack_from("=I", data, start)[0])
+    return attributes(data, at, message_end(data, at - NFGEN.size))

@@ -7,7 +7,6 @@ persistent netlink socket, acknowledged by the kernel, tens of microseconds.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import socket
@@ -15,15 +14,14 @@ import struct
 import threading
 
 from .addrset import canonical
+from .netlink import (NETLINK_NETFILTER, NFGEN, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+                      NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, answers, attr, attributes,
+                      error_code, message_end, messages, nfnl_message, nested)
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NFPROTO_INET = 1
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x400, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_F_NESTED = 0x8000
 # attributes
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 LIST_ELEM = 1
@@ -31,63 +29,42 @@ SET_ELEM_KEY, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION = 1, 4, 5
 DATA_VALUE = 1
 
 CHUNK = 1000
-_HDR = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")
 
 
-def netlink_messages(data: bytes):
-    """(type, seq, payload offset) of each netlink message in one datagram."""
-    offset = 0
-    while offset + _HDR.size <= len(data):
-        length, kind, _, seq, _ = _HDR.unpack_from(data, offset)
-        yield kind, seq, offset + _HDR.size
-        offset += max((length + 3) & ~3, _HDR.size)
+def elements_body(table: bytes, set_name: str, addresses, timeout_ms: int | None) -> bytes:
+    """A set-element list. `addresses` are ip objects or raw keys, or
+    (key, timeout_ms) pairs when timeout_ms is None."""
+    elements = []
+    for address in addresses:
+        each = timeout_ms
+        if isinstance(address, tuple):
+            address, each = address
+        key = address if isinstance(address, bytes) else address.packed
+        parts = [nested(SET_ELEM_KEY, attr(DATA_VALUE, key))]
+        if each:
+            parts.append(attr(SET_ELEM_TIMEOUT, struct.pack("!Q", each)))
+        elements.append(nested(LIST_ELEM, *parts))
+    return (attr(SET_ELEM_LIST_TABLE, table) + attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+            + nested(SET_ELEM_LIST_ELEMENTS, *elements))
 
 
-def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    """Netlink attributes in data[start:end], by type (nested flag cleared)."""
-    found = {}
-    end = min(end, len(data))
-    while start + 4 <= end:
-        size, kind = struct.unpack_from("=HH", data, start)
-        if size < 4:
-            break
-        found[kind & 0x7FFF] = data[start + 4:start + size]
-        start += (size + 3) & ~3
-    return found
-
-
-def answers(sock: socket.socket, seq: int, what: str) -> list[tuple[bytes, int, int]]:
-    """The data messages answering request `seq`, as (datagram, payload start,
-    payload end), once its acknowledgement came; ENOENT is no answer at all."""
-    found = []
-    while True:
-        data = sock.recv(65536)
-        for kind, got, at in netlink_messages(data):
-            if got != seq:
-                continue
-            if kind != NLMSG_ERROR:  # an answer; the acknowledgement follows
-                found.append((data, at, at - _HDR.size + struct.unpack_from("=I", data,
-                                                                           at - _HDR.size)[0]))
-                continue
-            code = _error_code(data, at)
-            if code and code != errno.ENOENT:
-                raise OSError(code, f"{what}: {os.strerror(code)}")
-            return found
-
-
-def _error_code(data: bytes, at: int) -> int:
-    """The errno an NLMSG_ERROR carries (0 = an acknowledgement)."""
-    return -struct.unpack_from("=i", data, at)[0]
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _nested(kind: int, *children: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(children))
+def batch(table: bytes, operations, seq: int) -> tuple[bytes, int, int]:
+    """One nf_tables transaction of every (kind, {set: addresses}, timeout_ms)
+    in order: the datagram, and the first and last sequence numbers that the
+    kernel acknowledges (the batch's begin and end are not acknowledged)."""
+    parts = [nfnl_message(0, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, b"",
+                          NFNL_SUBSYS_NFTABLES)]
+    first = seq + 1
+    for kind, by_set, timeout_ms in operations:
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
+        for set_name, addresses in by_set.items():
+            seq += 1
+            parts.append(nfnl_message(NFNL_SUBSYS_NFTABLES, kind, flags, seq, NFPROTO_INET,
+                                      elements_body(table, set_name, addresses, timeout_ms)))
+    seq += 1
+    parts.append(nfnl_message(0, NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, b"",
+                              NFNL_SUBSYS_NFTABLES))
+    return b"".join(parts), first, seq - 1
 
 
 class SetElements:
@@ -103,53 +80,23 @@ class SetElements:
     def close(self) -> None:
         self._sock.close()
 
-    def _message(self, kind: int, flags: int, family: int, body: bytes, res_id: int = 0) -> bytes:
-        self._seq += 1
-        payload = _NFGEN.pack(family, 0, socket.htons(res_id)) + body
-        return _HDR.pack(_HDR.size + len(payload), kind, flags, self._seq, 0) + payload
-
-    def _elements(self, set_name: str, addresses, timeout_ms: int | None) -> bytes:
-        """`addresses` are ip objects, or (ip, timeout_ms) pairs when timeout_ms is None."""
-        elements = []
-        for address in addresses:
-            each = timeout_ms
-            if isinstance(address, tuple):
-                address, each = address
-            key = address if isinstance(address, bytes) else address.packed
-            parts = [_nested(SET_ELEM_KEY, _attr(DATA_VALUE, key))]
-            if each:
-                parts.append(_attr(SET_ELEM_TIMEOUT, struct.pack("!Q", each)))
-            elements.append(_nested(LIST_ELEM, *parts))
-        return (_attr(SET_ELEM_LIST_TABLE, self.table)
-                + _attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-                + _nested(SET_ELEM_LIST_ELEMENTS, *elements))
-
     def _commit(self, operations: list[tuple[int, dict[str, list], int | None]]) -> None:
         """One transaction: every (kind, {set: addresses}, timeout) in order."""
         with self._lock:
-            messages = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, b"",
-                                      NFNL_SUBSYS_NFTABLES)]
-            first_seq = self._seq + 1
-            for kind, by_set, timeout_ms in operations:
-                flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
-                for set_name, addresses in by_set.items():
-                    messages.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags,
-                                                  NFPROTO_INET,
-                                                  self._elements(set_name, addresses, timeout_ms)))
-            messages.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, b"",
-                                          NFNL_SUBSYS_NFTABLES))
-            self._sock.send(b"".join(messages))
-            self._wait_acks(first_seq, self._seq - 1)
+            data, first, last = batch(self.table, operations, self._seq + 1)
+            self._seq = last + 1
+            self._sock.send(data)
+            self._wait_acks(first, last)
 
     def _wait_acks(self, first: int, last: int) -> None:
         pending = set(range(first, last + 1))
         failure = None
         while pending:
             data = self._sock.recv(65536)
-            for kind, seq, at in netlink_messages(data):
+            for kind, seq, at in messages(data):
                 if kind == NLMSG_ERROR:
                     pending.discard(seq)
-                    failure = failure or _error_code(data, at)
+                    failure = failure or error_code(data, at)
         if failure:
             raise OSError(failure, f"nftables set update: {os.strerror(failure)}")
 
@@ -185,13 +132,6 @@ class SetElements:
             if by_set:
                 self._commit([(kind, by_set, timeout_ms)])
 
-    def add_to(self, set_name: str, addresses, timeout: float = 0) -> None:
-        """Add to a named set of this table (one family)."""
-        addresses = list(addresses)
-        for start in range(0, len(addresses), CHUNK):
-            self._commit([(NFT_MSG_NEWSETELEM, {set_name: addresses[start:start + CHUNK]},
-                           int(timeout * 1000) or None)])
-
     def delete_keys(self, set_name: str, keys: list[bytes]) -> None:
         """Delete raw keys from one set (no address canonicalisation)."""
         self._commit([(NFT_MSG_DELSETELEM, {set_name: keys}, None)])
@@ -207,12 +147,11 @@ class SetElements:
 
     def contains(self, set_name: str, address) -> bool:
         """One GETSETELEM round trip: is `address` in the set?"""
-        ip = ipaddress.ip_address(address)
-        body = self._elements(set_name, [ip], None)
+        body = elements_body(self.table, set_name, [ipaddress.ip_address(address)], None)
         with self._lock:
-            message = self._message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-                                    NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, body)
-            self._sock.send(message)
+            self._seq += 1
+            self._sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
+                                         NLM_F_REQUEST | NLM_F_ACK, self._seq, NFPROTO_INET, body))
             return bool(answers(self._sock, self._seq, "nftables get element"))
 
     def replace(self, addresses, timeout: float = 0) -> None:
@@ -234,23 +173,20 @@ def dump_set(table: str, set_name: str) -> dict[str, float | None]:
     try:
         sock.bind((0, 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        body = (_attr(SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                + _attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
-        payload = _NFGEN.pack(NFPROTO_INET, 0, 0) + body
-        sock.send(_HDR.pack(_HDR.size + len(payload),
-                            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-                            NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload)
+        body = (attr(SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
+        sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
+                               NLM_F_REQUEST | NLM_F_DUMP, 1, NFPROTO_INET, body))
         found: dict[str, float | None] = {}
         while True:
             data = sock.recv(1 << 20)
-            for kind, _, at in netlink_messages(data):
+            for kind, _, at in messages(data):
                 if kind == NLMSG_DONE:
                     return found
                 if kind == NLMSG_ERROR:
-                    code = _error_code(data, at)
+                    code = error_code(data, at)
                     raise OSError(code, f"nftables set {set_name}: {os.strerror(code)}")
-                length = struct.unpack_from("=I", data, at - _HDR.size)[0]
-                _elements_into(found, data, at + _NFGEN.size, at - _HDR.size + length)
+                _elements_into(found, data, at + NFGEN.size, message_end(data, at))
     finally:
         sock.close()
 
@@ -270,6 +206,3 @@ def _elements_into(found: dict, data: bytes, start: int, end: int) -> None:
                 struct.unpack("!Q", expires)[0] / 1000 if expires else None)
         at += (length + 3) & ~3
 
-
-def is_missing(err: OSError) -> bool:
-    return err.errno == errno.ENOENT

@@ -382,14 +382,6 @@ class NftBans:
         v = "4" if ip.version == 4 else "6"
         return self.elements.contains(f"peers{v}", ip) and not self.elements.contains(f"young{v}", ip)
 
-    def add_peers(self, addresses, memory: float) -> None:
-        by_family: dict[str, list] = {}
-        for address in addresses:
-            ip = ipaddress.ip_address(address)
-            by_family.setdefault("peers4" if ip.version == 4 else "peers6", []).append(ip)
-        for name, ips in by_family.items():
-            self.elements.add_to(name, ips, memory)
-
     def disarm_trap(self) -> None:
         """Stop trapping (daemon stopping); bans stay enforced."""
         self.nft.run(f"flush chain inet {self.table} input\n"

@@ -13,10 +13,9 @@ to a check that finds all in place.
 from __future__ import annotations
 
 import socket
-import struct
 
-from .nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, _NFGEN, \
-    attributes, netlink_messages
+from .netlink import NETLINK_NETFILTER, NFGEN, attributes, message_end, messages
+from .nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 
 NFNLGRP_NFTABLES = 7
 NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 2, 5, 6, 8
@@ -57,13 +56,12 @@ class RulesetWatch:
             except OSError:  # ENOBUFS: events were dropped, so check
                 touched = True
                 continue
-            for kind, _, at in netlink_messages(data):
+            for kind, _, at in messages(data):
                 if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xFF not in CHANGES:
                     continue
                 if data[at] != NFPROTO_INET:
                     continue
-                length = struct.unpack_from("=I", data, at - 16)[0]
-                found = attributes(data, at + _NFGEN.size, at - 16 + length)
+                found = attributes(data, at + NFGEN.size, message_end(data, at))
                 name = found.get(TABLE_ATTRIBUTE)
                 if name is None or name.rstrip(b"\0") != self.table:
                     continue

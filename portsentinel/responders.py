@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from . import logs
-from .config import IPTABLES_PROGRAM, command_argv, fill, kill_route_for, undo_command
+from .command_templates import IPTABLES_PROGRAM, command_argv, fill, kill_route_for, undo_command
 
 COMMAND_TIMEOUT = 30.0
 

@@ -1,6 +1,6 @@
-"""The state that survives restarts and crashes: bans, offence counts,
-events and counters, in SQLite (WAL, so a crash loses at most the last
-transaction and readers never block the writer).
+"""The state that survives restarts and crashes: bans, offence counts, an
+audit trail of events and the slow-scan test's state, in SQLite (WAL, so a
+crash loses at most the last transaction and readers never block the writer).
 
 Each ban row keeps what was done for it (the hosts.deny line, the KILL_ROUTE
 command), so `unblock` and expiry can undo exactly that.
@@ -44,10 +44,6 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS blobs (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
 );
 """
 MAX_EVENTS = 100_000
@@ -215,14 +211,10 @@ class Store:
                                     (limit,)).fetchall()
         return [BanRecord(*row) for row in rows]
 
-    # -- offenders, events, counters -----------------------------------------
+    # -- offenders, events, blobs -----------------------------------------
     def offences(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT address, bans FROM offenders").fetchall())
-
-    def event(self, kind: str, address: str, detail: str = "") -> None:
-        self._write([("INSERT INTO events (time, kind, address, detail) VALUES (?, ?, ?, ?)",
-                      (time.time(), kind, address, detail))])
 
     def events(self, limit: int = 50) -> list[tuple]:
         with self._lock:
@@ -240,11 +232,3 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
-
-    def save_counters(self, counters: dict[str, int]) -> None:
-        self._write([("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", item)
-                     for item in counters.items()])
-
-    def counters(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._db.execute("SELECT name, value FROM counters").fetchall())

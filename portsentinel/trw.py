@@ -145,9 +145,6 @@ class SequentialDetector:
         fade = max(0.0, now - since) * self.p.upper / self.p.memory
         return max(0.0, ratio - fade) if ratio > 0 else min(0.0, ratio + fade)
 
-    def ratio(self, source: bytes) -> float:
-        return self.ratios.get(source, 0.0)
-
     @property
     def tracked(self) -> int:
         return len(self.ratios)

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from portsentinel import config
-from portsentinel.config import ConfigError, command_argv, parse, parse_port_list
+from portsentinel.command_templates import command_argv
+from portsentinel.config import ConfigError, parse, parse_port_list
+from portsentinel.daemon.assembly import kernel_trap_armed
 
 DEBIAN_LIKE = '''\
 # comment
@@ -41,8 +43,8 @@ def test_reads_debian_style_config():
 
 def test_kill_route_keeps_the_kernel_trap():
     c = parse('KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"\n')
-    assert c.kernel_trap_for("tcp", "atcp") and c.kernel_trap_for("udp", "audp")
-    assert not parse('BLOCK_NFTABLES="0"\n').kernel_trap_for("tcp", "atcp")
+    assert kernel_trap_armed(c, "tcp", "atcp") and kernel_trap_armed(c, "udp", "audp")
+    assert not kernel_trap_armed(parse('BLOCK_NFTABLES="0"\n'), "tcp", "atcp")
 
 
 def test_no_config_reads_portsentrys_own_file_when_it_exists(tmp_path, monkeypatch):

@@ -4,8 +4,9 @@ import pytest
 
 from portsentinel.addrset import AddressSet
 from portsentinel.engine import (ACK, FIN, HOSTS_DENY, KILL_ROUTE, NFTABLES, PSH, RST,
-                                 RUN_CMD, SYN, TCP, UDP, URG, Engine, Kind, Policy, Probe,
+                                 RUN_CMD, SYN, TCP, UDP, URG, Engine, Facts, Kind, Policy, Probe,
                                  Verdict, classify_tcp)
+from portsentinel.trw import TrwParameters
 
 A = ipaddress.ip_address
 
@@ -17,75 +18,75 @@ def probe(src="198.51.100.2", port=1, proto=TCP, t=0.0, kind=Kind.SYN):
 def test_first_probe_blocks_with_trigger_0_and_1():
     for trigger in (0, 1):
         engine = Engine(Policy(scan_trigger=trigger))
-        decision = engine.observe(probe())
+        decision = engine.handle(probe())
         assert decision.verdict is Verdict.BLOCK
         assert decision.actions == (NFTABLES,)
 
 
 def test_trigger_counts_distinct_ports_not_packets():
     engine = Engine(Policy(scan_trigger=3))
-    assert engine.observe(probe(port=1)).verdict is Verdict.PENDING
+    assert engine.handle(probe(port=1)).verdict is Verdict.PENDING
     for _ in range(10):  # repeats to one port never add up
-        assert engine.observe(probe(port=1)).verdict is Verdict.PENDING
-    assert engine.observe(probe(port=2)).verdict is Verdict.PENDING
-    assert engine.observe(probe(port=3)).verdict is Verdict.BLOCK
+        assert engine.handle(probe(port=1)).verdict is Verdict.PENDING
+    assert engine.handle(probe(port=2)).verdict is Verdict.PENDING
+    assert engine.handle(probe(port=3)).verdict is Verdict.BLOCK
 
 
 def test_trigger_forgets_ports_outside_the_window():
     engine = Engine(Policy(scan_trigger=2, scan_window=10))
-    assert engine.observe(probe(port=1, t=0)).verdict is Verdict.PENDING
-    assert engine.observe(probe(port=2, t=10.5)).verdict is Verdict.PENDING  # port 1 aged out
-    assert engine.observe(probe(port=3, t=11)).verdict is Verdict.BLOCK
+    assert engine.handle(probe(port=1, t=0)).verdict is Verdict.PENDING
+    assert engine.handle(probe(port=2, t=10.5)).verdict is Verdict.PENDING  # port 1 aged out
+    assert engine.handle(probe(port=3, t=11)).verdict is Verdict.BLOCK
 
 
 def test_tcp_and_udp_ports_are_distinct():
     engine = Engine(Policy(scan_trigger=2))
-    assert engine.observe(probe(port=7, proto=TCP)).verdict is Verdict.PENDING
-    assert engine.observe(probe(port=7, proto=UDP, kind=Kind.UDP)).verdict is Verdict.BLOCK
+    assert engine.handle(probe(port=7, proto=TCP)).verdict is Verdict.PENDING
+    assert engine.handle(probe(port=7, proto=UDP, kind=Kind.UDP)).verdict is Verdict.BLOCK
 
 
 def test_hosts_counted_separately():
     engine = Engine(Policy(scan_trigger=2))
-    assert engine.observe(probe(src="198.51.100.2", port=1)).verdict is Verdict.PENDING
-    assert engine.observe(probe(src="198.51.100.3", port=2)).verdict is Verdict.PENDING
+    assert engine.handle(probe(src="198.51.100.2", port=1)).verdict is Verdict.PENDING
+    assert engine.handle(probe(src="198.51.100.3", port=2)).verdict is Verdict.PENDING
 
 
 def test_never_block_set_wins():
     engine = Engine(Policy(never_block=AddressSet(["198.51.100.0/24", "2001:db8::/64"])))
-    assert engine.observe(probe()).verdict is Verdict.IGNORED
-    assert engine.observe(probe(src="2001:db8::2")).verdict is Verdict.IGNORED
-    assert engine.observe(probe(src="2001:db9::2")).verdict is Verdict.BLOCK
+    assert engine.handle(probe()).verdict is Verdict.IGNORED
+    assert engine.handle(probe(src="2001:db8::2")).verdict is Verdict.IGNORED
+    assert engine.handle(probe(src="2001:db9::2")).verdict is Verdict.BLOCK
 
 
 def test_already_blocked_is_exact_address_not_substring():
     engine = Engine(Policy())
-    engine.observe(probe(src="11.2.3.4"))
+    engine.handle(probe(src="11.2.3.4"))
     assert engine.is_blocked(A("11.2.3.4"))
     assert not engine.is_blocked(A("1.2.3.4"))
-    assert engine.observe(probe(src="1.2.3.4")).verdict is Verdict.BLOCK
+    assert engine.handle(probe(src="1.2.3.4")).verdict is Verdict.BLOCK
 
 
 def test_repeats_from_a_blocked_host_are_reported_once_per_interval():
     engine = Engine(Policy(repeat_report_interval=60))
-    engine.observe(probe(t=0))
-    first = engine.observe(probe(port=2, t=1))
+    engine.handle(probe(t=0))
+    first = engine.handle(probe(port=2, t=1))
     assert first.verdict is Verdict.ALREADY_BLOCKED and first.report is False
-    later = engine.observe(probe(port=3, t=61))
+    later = engine.handle(probe(port=3, t=61))
     assert later.verdict is Verdict.ALREADY_BLOCKED and later.report is True
-    assert engine.observe(probe(port=4, t=62)).report is False
+    assert engine.handle(probe(port=4, t=62)).report is False
 
 
 def test_ipv4_mapped_ipv6_is_the_same_host():
     engine = Engine(Policy())
-    engine.observe(probe(src="198.51.100.2"))
-    assert engine.observe(probe(src="::ffff:198.51.100.2")).verdict is Verdict.ALREADY_BLOCKED
+    engine.handle(probe(src="198.51.100.2"))
+    assert engine.handle(probe(src="::ffff:198.51.100.2")).verdict is Verdict.ALREADY_BLOCKED
 
 
 @pytest.mark.parametrize("level, expected", [
     (0, Verdict.ALERT), (1, Verdict.BLOCK), (2, Verdict.BLOCK)])
 def test_block_levels(level, expected):
     engine = Engine(Policy(block_tcp=level, run_cmd=True))
-    decision = engine.observe(probe())
+    decision = engine.handle(probe())
     assert decision.verdict is expected
     if level == 2:
         assert decision.actions == (RUN_CMD,)
@@ -93,20 +94,20 @@ def test_block_levels(level, expected):
 
 def test_block_0_does_not_record_the_host_as_blocked():
     engine = Engine(Policy(block_tcp=0))
-    assert engine.observe(probe()).verdict is Verdict.ALERT
+    assert engine.handle(probe()).verdict is Verdict.ALERT
     assert not engine.is_blocked(A("198.51.100.2"))
-    assert engine.observe(probe(port=2)).verdict is Verdict.ALERT
+    assert engine.handle(probe(port=2)).verdict is Verdict.ALERT
 
 
 def test_block_udp_is_separate_from_block_tcp():
     engine = Engine(Policy(block_tcp=1, block_udp=0))
-    assert engine.observe(probe(proto=UDP, kind=Kind.UDP)).verdict is Verdict.ALERT
-    assert engine.observe(probe(proto=TCP)).verdict is Verdict.BLOCK
+    assert engine.handle(probe(proto=UDP, kind=Kind.UDP)).verdict is Verdict.ALERT
+    assert engine.handle(probe(proto=TCP)).verdict is Verdict.BLOCK
 
 
 def test_block_2_without_run_cmd_only_alerts():
     engine = Engine(Policy(block_tcp=2, run_cmd=False))
-    assert engine.observe(probe()).verdict is Verdict.ALERT
+    assert engine.handle(probe()).verdict is Verdict.ALERT
 
 
 def test_action_order_follows_portsentry():
@@ -120,14 +121,14 @@ def test_action_order_follows_portsentry():
 
 def test_forget_lets_a_failed_block_retry():
     engine = Engine(Policy())
-    engine.observe(probe())
-    assert engine.forget(A("198.51.100.2"))
-    assert engine.observe(probe(port=2)).verdict is Verdict.BLOCK
+    engine.handle(probe())
+    assert engine.lift(A("198.51.100.2"))
+    assert engine.handle(probe(port=2)).verdict is Verdict.BLOCK
 
 
 def test_bans_expire_after_ban_time():
     engine = Engine(Policy(ban_time=100))
-    engine.observe(probe(t=0))
+    engine.handle(probe(t=0))
     assert engine.expired(99) == []
     assert engine.expired(100) == [A("198.51.100.2")]
     assert not engine.is_blocked(A("198.51.100.2"))
@@ -135,32 +136,32 @@ def test_bans_expire_after_ban_time():
 
 def test_expired_ban_is_blocked_again_on_next_probe():
     engine = Engine(Policy(ban_time=10))
-    engine.observe(probe(t=0))
-    assert engine.observe(probe(t=11)).verdict is Verdict.BLOCK
+    engine.handle(probe(t=0))
+    assert engine.handle(probe(t=11)).verdict is Verdict.BLOCK
 
 
 def test_ban_time_0_is_forever():
     engine = Engine(Policy(ban_time=0))
-    engine.observe(probe(t=0))
+    engine.handle(probe(t=0))
     assert engine.expired(10**9) == []
 
 
 def test_pending_hosts_are_bounded_oldest_evicted():
     engine = Engine(Policy(scan_trigger=2, host_capacity=100))
     for i in range(10_000):
-        engine.observe(probe(src=str(ipaddress.IPv4Address(0x0A000000 + i)), port=1))
+        engine.handle(probe(src=str(ipaddress.IPv4Address(0x0A000000 + i)), port=1))
     assert engine.pending_hosts == 100
     # the oldest were evicted: their first port no longer counts
-    assert engine.observe(probe(src="10.0.0.0", port=2)).verdict is Verdict.PENDING
+    assert engine.handle(probe(src="10.0.0.0", port=2)).verdict is Verdict.PENDING
     # the newest are remembered
-    assert engine.observe(probe(src=str(ipaddress.IPv4Address(0x0A000000 + 9999)),
+    assert engine.handle(probe(src=str(ipaddress.IPv4Address(0x0A000000 + 9999)),
                                 port=2)).verdict is Verdict.BLOCK
 
 
 def test_bans_are_bounded():
     engine = Engine(Policy(ban_capacity=50))
     for i in range(500):
-        engine.observe(probe(src=str(ipaddress.IPv4Address(0x0A000000 + i))))
+        engine.handle(probe(src=str(ipaddress.IPv4Address(0x0A000000 + i))))
     assert len(engine.bans()) == 50
 
 
@@ -180,77 +181,176 @@ def test_repeat_offenders_are_banned_longer_up_to_a_cap():
     engine = Engine(Policy(ban_time=100, ban_time_increment=2, ban_time_max=500))
     lengths = []
     for t in range(5):
-        decision = engine.observe(probe(t=t * 1000))
+        decision = engine.handle(probe(t=t * 1000))
         lengths.append(decision.ban_seconds)
-        engine.forget(A("198.51.100.2"))
+        engine.lift(A("198.51.100.2"))
     assert lengths == [100, 200, 400, 500, 500]
 
 
 def test_escalation_remembers_restored_offences():
     engine = Engine(Policy(ban_time=100, ban_time_increment=3))
     engine.restore_offences({A("198.51.100.2"): 2})
-    assert engine.observe(probe()).ban_seconds == 900
+    assert engine.handle(probe()).ban_seconds == 900
 
 
 def test_forever_bans_do_not_escalate_into_numbers():
     engine = Engine(Policy(ban_time=0, ban_time_increment=2))
-    assert engine.observe(probe()).ban_seconds == 0
+    assert engine.handle(probe()).ban_seconds == 0
     assert engine.expired(10**12) == []
 
 
 def test_manual_ban_with_explicit_length():
     engine = Engine(Policy(ban_time=100))
-    assert engine.ban(A("2001:db8::9"), now=10, seconds=5) == 5
+    order = engine.block(A("2001:db8::9"), now=10, seconds=5)
+    assert order.verdict is Verdict.BLOCK and order.ban_seconds == 5 and order.until == 15
+    assert order.actions == (NFTABLES,)
     assert engine.expired(16) == [A("2001:db8::9")]
 
 
-def test_check_then_count_equals_observe():
-    engine = Engine(Policy(scan_trigger=2))
-    assert engine.check(probe(port=1)) is None
-    assert engine.count(probe(port=1)).verdict is Verdict.PENDING
-    assert engine.check(probe(port=2)) is None
-    assert engine.count(probe(port=2)).verdict is Verdict.BLOCK
-    assert engine.check(probe(port=3)).verdict is Verdict.ALREADY_BLOCKED
+def test_manual_ban_of_a_blocked_host_only_sets_its_time():
+    engine = Engine(Policy(ban_time=100))
+    engine.handle(probe(t=0))
+    order = engine.block(A("198.51.100.2"), now=50, seconds=None)
+    assert order.verdict is Verdict.ALREADY_BLOCKED and order.since == 0
+    assert order.until == 150 and not order.actions
+    assert engine.expired(149) == [] and engine.expired(150) == [A("198.51.100.2")]
 
 
-def peer_probe(kind=Kind.SYN, proto=TCP, port=1, t=0.0, src="198.51.100.3"):
-    return Probe(A(src), port, proto, kind, t, peer=True)
+@pytest.mark.parametrize("address", ["127.0.0.1", "224.0.0.1", "255.255.255.255", "::",
+                                     "ff02::1", "198.51.100.250"])
+def test_manual_ban_refuses_what_must_or_cannot_be_blocked(address):
+    never = AddressSet(["127.0.0.0/8", "198.51.100.250/32"])
+    engine = Engine(Policy(never_block=never))
+    order = engine.block(A(address), now=1)
+    assert order.verdict is Verdict.REFUSED and order.error
+    assert not engine.is_blocked(A(address))
+
+
+def test_manual_ban_without_a_firewall_action_is_refused_and_not_recorded():
+    engine = Engine(Policy(nftables=False, run_cmd=True))  # KILL_RUN_CMD is for scans only
+    order = engine.block(A("198.51.100.9"), now=1)
+    assert order.verdict is Verdict.REFUSED and "no block action" in order.error
+    assert not engine.is_blocked(A("198.51.100.9"))
+
+
+def test_manual_bans_escalate_and_a_pardon_starts_afresh():
+    engine = Engine(Policy(ban_time=10, ban_time_increment=3))
+    source = A("198.51.100.7")
+    assert engine.block(source, now=0).ban_seconds == 10
+    engine.lift(source)
+    assert engine.block(source, now=1).ban_seconds == 30
+    engine.lift(source, pardon=True)  # an admin's unblock: the next ban is a first one
+    assert engine.block(source, now=2).ban_seconds == 10
+
+
+def test_fleet_bans_skip_the_known_the_over_and_the_never_blocked():
+    engine = Engine(Policy(never_block=AddressSet(["198.51.100.250/32"])))
+    assert engine.fleet_ban(A("198.51.100.5"), now=10, until=9).verdict is Verdict.IGNORED
+    ignored = engine.fleet_ban(A("198.51.100.250"), now=10, until=None)
+    assert ignored.verdict is Verdict.IGNORED and ignored.error == "never blocked here"
+    first = engine.fleet_ban(A("198.51.100.5"), now=10, until=70)
+    assert first.verdict is Verdict.BLOCK and first.ban_seconds == 60 and first.until == 70
+    assert engine.fleet_ban(A("198.51.100.5"), now=11, until=70).verdict \
+        is Verdict.ALREADY_BLOCKED
+    forever = engine.fleet_ban(A("198.51.100.6"), now=10, until=None)
+    assert forever.ban_seconds == 0 and forever.until is None
+
+
+def test_an_escalated_ban_says_it_replaces_the_kernel_trap_timeout():
+    engine = Engine(Policy(ban_time=100, ban_time_increment=2))
+    first = engine.handle(probe(t=0))
+    assert first.ban_seconds == 100 and not first.escalated
+    engine.lift(A("198.51.100.2"))
+    second = engine.handle(probe(t=1))
+    assert second.ban_seconds == 200 and second.escalated
+
+
+def test_served_ports_are_no_trap():
+    engine = Engine(Policy())
+    assert engine.handle(probe(), Facts(served=True)).verdict is Verdict.PENDING
+    assert not engine.is_blocked(A("198.51.100.2"))
+
+
+def test_replies_and_port_forward_clients_are_no_probes():
+    engine = Engine(Policy())
+    reply = engine.handle(probe(), Facts(reply=True))
+    assert reply.verdict is Verdict.REPLY and not reply.report
+    forwarded = engine.handle(probe(), Facts(forwarded=True))
+    assert forwarded.verdict is Verdict.FORWARDED and not forwarded.report
+    # a completed handshake is no reply: it is bannable as ever
+    assert engine.handle(probe(kind=Kind.CONNECT), Facts(reply=True)).verdict is Verdict.BLOCK
+
+
+def test_the_kernel_decides_a_strangers_trap_hit_but_not_a_peers():
+    engine = Engine(Policy())
+    left = engine.handle(probe(), Facts(kernel_decides=True))
+    assert left.verdict is Verdict.PENDING and not engine.is_blocked(A("198.51.100.2"))
+    peer = engine.handle(probe(src="198.51.100.3"), Facts(kernel_decides=True, peer=True))
+    assert peer.verdict is Verdict.DECOY
+
+
+class AskedFacts:
+    """Facts that record which questions the engine asked."""
+
+    def __init__(self, **answers):
+        self.answers, self.asked = answers, []
+
+    def __getattr__(self, name):
+        self.asked.append(name)
+        return self.answers.get(name, False)
+
+
+def test_the_engine_asks_no_costly_question_it_does_not_need():
+    engine = Engine(Policy())
+    engine.handle(probe(t=0))  # banned
+    facts = AskedFacts()
+    assert engine.handle(probe(t=1), facts).verdict is Verdict.ALREADY_BLOCKED
+    assert set(facts.asked) <= {"banned_by_kernel"}  # no socket, peer or conntrack lookup
+    served = AskedFacts(served=True)
+    engine.handle(probe(src="198.51.100.9"), served)
+    assert "reply" not in served.asked and "forwarded" not in served.asked
+    connect = AskedFacts()
+    engine.handle(probe(src="198.51.100.10", kind=Kind.CONNECT), connect)
+    assert "peer" not in connect.asked and "reply" not in connect.asked
 
 
 @pytest.mark.parametrize("kind, proto", [(Kind.SYN, TCP), (Kind.FIN, TCP), (Kind.NULL, TCP),
                                          (Kind.XMAS, TCP), (Kind.OTHER, TCP), (Kind.UDP, UDP)])
 def test_stateless_probes_from_a_peer_are_decoys(kind, proto):
     engine = Engine(Policy())
-    decision = engine.observe(peer_probe(kind, proto))
+    peer = Facts(peer=True)
+    decision = engine.handle(probe("198.51.100.3", kind=kind, proto=proto), peer)
     assert decision.verdict is Verdict.DECOY and decision.report
     assert not engine.is_blocked(A("198.51.100.3"))
-    assert engine.observe(peer_probe(kind, proto, port=2, t=1)).report is False  # throttled
+    again = engine.handle(probe("198.51.100.3", port=2, t=1, kind=kind, proto=proto), peer)
+    assert again.report is False  # throttled
 
 
 def test_a_completed_handshake_to_a_trap_is_bannable_even_from_a_peer():
     engine = Engine(Policy())
-    assert engine.observe(peer_probe(Kind.CONNECT)).verdict is Verdict.BLOCK
+    assert engine.handle(probe(kind=Kind.CONNECT), Facts(peer=True)).verdict is Verdict.BLOCK
 
 
 def test_decoy_grace_can_be_turned_off():
     engine = Engine(Policy(decoy_grace=False))
-    assert engine.observe(peer_probe()).verdict is Verdict.BLOCK
+    assert engine.handle(probe(), Facts(peer=True)).verdict is Verdict.BLOCK
 
 
 def test_ban_rate_limit_keeps_detecting_but_stops_banning():
     engine = Engine(Policy(ban_rate=10, ban_burst=5))
-    verdicts = [engine.observe(probe(src=f"10.0.0.{i}", t=0.001 * i)).verdict for i in range(50)]
+    verdicts = [engine.handle(probe(src=f"10.0.0.{i}", t=0.001 * i)).verdict for i in range(50)]
     assert verdicts.count(Verdict.BLOCK) == 5  # the burst, within 50 ms
     assert set(verdicts[5:]) == {Verdict.RATE_LIMITED}
     # the bucket refills: one second later ten more
-    later = [engine.observe(probe(src=f"10.0.1.{i}", t=1.05 + 0.001 * i)).verdict for i in range(20)]
+    later = [engine.handle(probe(src=f"10.0.1.{i}", t=1.05 + 0.001 * i)).verdict
+             for i in range(20)]
     assert later.count(Verdict.BLOCK) == 5  # capped at the burst again
 
 
 def test_rate_limited_reports_are_throttled():
     engine = Engine(Policy(ban_rate=1, ban_burst=1))
-    engine.observe(probe(src="10.0.0.1", t=0))
-    reports = [engine.observe(probe(src=f"10.0.0.{i}", t=0.01 * i)).report for i in range(2, 50)]
+    engine.handle(probe(src="10.0.0.1", t=0))
+    reports = [engine.handle(probe(src=f"10.0.0.{i}", t=0.01 * i)).report for i in range(2, 50)]
     assert reports.count(True) == 1
 
 
@@ -258,40 +358,71 @@ def test_probes_slightly_out_of_order_do_not_mint_tokens():
     """Two sensors' kernel timestamps interleave within a second; a larger
     step back is the clock itself (see test_kernel_bans)."""
     engine = Engine(Policy(ban_rate=1, ban_burst=1))
-    assert engine.observe(probe(src="10.0.0.1", t=100)).verdict is Verdict.BLOCK
-    assert engine.observe(probe(src="10.0.0.2", t=99.2)).verdict is Verdict.RATE_LIMITED
-    assert engine.observe(probe(src="10.0.0.3", t=100.5)).verdict is Verdict.RATE_LIMITED
-    assert engine.observe(probe(src="10.0.0.4", t=101.1)).verdict is Verdict.BLOCK
+    assert engine.handle(probe(src="10.0.0.1", t=100)).verdict is Verdict.BLOCK
+    assert engine.handle(probe(src="10.0.0.2", t=99.2)).verdict is Verdict.RATE_LIMITED
+    assert engine.handle(probe(src="10.0.0.3", t=100.5)).verdict is Verdict.RATE_LIMITED
+    assert engine.handle(probe(src="10.0.0.4", t=101.1)).verdict is Verdict.BLOCK
 
 
 def test_a_flood_of_spoofed_sources_keeps_memory_bounded():
     engine = Engine(Policy(scan_trigger=3, host_capacity=1000, ban_rate=5, ban_burst=5))
     for i in range(200_000):
-        engine.observe(probe(src=str(ipaddress.IPv6Address((0x20010DB8 << 96) + i)), t=i * 1e-5))
+        engine.handle(probe(src=str(ipaddress.IPv6Address((0x20010DB8 << 96) + i)), t=i * 1e-5))
     assert engine.pending_hosts == 1000 and len(engine.bans()) == 0
     # a real scanner is still seen: three ports, then a decision
     for port in (1, 2, 3):
-        last = engine.observe(probe(src="198.51.100.2", port=port, t=5.0))
+        last = engine.handle(probe(src="198.51.100.2", port=port, t=5.0))
     assert last.verdict is Verdict.BLOCK
 
 
-def test_sequential_test_bans_a_scan_that_avoids_the_traps():
-    from portsentinel.trw import SequentialDetector
+def contact(port, t=None, src="198.51.100.2"):
+    return Probe(A(src), port, TCP, Kind.SYN, port if t is None else t, trap=False)
 
-    engine = Engine(Policy(), SequentialDetector(key=b"k" * 16))
-    probes = [Probe(A("198.51.100.2"), port, TCP, Kind.SYN, port, trap=False)
-              for port in (2001, 2002, 2003, 2004)]
-    trials = [engine.trial(p, served=False) for p in probes]
-    assert trials == [None, None, None, 4]
-    decision = engine.decide(probes[3], slow_scan=4)
+
+def test_sequential_test_bans_a_scan_that_avoids_the_traps():
+    engine = Engine(Policy(), TrwParameters())
+    verdicts = [engine.handle(contact(port)).verdict for port in (2001, 2002, 2003)]
+    assert verdicts == [Verdict.PENDING] * 3
+    decision = engine.handle(contact(2004))
     assert decision.verdict is Verdict.BLOCK and decision.slow_scan == 4
     assert engine.is_blocked(A("198.51.100.2"))
 
 
-def test_sequential_test_respects_decoy_grace_and_udp_is_not_a_trial():
-    from portsentinel.trw import SequentialDetector
+def test_a_young_failed_first_contact_is_judged_later():
+    engine = Engine(Policy(trial_delay=0.05), TrwParameters())
+    for port in (2001, 2002, 2003, 2004):
+        young = engine.handle(contact(port), Facts(young=True))
+        assert young.verdict is Verdict.PENDING and young.recheck_after == 0.05
+    assert not engine.is_blocked(A("198.51.100.2"))  # nothing judged yet
+    # later: one was a port forward's client (a success), the rest failed
+    assert engine.handle(contact(2001), Facts(forwarded=True)).verdict is Verdict.PENDING
+    verdicts = [engine.handle(contact(p)).verdict for p in (2002, 2003, 2004)]
+    assert Verdict.BLOCK not in verdicts[:2]
+    served = engine.handle(contact(2005), Facts(young=True, served=True))
+    assert served.recheck_after == 0  # a served port is judged at once
 
-    engine = Engine(Policy(), SequentialDetector(key=b"k" * 16))
-    peer = Probe(A("198.51.100.3"), 2004, TCP, Kind.SYN, 0, peer=True)
-    assert engine.decide(peer, slow_scan=4).verdict is Verdict.DECOY
-    assert engine.trial(Probe(A("198.51.100.4"), 53, UDP, Kind.UDP, 0), False) is None
+
+def test_sequential_test_respects_decoy_grace_and_udp_is_not_a_trial():
+    engine = Engine(Policy(), TrwParameters())
+    for port in (2001, 2002, 2003):
+        engine.handle(contact(port, src="198.51.100.3"), Facts(peer=True))
+    assert engine.handle(contact(2004, src="198.51.100.3"), Facts(peer=True)).verdict \
+        is Verdict.DECOY
+    udp = Probe(A("198.51.100.4"), 53, UDP, Kind.UDP, 0, trap=False)
+    assert engine.handle(udp, Facts(young=True)).recheck_after == 0
+
+
+def test_reconfigure_keeps_bans_and_counts_and_the_slow_scan_state():
+    engine = Engine(Policy(scan_trigger=3), TrwParameters())
+    engine.handle(probe(port=1))
+    engine.handle(probe(src="198.51.100.5"))
+    engine.handle(probe(src="198.51.100.5", port=2))
+    engine.handle(probe(src="198.51.100.5", port=3))
+    sequential = engine.sequential
+    engine.reconfigure(Policy(scan_trigger=2), TrwParameters())
+    assert engine.sequential is sequential and engine.is_blocked(A("198.51.100.5"))
+    assert engine.handle(probe(port=2)).verdict is Verdict.BLOCK  # port 1 still counted
+    engine.reconfigure(Policy(), TrwParameters(p_false=0.001))
+    assert engine.sequential is not sequential
+    engine.reconfigure(Policy(), None)
+    assert engine.sequential is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from portsentinel.addrset import AddressSet, canonical, canonical_network
-from portsentinel.engine import SYN, TCP, UDP, Engine, Kind, Policy, Probe, Verdict
+from portsentinel.engine import SYN, TCP, UDP, Engine, Facts, Kind, Policy, Probe, Verdict
 from portsentinel.nflog import NFULA_PAYLOAD, NFULA_PREFIX, NFULA_TIMESTAMP, KernelBanLog, _attributes
 from portsentinel.nft import LOG_PREFIX, KernelTrap, NftBans
 from portsentinel.store import BanRecord, Store
@@ -84,13 +84,15 @@ def test_nflog_ignores_other_prefixes_and_garbage():
 def test_engine_records_a_kernel_ban_once_escalates_and_refuses_never_block():
     engine = Engine(Policy(ban_time=100, ban_time_increment=2,
                            never_block=AddressSet([ipaddress.ip_network("198.51.100.250/32")])))
-    first = engine.kernel_ban(Probe(A("198.51.100.11"), 25, TCP, Kind.SYN, 10.0))
-    assert first.verdict is Verdict.BLOCK and first.ban_seconds == 100
-    again = engine.kernel_ban(Probe(A("198.51.100.11"), 26, TCP, Kind.SYN, 11.0))
+    banned = Facts(banned_by_kernel=True)
+    first = engine.handle(Probe(A("198.51.100.11"), 25, TCP, Kind.SYN, 10.0), banned)
+    assert first.verdict is Verdict.BLOCK and first.ban_seconds == 100 and not first.escalated
+    again = engine.handle(Probe(A("198.51.100.11"), 26, TCP, Kind.SYN, 11.0), banned)
     assert again.verdict is Verdict.ALREADY_BLOCKED and not again.report
-    engine.forget(A("198.51.100.11"))
-    assert engine.kernel_ban(Probe(A("198.51.100.11"), 25, TCP, Kind.SYN, 12.0)).ban_seconds == 200
-    never = engine.kernel_ban(Probe(A("198.51.100.250"), 25, UDP, Kind.UDP, 12.0))
+    engine.lift(A("198.51.100.11"))
+    third = engine.handle(Probe(A("198.51.100.11"), 25, TCP, Kind.SYN, 12.0), banned)
+    assert third.ban_seconds == 200 and third.escalated  # replaces the kernel's 100 s
+    never = engine.handle(Probe(A("198.51.100.250"), 25, UDP, Kind.UDP, 12.0), banned)
     assert never.verdict is Verdict.IGNORED
 
 
@@ -139,10 +141,10 @@ def test_a_clock_stepped_back_does_not_freeze_the_ban_rate_limit():
     engine = Engine(Policy(ban_rate=1.0, ban_burst=5))
     t = 10_000.0
     for i in range(5):
-        assert engine.observe(Probe(A(f"198.51.100.{i + 1}"), 1, TCP, Kind.SYN, t)).verdict \
+        assert engine.handle(Probe(A(f"198.51.100.{i + 1}"), 1, TCP, Kind.SYN, t)).verdict \
             is Verdict.BLOCK
     t -= 3600  # NTP steps the clock back an hour
-    verdicts = [engine.observe(Probe(A(f"198.51.100.{i + 20}"), 1, TCP, Kind.SYN,
+    verdicts = [engine.handle(Probe(A(f"198.51.100.{i + 20}"), 1, TCP, Kind.SYN,
                                      t + 2 * i)).verdict for i in range(10)]
     assert verdicts.count(Verdict.BLOCK) >= 9, verdicts
 

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from portsentinel import config, logs
-from portsentinel.config import command_family, kill_route_for, parse
+from portsentinel.command_templates import command_family, kill_route_for
+from portsentinel.config import parse
+from portsentinel.daemon.assembly import changes_from_12
 from portsentinel.responders import ActionFailed, CompatActions
 
 TUTORIAL = "/sbin/iptables -I INPUT -s $TARGET$ -j DROP"
@@ -141,14 +143,14 @@ def test_hosts_deny_brackets_ipv6(tmp_path):
 def test_changes_from_12_for_the_tutorial_config():
     c = parse(f'BLOCK_TCP="1"\nBLOCK_UDP="1"\nKILL_ROUTE="{TUTORIAL}"\n'
               'KILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n', "/etc/portsentry/portsentry.conf")
-    text = "\n".join(config.changes_from_12(c, "atcp", "audp"))
+    text = "\n".join(changes_from_12(c, "atcp", "audp"))
     assert "nftables set + kernel trap (tcp, udp" in text
     assert "KILL_ROUTE also runs, off the packet path" in text
     assert "KILL_ROUTE runs as /sbin/ip6tables for IPv6 sources" in text
     assert "bans expire after 1d" in text and "undo the nftables ban, KILL_ROUTE and hosts.deny" in text
     old = parse(f'KILL_ROUTE="{TUTORIAL}"\nBLOCK_NFTABLES="0"\n', "x")
-    assert "KILL_ROUTE only, as in 1.2" in "\n".join(config.changes_from_12(old, "atcp", "audp"))
+    assert "KILL_ROUTE only, as in 1.2" in "\n".join(changes_from_12(old, "atcp", "audp"))
     route = parse('KILL_ROUTE="/sbin/route add -host $TARGET$ reject"\nBLOCK_TCP="0"\n', "x")
-    text = "\n".join(config.changes_from_12(route, "atcp", None))
+    text = "\n".join(changes_from_12(route, "atcp", None))
     assert "BLOCK_TCP=0: those scans are only logged" in text
     assert "not run for IPv6 sources" in text

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from portsentinel.config import undo_command
+from portsentinel.command_templates import undo_command
 from portsentinel.control import ControlError, ControlServer, request
 from portsentinel.responders import remove_line
 from portsentinel.store import BanRecord, Store

@@ -1,0 +1,224 @@
+"""Commands from outside: the control socket (status, list, block, unblock,
+reconcile, reload; control thread) and fleet members' bans (fleet thread).
+The engine's part goes through the inbox to the run loop; the firewall and
+compatibility actions run on the worker, whose outcome the CLI waits for."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import queue
+import sqlite3
+import time
+
+from .. import __version__, logs
+from ..addrset import canonical, canonical_network
+from ..engine import TCP, UDP, Order, Verdict
+from ..responders import COMMAND_TIMEOUT
+from ..store import BanRecord
+from .assembly import kernel_trap_armed
+from .context import Context
+from .firewall import Firewall
+from .ledger import LOCAL_ORIGINS, BanLedger, announcement
+
+WORKER_WAIT = 3 * COMMAND_TIMEOUT  # the CLI's longest wait for the firewall's part
+RELOAD_WAIT = 60.0
+
+
+class Commands:
+    def __init__(self, ctx: Context, ledger: BanLedger, firewall: Firewall, reload):
+        self.ctx, self.ledger, self.firewall = ctx, ledger, firewall
+        self.reload = reload  # the daemon's reload (owner thread)
+
+    def handle(self, request: dict) -> dict:
+        try:
+            return self._handle(request)
+        except TimeoutError as err:  # the run loop or the worker is stuck, or swamped
+            return {"ok": False, "error": str(err) or "the daemon is busy; see the log"}
+
+    def _handle(self, request: dict) -> dict:
+        command = request.get("command")
+        if command == "status":
+            return self.status()
+        if command == "list":
+            return {"ok": True, "bans": self.list_bans()}
+        if command == "unblock":
+            return self.unblock(str(request.get("target", "")))
+        if command == "block":
+            return self.block(str(request.get("address", "")), request.get("seconds"))
+        if command == "reconcile":  # the periodic check, now
+            if self.ctx.bans is None:
+                return {"ok": False, "error": "no nftables table to reconcile (BLOCK_NFTABLES=0)"}
+            return {"ok": True, **self._on_worker(self.firewall.reconcile)}
+        if command == "reload":
+            return self.ctx.inbox.call(self.reload, timeout=RELOAD_WAIT)
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _on_worker(self, job):
+        """Run `job` on the worker and wait for its result; when the worker's
+        queue is full, here (an admin's command still gets done)."""
+        outcome: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run():
+            try:
+                outcome.put((True, job()))
+            except Exception as err:
+                outcome.put((False, err))
+
+        if not self.ctx.worker.put(run):
+            run()
+        try:
+            ok, value = outcome.get(timeout=WORKER_WAIT)
+        except queue.Empty:
+            raise TimeoutError("the firewall's part is taking long; see the log") from None
+        if not ok:
+            raise value
+        return value
+
+    # -- status and list ----------------------------------------------------
+    def status(self) -> dict:
+        ctx, config = self.ctx, self.ctx.config
+        pending = ctx.inbox.call(lambda: ctx.engine.pending_hosts)
+        fleet = ctx.fleet
+        return {"ok": True, "version": __version__, "pid": os.getpid(), "since": ctx.started,
+                "modes": {"tcp": ctx.modes[TCP], "udp": ctx.modes[UDP]},
+                "config": config.source,
+                "firewall": f"nftables inet {config.nft_table}" if ctx.bans else "none",
+                "kernel_trap": [p for p in (TCP, UDP)
+                                if kernel_trap_armed(config, p, ctx.modes[p])],
+                "active_bans": ctx.store.count(), "pending_hosts": pending,
+                "fleet": None if fleet is None else {
+                    "member": fleet.member, "connected": fleet.connected.is_set(),
+                    "unpublished": len(fleet.backlog)},
+                "report_queue": ctx.worker.jobs.qsize(), "counters": self.counters()}
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(value) for name, value in self.ctx.metrics.snapshot().items()}
+
+    def list_bans(self) -> list[dict]:
+        now = time.time()
+        return [{**dataclasses.asdict(r), "remaining": r.remaining(now)}
+                for r in self.ledger.in_force()]
+
+    # -- block and unblock -----------------------------------------------------
+    def block(self, address: str, seconds) -> dict:
+        """An admin's ban. An address blocked already only gets its ban time
+        set: no command runs twice (two iptables rules that one unblock could
+        not both lift)."""
+        try:
+            ip = canonical(address)
+        except ValueError:
+            return {"ok": False, "error": f"{address!r} is not an IP address"}
+        length = None if seconds is None else float(seconds)
+        order = self.ctx.inbox.call(self.ctx.engine.block, ip, time.time(), length)
+        if order.verdict is Verdict.REFUSED:
+            return {"ok": False, "error": order.error}
+        if order.verdict is Verdict.ALREADY_BLOCKED:
+            return self._set_time(order)
+        if not self._on_worker(lambda: self.ledger.apply(order, "cli", "manual")):
+            return {"ok": False, "error": f"could not block {ip}: no block action worked"}
+        self.ctx.log(f"adminalert: Host {ip} blocked by command for "
+                     f"{_duration(order.ban_seconds)}", logs.NOTICE)
+        return {"ok": True, "address": str(ip), "until": order.until}
+
+    def _set_time(self, order: Order) -> dict:
+        error = self._on_worker(lambda: self.ledger.set_time(order))
+        if error:
+            return {"ok": False, "error": error}
+        self.ctx.log(f"adminalert: Host {order.address} was blocked already; its ban now lasts "
+                     f"{_duration(order.ban_seconds)} from now", logs.NOTICE)
+        return {"ok": True, "address": str(order.address), "until": order.until,
+                "already": True}
+
+    def unblock(self, target: str) -> dict:
+        try:
+            network = canonical_network(target)
+        except ValueError:
+            return {"ok": False, "error": f"{target!r} is not an IP address or CIDR network"}
+        records = [r for r in self.ledger.in_force() if _address(r.address) in network]
+        known = {r.address for r in records}
+        # the engine first (and bans it holds without a record, e.g. mid-report);
+        # an admin says these were mistakes, so the next ban starts afresh
+        records += self.ctx.inbox.call(self._forget, network, known)
+        return self._on_worker(lambda: self._lift_all(target, network, records))
+
+    def _forget(self, network, known: set[str]) -> list:
+        """Owner thread: lift and pardon in the engine; the bans it alone held."""
+        engine, extra = self.ctx.engine, []
+        for ban in [b for b in engine.bans() if b.address in network]:
+            if ban.address.compressed not in known:
+                extra.append(BanRecord(str(ban.address), ban.since, ban.until))
+            engine.lift(ban.address, pardon=True)
+        for address in known:
+            engine.lift(_address(address), pardon=True)
+        return extra
+
+    def _lift_all(self, target: str, network, records) -> dict:
+        """Worker: every ban within `network`, everywhere."""
+        unrecorded = self.firewall.unrecorded(network, {r.address for r in records})
+        if not records and not unrecorded:
+            return {"ok": False, "error": f"{target} is not blocked"}
+        problems = {r.address: self.ledger.lift(r, "unblock") for r in records}
+        for record in records:
+            try:
+                self.ctx.store.pardon(record.address)
+            except sqlite3.Error:
+                pass
+        for address in unrecorded:
+            self.ledger.lift_unrecorded(address)
+        return {"ok": True, "unblocked": [r.address for r in records] + unrecorded,
+                "firewall_only": unrecorded,
+                "problems": {a: p for a, p in problems.items() if p}}
+
+    # -- fleet (fleet thread) ---------------------------------------------------
+    def fleet_ban(self, message: dict) -> None:
+        member = message["origin"]
+        try:
+            ip = canonical(str(message["address"]))
+        except ValueError:
+            return
+        until = message.get("until")
+        order = self.ctx.inbox.call(self.ctx.engine.fleet_ban, ip, time.time(), until)
+        if order.verdict is Verdict.IGNORED and order.error:
+            self.ctx.log(f"adminalert: fleet: not applying the ban of {ip} from {member}: "
+                         f"{order.error}", logs.INFO)
+        elif order.verdict is Verdict.REFUSED:
+            self.ctx.log.error(f"adminalert: ERROR: fleet ban of {ip} from {member}: "
+                               f"{order.error}")
+        elif order.verdict is Verdict.BLOCK:
+            reason = str(message.get("reason") or "fleet")[:200]
+            self.ctx.worker.put(lambda: self._apply_fleet_ban(order, member, reason, message))
+
+    def _apply_fleet_ban(self, order: Order, member: str, reason: str, message: dict) -> None:
+        """Worker: a fleet member's ban, everywhere, then said."""
+        if not self.ledger.apply(order, member, reason):
+            self.ctx.log.error(f"adminalert: ERROR: fleet ban of {order.address} from "
+                               f"{member}: no block action worked")
+            return
+        self.ctx.metrics.fleet_received.inc()
+        delay = "" if message.get("resync") or "sent" not in message else \
+            f", {1000 * max(0.0, time.time() - message['sent']):.1f} ms after it was sent"
+        self.ctx.log(f"attackalert: Host {order.address} has been blocked via fleet member "
+                     f"{member} ({reason}){delay}")
+
+    def fleet_unban(self, message: dict) -> None:
+        try:
+            ip = canonical(str(message.get("address")))
+        except ValueError:
+            return
+        record = self.ctx.store.get_ban(str(ip))
+        if record is not None:
+            self.ctx.inbox.call(self.ctx.engine.lift, ip)
+            self.ctx.worker.put(lambda: self.ledger.lift(record, "fleet"))
+
+    def own_bans(self) -> list[dict]:
+        return [announcement(r) for r in self.ctx.store.bans() if r.origin in LOCAL_ORIGINS]
+
+
+def _address(text: str):
+    return ipaddress.ip_address(text)
+
+
+def _duration(seconds: float) -> str:
+    return "ever" if not seconds else f"{int(seconds)}s"

@@ -1,0 +1,257 @@
+"""The ban ledger: one object applies and lifts a ban everywhere, in one
+fixed order, whoever made it (engine, kernel trap, admin, fleet member).
+
+Applying: the nftables set first (inline on the owner thread for a probe,
+tens of microseconds over netlink; on the worker for an admin's or a fleet
+member's ban), then on the worker: the compatibility actions in PortSentry's
+order (hosts.deny, KILL_ROUTE, KILL_RUN_CMD), the state, the history and
+blocked files, the fleet, the JSON log. A crash in between leaves a ban in
+the firewall that the state does not know, which reconciliation records
+("found in the firewall"): a ban is never lost. If every action fails, the
+engine forgets the ban so that the next probe tries again.
+
+Lifting (worker; the engine forgets first, on its own thread): the nftables
+set, the compatibility undo as it was at ban time, then the state.
+
+The state may refuse a write (locked by another program, a full disk): the
+record is kept in memory, listed and liftable, and written later; a lifted
+ban whose removal failed is removed later and never put back by
+reconciliation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import time
+
+from .. import logs
+from ..engine import HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, Order
+from ..nft import NftError, SetFull
+from ..responders import ActionFailed, CompatActions, Records
+from ..store import BanRecord
+from .context import Context
+
+LOCAL_ORIGINS = ("local", "cli", "kernel")  # any other origin is a fleet member's name
+LIFTED = {"expire": "expired", "fleet": "lifted by a fleet member",
+          "evict": "lifted to make room (ban sets nearly full)", "unblock": "lifted by command"}
+
+
+class BanLedger:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.unsaved: dict[str, BanRecord] = {}  # bans whose state write failed: retried
+        self.unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
+        self.expiring: set[str] = set()  # lifts queued, not done yet
+        self.set_full = False  # the kernel refused a ban: make room now
+        self.configure()
+
+    def configure(self) -> None:
+        """The compatibility actions and files of the current config (start, reload)."""
+        config = self.ctx.config
+        self.compat = CompatActions(config, self.ctx.log)
+        self.records = Records(config.history_file, config.blocked_file, self.ctx.log)
+
+    # -- applying ---------------------------------------------------------
+    def ban_now(self, address, seconds: float, replace: bool) -> str | Exception:
+        """The nftables ban (owner thread, on the packet path): the command
+        text for the log, or the error. `replace` sets this timeout even if
+        the kernel trap put the address in already (an escalated ban)."""
+        try:
+            return self.ctx.bans.ban(address, seconds, replace=replace)
+        except NftError as err:
+            self.set_full = self.set_full or isinstance(err, SetFull)
+            return err
+
+    def kernel_made(self, address, seconds: float, escalated: bool) -> str | Exception:
+        """A ban the kernel trap made: its command text, or the escalation's outcome."""
+        if escalated:
+            return self.ban_now(address, seconds, replace=True)
+        return self.ctx.bans.command(address, seconds)
+
+    def settle(self, record: BanRecord, actions, nft_result, name: str | None = None,
+               history: bool = True) -> bool:
+        """Worker: the rest of a ban whose nftables part is done (`nft_result`):
+        compatibility actions, state, files, fleet, JSON. False (and the engine
+        forgets it) when no action worked."""
+        done = sum(self._action(action, record, nft_result) for action in actions)
+        if not done:
+            self.ctx.inbox.post(self.ctx.engine.lift, _ip(record.address))
+            return False
+        self.save(record)
+        self.ctx.metrics.active_bans.inc()  # exact again at the next housekeeping
+        self.ctx.metrics.bans.labels(
+            record.origin if record.origin in LOCAL_ORIGINS else "fleet").inc()
+        if history:
+            self.records.blocked(time.time(), record.address, name, record.port or 0,
+                                 record.protocol, record.mode)
+        if self.ctx.fleet is not None and record.origin in LOCAL_ORIGINS:
+            self.ctx.fleet.announce_ban(announcement(record))
+        self.json_event("block", record.address, port=record.port, protocol=record.protocol,
+                        mode=record.mode, reason=record.reason, origin=record.origin,
+                        until=record.until, actions=list(actions))
+        return True
+
+    def _action(self, action: str, record: BanRecord, nft_result) -> bool:
+        target, port, mode = record.address, record.port or 0, record.mode or ""
+        try:
+            if action == NFTABLES:
+                if isinstance(nft_result, Exception):
+                    raise ActionFailed(f"nftables: {nft_result}")
+                self.ctx.log(logs.route_line(target, nft_result))
+            elif action == HOSTS_DENY:
+                record.hosts_deny_line = self.compat.hosts_deny(target, port, mode)
+                record.hosts_deny_file = str(self.ctx.config.hosts_deny_file)
+            elif action == KILL_ROUTE:
+                record.kill_route_command = self.compat.kill_route(target, port, mode)
+                if record.kill_route_command:
+                    record.kill_route_undo = self.compat.undo_for(
+                        target, record.kill_route_command, port, mode)
+            elif action == RUN_CMD:
+                self.compat.run_cmd(target, port, mode)
+            return True
+        except (ActionFailed, OSError) as err:
+            self.ctx.log.error(f"adminalert: ERROR: {action} for host {target} failed: {err}")
+            return False
+
+    def apply(self, order: Order, origin: str, reason: str) -> bool:
+        """Worker: an admin's or a fleet member's ban, everywhere."""
+        record = BanRecord(str(order.address), order.since, order.until, reason=reason,
+                           origin=origin)
+        nft_result = None
+        if NFTABLES in order.actions:
+            nft_result = self.ban_now(order.address, order.ban_seconds, replace=True)
+        return self.settle(record, order.actions, nft_result, history=False)
+
+    def set_time(self, order: Order) -> str | None:
+        """Worker: a ban in force gets a new end; an error, or None."""
+        if self.ctx.bans is not None:
+            try:
+                self.ctx.bans.ban(order.address, order.ban_seconds, replace=True)
+            except NftError as err:
+                return f"could not set the ban time of {order.address}: {err}"
+        address = str(order.address)
+        record = self.ctx.store.get_ban(address) or self.unsaved.get(address)
+        if record is not None:  # none: its report, ahead in the queue, failed
+            record.until = order.until
+            self.save(record, count_offence=False)
+        return None
+
+    # -- lifting ----------------------------------------------------------
+    def lift(self, record: BanRecord, cause: str) -> list[str]:
+        """Worker: undo one ban everywhere; the problems, if any."""
+        if self.ctx.bans is not None:
+            self.ctx.bans.unban(_ip(record.address))
+        problems = self.compat.undo(record.address, record.hosts_deny_line,
+                                    record.kill_route_command, record.port or 0,
+                                    record.mode or "", record.hosts_deny_file,
+                                    record.kill_route_undo)
+        self.unsaved.pop(record.address, None)
+        self.remove(record.address, cause)
+        self.expiring.discard(record.address)
+        self.ctx.metrics.unbans.labels(cause).inc()
+        self.ctx.log(f"adminalert: Host {record.address} ban {LIFTED[cause]}; unblocked",
+                     logs.NOTICE)
+        for problem in problems:
+            self.ctx.log.error(f"adminalert: ERROR: unblock {record.address}: {problem}")
+        self.json_event("expire" if cause == "expire" else "unblock", record.address,
+                        problems=problems)
+        if cause == "unblock" and self.ctx.fleet is not None:  # an admin's word: fleet-wide
+            self.ctx.fleet.announce_unban(record.address)
+        return problems
+
+    def lift_unrecorded(self, address: str) -> None:
+        """Worker: a ban found in our sets that nothing recorded."""
+        self.ctx.bans.unban(_ip(address))
+        self.ctx.metrics.unbans.labels("unblock").inc()
+        self.ctx.log(f"adminalert: Host {address} was in the firewall's ban set without a "
+                     "record (made behind our back?); lifted by command", logs.NOTICE)
+
+    def lift_later(self, records: list[BanRecord], cause: str) -> None:
+        """Owner thread: queue lifts (the engine forgot these already); what
+        the queue cannot take now is offered again by the next housekeeping."""
+        fresh = [r for r in records if r.address not in self.expiring]
+        self.expiring.update(r.address for r in fresh)
+        if cause == "evict":  # one job, one warning
+            if fresh and not self.ctx.worker.put(lambda: self._evict(fresh)):
+                self.expiring.difference_update(r.address for r in fresh)
+            return
+        for record in fresh:
+            if not self.ctx.worker.put(lambda r=record: self.lift(r, cause)):
+                self.expiring.discard(record.address)
+
+    def _evict(self, victims: list[BanRecord]) -> None:
+        for record in victims:
+            self.lift(record, "evict")
+        self.ctx.log.error(f"adminalert: WARNING: ban sets nearly full: lifted the "
+                           f"{len(victims)} bans that end soonest to make room for new ones")
+
+    # -- the state --------------------------------------------------------
+    def in_force(self, now: float | None = None) -> list[BanRecord]:
+        """Every recorded ban, those the state could not take yet included;
+        with `now`, only those not over and not being lifted."""
+        records = self.ctx.store.bans()
+        stored = {r.address for r in records}
+        records += [r for r in list(self.unsaved.values()) if r.address not in stored]
+        if now is None:
+            return records
+        return [r for r in records
+                if (r.until is None or r.until > now) and r.address not in self.unremoved]
+
+    def save(self, record: BanRecord, count_offence: bool = True) -> None:
+        try:
+            self.ctx.store.add_ban(record, count_offence)
+            self.unsaved.pop(record.address, None)
+        except sqlite3.Error as err:
+            first = record.address not in self.unsaved
+            self.unsaved[record.address] = record
+            if first:
+                self.ctx.metrics.dropped.labels("state write failed").inc()
+                self.ctx.report_error(f"cannot write the state ({err}): the ban of "
+                                      f"{record.address} is kept in memory and written later")
+
+    def remove(self, address: str, cause: str) -> None:
+        try:
+            if self.ctx.store.remove_ban(address, cause) is not None:
+                self.ctx.metrics.active_bans.dec()
+            self.unremoved.pop(address, None)
+        except sqlite3.Error as err:
+            if address not in self.unremoved:
+                self.ctx.metrics.dropped.labels("state write failed").inc()
+                self.ctx.report_error(f"cannot write the state ({err}): the lifted ban of "
+                                      f"{address} is removed from it later")
+            self.unremoved[address] = cause
+
+    def retry(self) -> None:
+        """Worker: write what the state could not take."""
+        for record in list(self.unsaved.values()):
+            self.save(record)
+        for address, cause in list(self.unremoved.items()):
+            self.remove(address, cause)
+        if not self.unsaved and not self.unremoved:
+            self.ctx.log("adminalert: the state is writable again; every ban is recorded",
+                         logs.INFO)
+
+    def json_event(self, event: str, address: str, **fields) -> None:
+        path = self.ctx.config.json_log
+        if path is None:
+            return
+        line = json.dumps({"time": round(time.time(), 6), "event": event, "address": address,
+                           **fields})
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as err:
+            self.ctx.metrics.dropped.labels("json log unwritable").inc()
+            self.ctx.log.error(f"adminalert: ERROR: cannot write {path}: {err.strerror}")
+
+
+def announcement(record: BanRecord) -> dict:
+    """A ban as the fleet shares it."""
+    return {"address": record.address, "since": record.since, "until": record.until,
+            "reason": record.reason, "port": record.port, "protocol": record.protocol}
+
+
+def _ip(address: str):
+    return ipaddress.ip_address(address)

@@ -1,0 +1,206 @@
+"""The packet path: each probe goes into the engine once, with the facts it
+asks for looked up on demand, and comes out as one decision; its inline part
+(the nftables ban) is done at once, its report is queued for the worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from functools import cached_property
+
+from .. import logs
+from ..engine import NFTABLES, TCP, Decision, Facts, Kind, Verdict
+from ..sensors import ChallengeSensor
+from .alerts import Alerts
+from .context import Context
+from .firewall import Firewall
+from .ledger import BanLedger
+
+DEFERRED_TRIALS = 65536  # first contacts judged later; bounded under floods (oldest dropped)
+REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
+KERNEL_BANNED = Facts(banned_by_kernel=True)
+
+
+class LiveFacts:
+    """The engine's questions about one probe, each looked up once, on first use."""
+
+    banned_by_kernel = False
+
+    def __init__(self, path: "ProbePath", probe, listener_check: bool, young: bool):
+        self._path, self._probe, self._listener_check = path, probe, listener_check
+        self.young = young
+
+    @cached_property
+    def served(self) -> bool:
+        return self._listener_check and self._path.listening.in_use(self._probe.protocol,
+                                                                    self._probe.port)
+
+    @cached_property
+    def peer(self) -> bool:
+        return self._path.is_peer(self._probe.source)
+
+    @cached_property
+    def reply(self) -> bool:
+        return self._path.is_reply(self._probe)
+
+    @cached_property
+    def forwarded(self) -> bool:
+        return self._path.is_forwarded(self._probe)
+
+    @property
+    def kernel_decides(self) -> bool:
+        return self._path.firewall.kernel_decides(self._probe.protocol)
+
+
+class ProbePath:
+    def __init__(self, ctx: Context, ledger: BanLedger, alerts: Alerts, firewall: Firewall,
+                 listening, peers):
+        self.ctx, self.ledger, self.alerts, self.firewall = ctx, ledger, alerts, firewall
+        self.listening, self.peers = listening, peers
+        self.conntrack = None  # conntrack.Conntrack, when the kernel lets us ask
+        self.sensors: list = []  # as armed (a challenge ban reads the challenge sensor first)
+        self.deferred: deque = deque(maxlen=DEFERRED_TRIALS)  # (due, probe)
+        self.repeat_lines = logs.LineBudget(REPEAT_LINES_PER_SECOND, REPEAT_LINES_PER_SECOND)
+
+    # -- sensors ----------------------------------------------------------
+    def read(self, sensor) -> None:
+        """A trap hit is handled as soon as it is parsed: a ban must not wait for
+        the rest of the batch, nor behind first-contact trials (their order
+        does not matter, so they come last)."""
+        later = []
+        try:
+            for probe in sensor.read():
+                if probe.trap:
+                    self._handle_safely(probe, sensor)
+                else:
+                    later.append(probe)
+        except OSError as err:  # e.g. ENOBUFS: the kernel dropped packets for us
+            self.ctx.metrics.dropped.labels("sensor error").inc()
+            self.ctx.report_error(f"sensor: {err}")
+        for probe in later:
+            self._handle_safely(probe, sensor)
+
+    def _handle_safely(self, probe, sensor) -> None:
+        try:
+            if getattr(sensor, "kernel_bans", False):
+                self.kernel_banned(probe)
+            else:
+                self.handle(probe, sensor.needs_listener_check)
+        except Exception as err:  # one bad probe must not stop the sensor
+            self.ctx.metrics.dropped.labels("handling error").inc()
+            self.ctx.report_error(f"handling a probe from {probe.source} failed: {err!r}")
+
+    # -- one probe, one decision --------------------------------------------
+    def handle(self, probe, listener_check: bool = False, young: bool = True) -> Decision:
+        self.ctx.metrics.probes.labels(probe.protocol, probe.kind.value).inc()
+        facts = LiveFacts(self, probe, listener_check, young)
+        decision = self.ctx.engine.handle(probe, facts)
+        self.act(decision)
+        return decision
+
+    def kernel_banned(self, probe) -> None:
+        """The kernel trap banned a source by itself (NFLOG): recorded and
+        reported like our own bans, so that no ban is ever silent."""
+        trap = self.firewall.kernel_trap
+        if trap and trap.challenge_port and probe.protocol == TCP \
+                and probe.port == trap.challenge_port:
+            # a completed challenge: its accepted connection knows the trap port
+            # it was sent to, so it is reported first; this is the fallback
+            for sensor in [s for s in self.sensors if isinstance(s, ChallengeSensor)]:
+                self.read(sensor)
+            probe = dataclasses.replace(probe, kind=Kind.CONNECT)
+        decision = self.ctx.engine.handle(probe, KERNEL_BANNED)
+        if decision.verdict is Verdict.IGNORED:  # never-block, e.g. the set changed meanwhile
+            self.ctx.bans.unban(probe.source)
+            self.ctx.log.error(f"adminalert: ERROR: the kernel trap banned {probe.source}, "
+                               "which is never to be blocked; lifted at once")
+            return
+        if decision.verdict is not Verdict.BLOCK:
+            return
+        self.ctx.metrics.kernel_bans.inc()
+        self.ctx.metrics.alerts.labels(probe.protocol).inc()
+        nft_result = self.ledger.kernel_made(probe.source, decision.ban_seconds,
+                                             decision.escalated)
+        self._report(decision, nft_result, "kernel")
+
+    def act(self, decision: Decision) -> None:
+        """A decision's inline part (the nftables ban), then its report queued."""
+        probe, metrics = decision.probe, self.ctx.metrics
+        if decision.recheck_after:
+            self.deferred.append((time.monotonic() + decision.recheck_after, probe))
+        if decision.verdict is Verdict.REPLY:
+            metrics.replies.inc()
+        if not decision.report or decision.verdict in (Verdict.IGNORED, Verdict.PENDING):
+            return
+        if decision.verdict is Verdict.ALREADY_BLOCKED \
+                and not self.repeat_lines.take(time.monotonic()):
+            return
+        nft_result = None
+        if decision.verdict in (Verdict.BLOCK, Verdict.ALERT):
+            metrics.alerts.labels(probe.protocol).inc()
+        elif decision.verdict is Verdict.DECOY:
+            metrics.decoys.inc()
+        elif decision.verdict is Verdict.RATE_LIMITED:
+            metrics.rate_limited.inc()
+        if decision.verdict is Verdict.BLOCK and NFTABLES in decision.actions:
+            nft_result = self.ledger.ban_now(probe.source, decision.ban_seconds,
+                                             decision.escalated)
+            if not isinstance(nft_result, Exception):
+                metrics.ban_latency.observe(max(0.0, time.time() - probe.time))
+        self._report(decision, nft_result, "local")
+
+    def _report(self, decision: Decision, nft_result, origin: str) -> None:
+        lookup = self.alerts.look_up(decision.probe)
+        self.ctx.worker.put(lambda: self.alerts.report(decision, nft_result, origin, lookup))
+
+    def run_deferred(self) -> None:
+        """First contacts whose time has come: judged again, NAT known by now."""
+        now = time.monotonic()
+        while self.deferred and self.deferred[0][0] <= now:
+            _, probe = self.deferred.popleft()
+            facts = LiveFacts(self, probe, True, young=False)
+            decision = self.ctx.engine.handle(dataclasses.replace(probe, trap=False), facts)
+            if decision.verdict is not Verdict.ALREADY_BLOCKED:  # banned meanwhile: said
+                self.act(decision)
+
+    def next_deferred(self) -> float | None:
+        return self.deferred[0][0] if self.deferred else None
+
+    # -- the facts, from the kernel -----------------------------------------
+    def is_peer(self, address) -> bool:
+        """Did this source complete a TCP handshake with us lately (PEER_MEMORY)?"""
+        if not self.ctx.config.decoy_grace:
+            return False
+        try:
+            if self.ctx.bans is not None:
+                return self.ctx.bans.is_peer(address)
+            return self.peers.is_peer(address)
+        except OSError as err:
+            self.ctx.report_error(f"peer check failed: {err}")
+            return False
+
+    def is_reply(self, probe) -> bool:
+        """An answer to this host's own traffic (conntrack knows the flow)?"""
+        if not probe.trap or self.conntrack is None or probe.destination is None:
+            return False
+        try:
+            return self.conntrack.is_reply(probe.protocol, probe.source, probe.source_port,
+                                           probe.destination, probe.port)
+        except OSError as err:
+            self.ctx.report_error(f"conntrack lookup failed: {err}")
+            return False
+
+    def is_forwarded(self, probe) -> bool:
+        """Did destination NAT (a port forward) send it on? Our challenge's own
+        redirect is not one."""
+        if self.conntrack is None or probe.destination is None:
+            return False
+        trap = self.firewall.kernel_trap
+        try:
+            return self.conntrack.is_forwarded(probe.protocol, probe.source, probe.source_port,
+                                               probe.destination, probe.port,
+                                               trap.challenge_port if trap else 0)
+        except OSError as err:
+            self.ctx.report_error(f"conntrack lookup failed: {err}")
+            return False

@@ -1,0 +1,122 @@
+"""The daemon's rooms without sockets or root: the inbox (the engine's one
+owner thread), the worker, the ledger's bookkeeping when the worker's queue
+is full, and the control commands' refusals (the Daemon is built, never
+started)."""
+
+import ipaddress
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from portsentinel import config as configuration, logs
+from portsentinel.daemon import Daemon
+from portsentinel.daemon.inbox import Inbox
+from portsentinel.daemon.worker import Worker
+from portsentinel.metrics import Metrics
+from portsentinel.store import BanRecord
+
+
+def make_daemon(tmp_path: Path, extra: str = "") -> Daemon:
+    (tmp_path / "ignore").write_text("")
+    config = configuration.parse(
+        f'STATE_FILE="{tmp_path}/state.db"\nHISTORY_FILE="{tmp_path}/h"\n'
+        f'BLOCKED_FILE="{tmp_path}/b"\nIGNORE_FILE="{tmp_path}/ignore"\n' + extra, "test")
+    return Daemon(config, "atcp", "audp", logs.Log(to_syslog=False, stream=None))
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    d = make_daemon(tmp_path)
+    yield d
+    d.ctx.store.close()
+
+
+def test_an_expiry_dropped_on_a_full_queue_is_retried(daemon):
+    store, ledger = daemon.ctx.store, daemon.ledger
+    store.add_ban(BanRecord("198.51.100.7", 1.0, time.time() - 1))
+    daemon.ctx.worker.jobs = queue.Queue(1)
+    daemon.ctx.worker.jobs.put(None)  # full
+    daemon._housekeeping()
+    assert "198.51.100.7" not in ledger.expiring  # not queued, so not pending either
+    daemon.ctx.worker.jobs.get()
+    daemon._housekeeping()
+    assert "198.51.100.7" in ledger.expiring
+    daemon.ctx.worker.jobs.get_nowait()()
+    assert store.get_ban("198.51.100.7") is None and not ledger.expiring
+
+
+def test_block_refuses_what_cannot_be_a_source(daemon):
+    for address in ("224.0.0.1", "255.255.255.255", "ff02::1", "0.0.0.0", "127.0.0.1",
+                    "not an address"):
+        reply = daemon.commands.block(address, 60)
+        assert not reply["ok"], address
+    assert not daemon.ctx.engine.bans()
+
+
+def test_block_without_a_firewall_action_is_refused(tmp_path):
+    daemon = make_daemon(tmp_path, 'BLOCK_NFTABLES="0"\n')
+    reply = daemon.commands.block("198.51.100.9", None)
+    assert not reply["ok"] and "no block action" in reply["error"]
+    assert not daemon.ctx.engine.bans() and daemon.ctx.store.count() == 0
+
+
+def test_unblock_of_what_is_not_blocked_says_so(daemon):
+    daemon.ctx.worker.start()
+    reply = daemon.commands.unblock("198.51.100.9")
+    assert reply == {"ok": False, "error": "198.51.100.9 is not blocked"}
+    assert not daemon.commands.unblock("198.51.100.0/33")["ok"]
+    daemon.ctx.worker.stop(meanwhile=lambda: None)
+
+
+def test_a_ban_whose_every_action_failed_is_forgotten_by_the_engine(tmp_path):
+    daemon = make_daemon(tmp_path, 'KILL_ROUTE="/nonexistent/iptables -I INPUT -s $TARGET$ '
+                                   '-j DROP"\nBLOCK_NFTABLES="0"\n')
+    order = daemon.ctx.engine.block(ipaddress.ip_address("198.51.100.9"), time.time())
+    assert daemon.ctx.engine.is_blocked(order.address)
+    assert not daemon.ledger.apply(order, "cli", "manual")  # on this (the owner) thread
+    assert not daemon.ctx.engine.is_blocked(order.address)  # the next probe tries again
+    assert daemon.ctx.store.count() == 0
+
+
+def test_inbox_runs_other_threads_calls_on_the_owner_thread():
+    inbox = Inbox()
+    seen = []
+    result = {}
+
+    def other():
+        result["value"] = inbox.call(lambda: seen.append(threading.get_ident()) or 42)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while thread.is_alive() and time.monotonic() < deadline:
+        inbox.run_pending()  # the owner's loop
+        thread.join(0.01)
+    assert result["value"] == 42 and seen == [threading.get_ident()]
+
+
+def test_inbox_passes_exceptions_and_runs_inline_once_released():
+    inbox = Inbox()
+    inbox.release()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(inbox.call(threading.get_ident)))
+    thread.start()
+    thread.join(5)
+    assert seen and seen[0] != threading.get_ident()  # ran in the caller, nobody waited
+    with pytest.raises(ZeroDivisionError):
+        inbox.call(lambda: 1 / 0)
+
+
+def test_worker_runs_jobs_in_order_counts_what_does_not_fit_and_survives_errors():
+    metrics, errors, done = Metrics(), [], []
+    worker = Worker(metrics.dropped, errors.append, size=2)
+    assert worker.put(lambda: done.append(1)) and worker.put(lambda: 1 / 0)
+    assert not worker.put(lambda: done.append(3))  # full: counted, not waited for
+    worker.start()
+    worker.put(lambda: done.append(2))
+    worker.stop(meanwhile=lambda: None)
+    assert done == [1, 2] and "ZeroDivisionError" in errors[0]
+    assert metrics.snapshot()["portsentinel_dropped_events_total{reason=report queue full}"] == 1
