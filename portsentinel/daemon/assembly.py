@@ -12,7 +12,7 @@ from ..command_templates import kill_route_for, undo_command
 from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
-from ..nft import LOG_PREFIX, KernelTrap, port_ranges
+from ..ruleset import LOG_PREFIX, KernelTrap, port_ranges
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 

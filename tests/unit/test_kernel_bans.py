@@ -11,7 +11,8 @@ import pytest
 from portsentinel.addrset import AddressSet, canonical, canonical_network
 from portsentinel.engine import SYN, TCP, UDP, Engine, Facts, Kind, Policy, Probe, Verdict
 from portsentinel.nflog import NFULA_PAYLOAD, NFULA_PREFIX, NFULA_TIMESTAMP, KernelBanLog, _attributes
-from portsentinel.nft import LOG_PREFIX, KernelTrap, NftBans
+from portsentinel.nft import NftBans
+from portsentinel.ruleset import LOG_PREFIX, KernelTrap
 from portsentinel.store import BanRecord, Store
 
 from test_packets import ipv4, ipv6, tcp, udp

@@ -1,0 +1,237 @@
+"""Our nftables table as text: pure, so the rules are tested without root.
+
+The table `inet <name>` holds:
+- `ban4`/`ban6`: banned sources, with per-element timeouts; dropped in
+  prerouting (priority raw), before connection tracking.
+- the kernel trap (optional): in the input hook, a TCP packet without ACK/RST
+  or a UDP datagram to a trap port that no local socket serves adds its
+  source to the ban set right there, so the very next packet is dropped. The
+  never-block sets are checked first; a reply to this host's own traffic is
+  never a probe. Each ban the kernel makes is also sent to the daemon (NFLOG
+  group), which logs and records it like its own.
+- peers (a completed handshake lately) and the challenge: a peer's stateless
+  probe may carry a spoofed source, so it is redirected to a catch-all socket,
+  and only a completed handshake there bans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
+LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
+SYN_ONLY = "tcp flags & (syn | ack | rst | fin) == syn"
+FAMILIES = (("4", "ipv4", "ip saddr"), ("6", "ipv6", "ip6 saddr"))
+
+
+@dataclass(frozen=True)
+class KernelTrap:
+    """Trap ports per protocol as (first, last) ranges; empty = no trap."""
+
+    tcp: tuple[tuple[int, int], ...] = ()
+    udp: tuple[tuple[int, int], ...] = ()
+    peer_memory: float = 0  # > 0: remember handshake peers; the trap spares them
+    ban_rate: tuple[float, int] = (0.0, 0)  # (per second, burst); 0 = unlimited
+    ban_tcp: bool = True  # ban trap hits in the kernel (else: only the sets and challenge)
+    ban_udp: bool = True
+    challenge_port: int = 0  # > 0: a peer's SYN to a TCP trap port is redirected here
+    first_contact_delay: bool = False  # drop a stranger's first SYN to a served port once
+    log_group: int = 0  # > 0: every kernel ban is reported to the daemon on this NFLOG group
+
+
+def port_ranges(ports) -> tuple[tuple[int, int], ...]:
+    ranges: list[list[int]] = []
+    for port in sorted(set(ports)):
+        if ranges and port == ranges[-1][1] + 1:
+            ranges[-1][1] = port
+        else:
+            ranges.append([port, port])
+    return tuple((a, b) for a, b in ranges)
+
+
+def elements(ranges, fmt) -> str:
+    return ", ".join(fmt(a) if a == b else f"{fmt(a)}-{fmt(b)}" for a, b in ranges)
+
+
+def limit(rate: tuple[float, int]) -> str:
+    per_second, burst = rate
+    if per_second >= 1:
+        return f"{int(per_second)}/second burst {max(1, burst)} packets"
+    if per_second * 60 >= 1:
+        return f"{int(per_second * 60)}/minute burst {max(1, burst)} packets"
+    return f"{max(1, int(per_second * 3600))}/hour burst {max(1, burst)} packets"
+
+
+def table_commands(t: str, set_size: int, trap: KernelTrap | None, ban_time: float) -> list[str]:
+    """One transaction that creates or refreshes table `t`: sets kept (their
+    bans survive a restart), chains flushed and filled anew."""
+    commands = _sets(t, set_size) + _chains(t)
+    if trap is None:
+        return commands
+    expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
+    log = f' log group {int(trap.log_group)} prefix "{LOG_PREFIX}"' if trap.log_group else ""
+    if trap.peer_memory > 0:
+        commands += _peers(t, trap.peer_memory)
+    if trap.tcp:
+        commands.append(f"add element inet {t} trap_tcp {{ {elements(trap.tcp, str)} }}")
+    if trap.udp:
+        commands.append(f"add element inet {t} trap_udp {{ {elements(trap.udp, str)} }}")
+    challenged = trap.challenge_port and trap.tcp and trap.peer_memory > 0
+    if challenged:
+        commands += _challenge(t, trap.challenge_port)
+    ban_tcp, ban_udp = bool(trap.tcp and trap.ban_tcp), bool(trap.udp and trap.ban_udp)
+    if ban_tcp and challenged:
+        commands += _challenge_bans(t, trap, expiry, log)
+    if ban_tcp or ban_udp:
+        commands += _trap(t, trap, ban_tcp, ban_udp, expiry, log)
+    return commands
+
+
+def _sets(t: str, set_size: int) -> list[str]:
+    dynamic = "flags dynamic, timeout;"
+    return [
+        f"add table inet {t}",
+        f"add set inet {t} ban4 {{ type ipv4_addr; {dynamic} size {set_size}; }}",
+        f"add set inet {t} ban6 {{ type ipv6_addr; {dynamic} size {set_size}; }}",
+        f"add set inet {t} never4 {{ type ipv4_addr; flags interval; }}",
+        f"add set inet {t} never6 {{ type ipv6_addr; flags interval; }}",
+        f"add set inet {t} trap_tcp {{ type inet_service; flags interval; }}",
+        f"add set inet {t} trap_udp {{ type inet_service; flags interval; }}",
+        f"add set inet {t} peers4 {{ type ipv4_addr; {dynamic} size 65536; }}",
+        f"add set inet {t} peers6 {{ type ipv6_addr; {dynamic} size 65536; }}",
+        f"add set inet {t} young4 {{ type ipv4_addr; {dynamic} size 65536; }}",
+        f"add set inet {t} young6 {{ type ipv6_addr; {dynamic} size 65536; }}",
+        f"add set inet {t} met4 {{ type ipv4_addr . inet_service; {dynamic} size 262144; }}",
+        f"add set inet {t} met6 {{ type ipv6_addr . inet_service; {dynamic} size 262144; }}",
+        # ports a service used lately (SERVICE_MEMORY): a restarting service is no trap
+        f"add set inet {t} served_tcp {{ type inet_service; flags timeout; }}",
+        f"add set inet {t} served_udp {{ type inet_service; flags timeout; }}",
+        # completed challenges, per connection: only its first ACK may ban
+        f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; {dynamic} size 65536; }}",
+        f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; {dynamic} size 65536; }}",
+    ]
+
+
+def _chains(t: str) -> list[str]:
+    return [
+        f"add chain inet {t} prerouting {{ type filter hook prerouting priority raw; "
+        "policy accept; }",
+        f"add chain inet {t} input {{ type filter hook input priority filter - 10; "
+        "policy accept; }",
+        f"add chain inet {t} trap",
+        f"add chain inet {t} prerouting_nat {{ type nat hook prerouting priority dstnat - 10; "
+        "policy accept; }",
+        f"add chain inet {t} challenge",
+        f"add chain inet {t} challenged",
+        *(f"flush chain inet {t} {chain}" for chain in (
+            "prerouting_nat", "challenge", "challenged", "prerouting", "input", "trap")),
+        f"flush set inet {t} trap_tcp",
+        f"flush set inet {t} trap_udp",
+        f"add rule inet {t} prerouting ip saddr @ban4 counter drop",
+        f"add rule inet {t} prerouting ip6 saddr @ban6 counter drop",
+    ]
+
+
+def _peers(t: str, peer_memory: float) -> list[str]:
+    """An ACK of an established connection shows a completed handshake
+    (conntrack checks the sequence numbers, a blind spoofer cannot get
+    there). A new peer is "young" for PEER_MATURITY seconds: a scanner that
+    has just connected to a real service gets no grace."""
+    established = "ct state established tcp flags & (syn | ack) == ack"
+    rules = []
+    for v, family, field in FAMILIES:
+        rules += [f"add rule inet {t} input meta nfproto {family} {established} "
+                  f"{field} != @peers{v} add @young{v} {{ {field} timeout {PEER_MATURITY}s }}",
+                  f"add rule inet {t} input meta nfproto {family} {established} "
+                  f"update @peers{v} {{ {field} timeout {int(peer_memory)}s }}"]
+    return rules
+
+
+def _challenge(t: str, port: int) -> list[str]:
+    """A peer's SYN to an unserved TCP trap port goes to our catch-all
+    socket: only a host that really sent it can complete the handshake
+    (a spoofed decoy cannot), and a completed one is banned."""
+    return [
+        f"add rule inet {t} prerouting_nat fib daddr type != local return",
+        f"add rule inet {t} prerouting_nat ip saddr @never4 return",
+        f"add rule inet {t} prerouting_nat ip6 saddr @never6 return",
+        f"add rule inet {t} prerouting_nat {SYN_ONLY} tcp dport @trap_tcp ip saddr @peers4 "
+        "ip saddr != @young4 jump challenge",
+        f"add rule inet {t} prerouting_nat {SYN_ONLY} tcp dport @trap_tcp ip6 saddr @peers6 "
+        "ip6 saddr != @young6 jump challenge",
+        f"add rule inet {t} challenge socket transparent 0 return",
+        f"add rule inet {t} challenge socket transparent 1 return",
+        f"add rule inet {t} challenge tcp dport @served_tcp return",
+        f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
+    ]
+
+
+def _challenge_bans(t: str, trap: KernelTrap, expiry: str, log: str) -> list[str]:
+    """A completed handshake with the challenge socket proves the source. The
+    proof is the kernel's own: only then does an established child socket
+    (bound to our address: wildcard 0) exist for the connection's next
+    packet; a decoy's RST finds only the listener. (Not "ct state
+    established": conntrack says so as soon as we answered the SYN.) Once per
+    connection: its later packets (a FIN retransmitted after an unblock) must
+    not ban again."""
+    rules = [f"add rule inet {t} input tcp dport {int(trap.challenge_port)} "
+             f"ct status dnat socket wildcard 0 {field} . tcp sport != @chal{v} "
+             f"add @chal{v} {{ {field} . tcp sport timeout 10m }} jump challenged"
+             for v, _, field in FAMILIES]
+    if trap.ban_rate[0] > 0:
+        rules.append(f"add rule inet {t} challenged limit rate over {limit(trap.ban_rate)} "
+                     "return")
+    rules += [f"add rule inet {t} challenged meta nfproto {family} "
+              f"add @ban{v} {{ {field}{expiry} }}{log}" for v, family, field in FAMILIES]
+    return rules
+
+
+def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
+          log: str) -> list[str]:
+    rules = [
+        f"add rule inet {t} input meta pkttype != host return",
+        f"add rule inet {t} input ip saddr @never4 return",
+        f"add rule inet {t} input ip6 saddr @never6 return",
+        # an IPv4-mapped source is an IPv4 address: only userspace judges
+        # it (as that address), the kernel never bans it into ban6
+        f"add rule inet {t} input ip6 saddr ::ffff:0.0.0.0/96 return",
+    ]
+    if ban_tcp and trap.first_contact_delay:
+        rules += _first_contact_delay(t)
+    if ban_tcp:
+        rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
+                     "tcp dport @trap_tcp jump trap")
+    if ban_udp:
+        rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
+    rules += [
+        # a local socket serves this packet: a real service, not a trap.
+        # `socket transparent` matches any socket the lookup finds (full,
+        # TIME_WAIT, SYN_RECV request); `socket wildcard` matches only full
+        # ones, so a client reusing its port into our TIME_WAIT, or
+        # retransmitting its SYN to a half-open one, would be banned.
+        f"add rule inet {t} trap socket transparent 0 return",
+        f"add rule inet {t} trap socket transparent 1 return",
+        f"add rule inet {t} trap tcp dport @served_tcp return",
+        f"add rule inet {t} trap udp dport @served_udp return",
+        # a reply to this host's own traffic (e.g. an answer to a UDP query
+        # whose socket is closed by now) is never a probe
+        f"add rule inet {t} trap ct direction reply return",
+    ]
+    if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
+        rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
+                  f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 return"]
+    if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
+        rules.append(f"add rule inet {t} trap limit rate over {limit(trap.ban_rate)} return")
+    rules += [f"add rule inet {t} trap meta nfproto {family} "
+              f"add @ban{v} {{ {field}{expiry} }}{log} counter drop" for v, family, field in FAMILIES]
+    return rules
+
+
+def _first_contact_delay(t: str) -> list[str]:
+    """FIRST_CONTACT_DELAY: the first SYN of a (source, port) pair to a served
+    port is dropped once an hour. A real client retransmits after ~1 s; a
+    scanner's burst meanwhile reaches a trap port and its retransmission
+    meets the ban, so no real port answers it. Peers are spared."""
+    return [f"add rule inet {t} input {SYN_ONLY} {field} != @peers{v} "
+            f"{field} . tcp dport != @met{v} socket wildcard le 1 "
+            f"add @met{v} {{ {field} . tcp dport timeout 1h }} drop" for v, _, field in FAMILIES]
