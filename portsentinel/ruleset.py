@@ -223,7 +223,8 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
         rules.append(f"add rule inet {t} trap limit rate over {limit(trap.ban_rate)} return")
     rules += [f"add rule inet {t} trap meta nfproto {family} "
-              f"add @ban{v} {{ {field}{expiry} }}{log} counter drop" for v, family, field in FAMILIES]
+              f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
+              for v, family, field in FAMILIES]
     return rules
 
 

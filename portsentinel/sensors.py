@@ -3,8 +3,11 @@
 - `ListenSensor` (tcp/udp modes): binds the trap ports; a TCP probe is only a
   completed handshake (accept), so its source cannot be spoofed.
 - `PacketSensor` (stcp/sudp/atcp/audp): one AF_PACKET socket for IPv4 and IPv6
-  with a kernel BPF filter; each candidate is parsed, checked against the trap
-  ports and against the ports real services use right now.
+  with a kernel BPF filter; each candidate is parsed and checked against the
+  trap ports. Whether a real service uses the port is the engine's question,
+  answered by the daemon only for sources that still count.
+- `ChallengeSensor`: the catch-all socket a peer's SYN to a trap port is
+  redirected to; a completed handshake there is a probe that cannot be spoofed.
 """
 
 from __future__ import annotations

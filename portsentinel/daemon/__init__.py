@@ -155,11 +155,12 @@ class Daemon:
                           f"{ADDRESSES_EVERY:.0f} s")
         if self.firewall.open_watch() is not None:
             loop.add_reader(self.firewall.watch, lambda _: self.firewall.ruleset_event())
+        survive = self.ctx.survive
         listeners = Every(LISTENERS_EVERY, self._refresh_listeners)
-        housekeeping = Every(HOUSEKEEPING_EVERY, lambda: self._survive("housekeeping",
-                                                                       self._housekeeping))
+        housekeeping = Every(HOUSEKEEPING_EVERY,
+                             lambda: survive("housekeeping", self._housekeeping))
         loop.add_timer(self.probes.next_deferred,
-                       lambda: self._survive("first-contact trials", self.probes.run_deferred))
+                       lambda: survive("first-contact trials", self.probes.run_deferred))
         loop.add_timer(lambda: self.firewall.check_due or None, self.firewall.check_now)
         loop.add_timer(lambda: listeners.due() if self.watching else None, listeners)
         loop.add_timer(lambda: 0.0 if self.reload_requested else None, self._signalled_reload)
@@ -168,17 +169,6 @@ class Daemon:
             loop.run()
         finally:
             self._shutdown()
-
-    def _survive(self, what: str, job, *args):
-        """Run periodic work; a failure (say, the state database locked by
-        another program for longer than its timeout) is logged and counted,
-        and the loop, the sensors and the kernel trap go on."""
-        try:
-            return job(*args)
-        except Exception as err:
-            self.ctx.metrics.dropped.labels(f"{what} error").inc()
-            self.ctx.report_error(f"{what} failed, will retry: {err!r}")
-            return None
 
     def _refresh_listeners(self) -> None:
         try:
@@ -240,7 +230,7 @@ class Daemon:
         self.reload_safely()
 
     def reload_safely(self) -> dict:
-        return self._survive("reload", self.reload) or {
+        return self.ctx.survive("reload", self.reload) or {
             "ok": False, "error": "reload failed; see the log"}
 
     def reload(self) -> dict:

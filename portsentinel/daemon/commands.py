@@ -159,6 +159,9 @@ class Commands:
         unrecorded = self.firewall.unrecorded(network, {r.address for r in records})
         if not records and not unrecorded:
             return {"ok": False, "error": f"{target} is not blocked"}
+        # a ban that was mid-report is stored by now (the worker's queue is in
+        # order): its record says what to undo (a KILL_ROUTE rule, a hosts.deny line)
+        records = [self.ctx.store.get_ban(r.address) or r for r in records]
         problems = {r.address: self.ledger.lift(r, "unblock") for r in records}
         for record in records:
             try:

@@ -41,5 +41,16 @@ class Context:
             self._error_reported = now
             self.log.error(f"adminalert: ERROR: {message}")
 
+    def survive(self, what: str, job, *args):
+        """Run periodic work; a failure (say, the state database locked by
+        another program for longer than its timeout) is logged and counted,
+        and the loop, the sensors and the kernel trap go on."""
+        try:
+            return job(*args)
+        except Exception as err:
+            self.metrics.dropped.labels(f"{what} error").inc()
+            self.report_error(f"{what} failed, will retry: {err!r}")
+            return None
+
     def mode(self, protocol: str) -> str | None:
         return self.modes[TCP if protocol == TCP else UDP]
