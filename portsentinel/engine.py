@@ -227,6 +227,31 @@ def _not_a_host(address: Address) -> bool:
             or address == ipaddress.IPv4Address("255.255.255.255"))
 
 
+class TokenBucket:
+    """BAN_RATE_LIMIT: at most `rate` new bans a second, `burst` at once; time
+    comes from the probes (the policy may change the rate on reload)."""
+
+    def __init__(self, burst: int):
+        self.tokens, self.at = float(burst), None
+
+    def take(self, now: float, rate: float, burst: int) -> bool:
+        if rate <= 0:
+            return True
+        if self.at is not None and now > self.at:
+            self.tokens = min(float(burst), self.tokens + (now - self.at) * rate)
+        # probes come slightly out of order (max keeps the bucket monotonic), but
+        # a clock stepped back by more than a second restarts the bucket's time
+        # there, or it would not refill until the clock caught up
+        if self.at is None or now < self.at - 1.0:
+            self.at = now
+        else:
+            self.at = max(now, self.at)
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class Engine:
     def __init__(self, policy: Policy, trw: TrwParameters | None = None):
         self.policy = policy
@@ -236,8 +261,7 @@ class Engine:
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
         self._offences: OrderedDict[bytes, int] = OrderedDict()  # earlier bans per host
         self._decoys: OrderedDict[bytes, float] = OrderedDict()  # host -> last reported
-        self._tokens = float(policy.ban_burst)
-        self._tokens_at: float | None = None
+        self._bucket = TokenBucket(policy.ban_burst)
         self._limit_reported = float("-inf")
 
     def reconfigure(self, policy: Policy, trw: TrwParameters | None) -> None:
@@ -325,7 +349,7 @@ class Engine:
         actions = self.policy.actions_for(probe.protocol)
         if not actions:
             return Decision(Verdict.ALERT, probe)
-        if not self._take_token(probe.time):
+        if not self._bucket.take(probe.time, self.policy.ban_rate, self.policy.ban_burst):
             report = probe.time - self._limit_reported >= 1.0
             if report:
                 self._limit_reported = probe.time
@@ -344,25 +368,6 @@ class Engine:
         if len(self._decoys) > self.policy.host_capacity:
             self._decoys.popitem(last=False)
         return report
-
-    def _take_token(self, now: float) -> bool:
-        policy = self.policy
-        if policy.ban_rate <= 0:
-            return True
-        if self._tokens_at is not None and now > self._tokens_at:
-            self._tokens = min(float(policy.ban_burst),
-                               self._tokens + (now - self._tokens_at) * policy.ban_rate)
-        # probes come slightly out of order (max keeps the bucket monotonic), but
-        # a clock stepped back by more than a second restarts the bucket's time
-        # there, or it would not refill until the clock caught up
-        if self._tokens_at is None or now < self._tokens_at - 1.0:
-            self._tokens_at = now
-        else:
-            self._tokens_at = max(now, self._tokens_at)
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
     def _repeat(self, ban: Ban, probe: Probe) -> Decision:
         report = probe.time - ban.last_report >= self.policy.repeat_report_interval
@@ -391,12 +396,16 @@ class Engine:
         return True
 
     # -- bans asked for: an admin, a fleet member ---------------------------
-    def block(self, address: Address, now: float, seconds: float | None = None) -> Order:
+    def block(self, address: Address, now: float, seconds: float | None = None,
+              recorded: tuple[float, float | None] | None = None) -> Order:
         """An admin's ban, escalated unless `seconds` is given. An address
-        blocked already only gets its ban time set (BAN_TIME unless given)."""
+        blocked already (here, or `recorded` (since, until) in the state) only
+        gets its ban time set (BAN_TIME unless given): no action runs twice."""
         refused = self._refusal(address)
         if refused:
             return Order(Verdict.REFUSED, address, now, error=refused)
+        if recorded is not None and self._active(address, now) is None:
+            self.restore(address, *recorded)
         ban = self._active(address, now)
         if ban is not None:
             length = self.policy.ban_time if seconds is None else float(seconds)
@@ -466,12 +475,18 @@ class Engine:
         for address, count in counts.items():
             self._offences[_key(address)] = count
 
-    def lift(self, address: Address, pardon: bool = False) -> bool:
+    def lift(self, address: Address, pardon: bool = False, since: float | None = None) -> bool:
         """Drop a ban (lifted, or every action failed so the next probe retries).
-        `pardon`: an admin says it was a mistake, so the next ban is a first one."""
+        `pardon`: an admin says it was a mistake, so the next ban is a first one.
+        `since`: only the ban that started then (a newer one stays)."""
+        key = _key(address)
         if pardon:
-            self._offences.pop(_key(address), None)
-        return self._bans.pop(_key(address), None) is not None
+            self._offences.pop(key, None)
+        ban = self._bans.get(key)
+        if ban is None or (since is not None and ban.since != since):
+            return False
+        del self._bans[key]
+        return True
 
     def is_blocked(self, address: Address) -> bool:
         return _key(address) in self._bans

@@ -230,6 +230,8 @@ class Daemon:
         self.reload_safely()
 
     def reload_safely(self) -> dict:
+        if self.loop.stopping.is_set():
+            return {"ok": False, "error": "portsentinel is stopping"}
         return self.ctx.survive("reload", self.reload) or {
             "ok": False, "error": "reload failed; see the log"}
 
@@ -265,6 +267,7 @@ class Daemon:
             self.firewall.install(armed.kernel_trap, armed.trapped)
         elif ctx.bans is not None:
             ctx.bans.disarm_trap()
+            self.firewall.kernel_trap = None  # nor does the engine leave hits to it
         note = f" ({', '.join(restart_needed)} need a restart)" if restart_needed else ""
         ctx.log(f"adminalert: configuration reloaded: tcp={tcp or 'off'} udp={udp or 'off'}"
                 f"{note}", logs.INFO)

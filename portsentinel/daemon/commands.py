@@ -15,14 +15,14 @@ import time
 from .. import __version__, logs
 from ..addrset import canonical, canonical_network
 from ..engine import TCP, UDP, Order, Verdict
-from ..responders import COMMAND_TIMEOUT
+from ..control import TIMEOUT as CLIENT_TIMEOUT
 from ..store import BanRecord
 from .assembly import kernel_trap_armed
 from .context import Context
 from .firewall import Firewall
 from .ledger import LOCAL_ORIGINS, BanLedger, announcement
 
-WORKER_WAIT = 3 * COMMAND_TIMEOUT  # the CLI's longest wait for the firewall's part
+WORKER_WAIT = CLIENT_TIMEOUT - 5  # the firewall's part: answer before the CLI gives up
 RELOAD_WAIT = 60.0
 
 
@@ -36,6 +36,9 @@ class Commands:
             return self._handle(request)
         except TimeoutError as err:  # the run loop or the worker is stuck, or swamped
             return {"ok": False, "error": str(err) or "the daemon is busy; see the log"}
+        except Exception as err:  # a reply, always, and the reason in the log
+            self.ctx.log.error(f"adminalert: ERROR: {request.get('command')!r} failed: {err!r}")
+            return {"ok": False, "error": f"failed: {err!r}; see the log"}
 
     def _handle(self, request: dict) -> dict:
         command = request.get("command")
@@ -55,7 +58,7 @@ class Commands:
             return self.ctx.inbox.call(self.reload, timeout=RELOAD_WAIT)
         return {"ok": False, "error": f"unknown command {command!r}"}
 
-    def _on_worker(self, job):
+    def _on_worker(self, job, slow: str = "the firewall's part is taking long; see the log"):
         """Run `job` on the worker and wait for its result; when the worker's
         queue is full, here (an admin's command still gets done)."""
         outcome: queue.SimpleQueue = queue.SimpleQueue()
@@ -71,7 +74,7 @@ class Commands:
         try:
             ok, value = outcome.get(timeout=WORKER_WAIT)
         except queue.Empty:
-            raise TimeoutError("the firewall's part is taking long; see the log") from None
+            raise TimeoutError(slow) from None
         if not ok:
             raise value
         return value
@@ -111,15 +114,25 @@ class Commands:
         except ValueError:
             return {"ok": False, "error": f"{address!r} is not an IP address"}
         length = None if seconds is None else float(seconds)
-        order = self.ctx.inbox.call(self.ctx.engine.block, ip, time.time(), length)
+        now = time.time()
+        record = self.ctx.store.get_ban(str(ip)) or self.ledger.unsaved.get(str(ip))
+        recorded = None if record is None or not _in_force(record, now) else (record.since,
+                                                                              record.until)
+        order = self.ctx.inbox.call(self.ctx.engine.block, ip, now, length, recorded)
         if order.verdict is Verdict.REFUSED:
             return {"ok": False, "error": order.error}
         if order.verdict is Verdict.ALREADY_BLOCKED:
             return self._set_time(order)
-        if not self._on_worker(lambda: self.ledger.apply(order, "cli", "manual")):
+
+        def apply() -> bool:
+            done = self.ledger.apply(order, "cli", "manual")
+            if done:
+                self.ctx.log(f"adminalert: Host {ip} blocked by command for "
+                             f"{_duration(order.ban_seconds)}", logs.NOTICE)
+            return done
+
+        if not self._on_worker(apply, f"blocking {ip} is taking long; see the log"):
             return {"ok": False, "error": f"could not block {ip}: no block action worked"}
-        self.ctx.log(f"adminalert: Host {ip} blocked by command for "
-                     f"{_duration(order.ban_seconds)}", logs.NOTICE)
         return {"ok": True, "address": str(ip), "until": order.until}
 
     def _set_time(self, order: Order) -> dict:
@@ -191,7 +204,10 @@ class Commands:
                                f"{order.error}")
         elif order.verdict is Verdict.BLOCK:
             reason = str(message.get("reason") or "fleet")[:200]
-            self.ctx.worker.put(lambda: self._apply_fleet_ban(order, member, reason, message))
+            if not self.ctx.worker.put(lambda: self._apply_fleet_ban(order, member, reason,
+                                                                     message)):
+                # not applied: nor recorded in the engine (a resync offers it again)
+                self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
 
     def _apply_fleet_ban(self, order: Order, member: str, reason: str, message: dict) -> None:
         """Worker: a fleet member's ban, everywhere, then said."""
@@ -211,16 +227,24 @@ class Commands:
         except ValueError:
             return
         record = self.ctx.store.get_ban(str(ip))
-        if record is not None:
-            self.ctx.inbox.call(self.ctx.engine.lift, ip)
+        if record is not None:  # the ledger's lift takes it from the engine too
             self.ctx.worker.put(lambda: self.ledger.lift(record, "fleet"))
 
     def own_bans(self) -> list[dict]:
-        return [announcement(r) for r in self.ctx.store.bans() if r.origin in LOCAL_ORIGINS]
+        try:
+            records = self.ctx.store.bans()
+        except sqlite3.Error as err:  # the fleet's resync tries again later
+            self.ctx.report_error(f"fleet resync: cannot read the state: {err}")
+            return []
+        return [announcement(r) for r in records if r.origin in LOCAL_ORIGINS]
 
 
 def _address(text: str):
     return ipaddress.ip_address(text)
+
+
+def _in_force(record: BanRecord, now: float) -> bool:
+    return record.until is None or record.until > now
 
 
 def _duration(seconds: float) -> str:

@@ -101,10 +101,7 @@ class Firewall:
                 excess = max(excess, size // 20)
             if excess <= 0:
                 return
-            victims = self.ctx.store.soonest_expiring(excess)
-            for record in victims:
-                self.ctx.engine.lift(ipaddress.ip_address(record.address))
-            self.ledger.lift_later(victims, "evict")
+            self.ledger.lift_later(self.ctx.store.soonest_expiring(excess), "evict")
 
     def reconcile_due(self, active: int) -> bool:
         if self.ctx.bans is None or time.monotonic() < self.next_reconcile:

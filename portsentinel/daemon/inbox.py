@@ -37,8 +37,16 @@ class Inbox:
         return future
 
     def call(self, fn, *args, timeout: float = CALL_TIMEOUT):
-        """`post`, then wait for the result (or the exception it raised)."""
-        return self.post(fn, *args).result(timeout)
+        """`post`, then wait for the result (or the exception it raised). A
+        call that times out is cancelled: it never runs later (a ban the
+        caller was told failed must not appear in the engine alone)."""
+        future = self.post(fn, *args)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise
+            return future.result()  # it had started: its outcome, not a ghost
 
     def release(self) -> None:
         """The run loop is over (shutdown): what is posted from now on runs in
@@ -55,6 +63,8 @@ class Inbox:
 
 
 def _run(future: Future, fn, args) -> None:
+    if not future.set_running_or_notify_cancel():
+        return  # its caller gave up waiting
     try:
         future.set_result(fn(*args))
     except BaseException as err:  # the caller sees it

@@ -140,7 +140,14 @@ class BanLedger:
 
     # -- lifting ----------------------------------------------------------
     def lift(self, record: BanRecord, cause: str) -> list[str]:
-        """Worker: undo one ban everywhere; the problems, if any."""
+        """Worker: undo one ban everywhere; the problems, if any. A newer ban
+        of the same address (made after this one was chosen for lifting, e.g.
+        an expiry queued while the host scanned again) is left alone."""
+        current = self.ctx.store.get_ban(record.address) or self.unsaved.get(record.address)
+        if current is not None and current.since != record.since:
+            self.expiring.discard(record.address)
+            return []
+        self.ctx.inbox.post(self.ctx.engine.lift, _ip(record.address), False, record.since)
         if self.ctx.bans is not None:
             self.ctx.bans.unban(_ip(record.address))
         problems = self.compat.undo(record.address, record.hosts_deny_line,

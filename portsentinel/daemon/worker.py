@@ -1,7 +1,8 @@
 """The one thread for slow work, in order: waits for names (RESOLVE_HOST),
 log lines, hosts.deny / KILL_ROUTE / KILL_RUN_CMD, history files, the state,
 firewall checks. Fed by a bounded queue: the packet path never waits; what
-does not fit is counted."""
+does not fit is counted. Strictly in order, admin commands included: an
+unblock must find the record of a ban whose report was queued before it."""
 
 from __future__ import annotations
 

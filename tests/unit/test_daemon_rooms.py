@@ -120,3 +120,79 @@ def test_worker_runs_jobs_in_order_counts_what_does_not_fit_and_survives_errors(
     worker.stop(meanwhile=lambda: None)
     assert done == [1, 2] and "ZeroDivisionError" in errors[0]
     assert metrics.snapshot()["portsentinel_dropped_events_total{reason=report queue full}"] == 1
+
+
+# -- found by review: each fails on the first version of the split ------------
+def test_an_expiry_queued_before_a_new_ban_never_lifts_the_new_one(daemon):
+    store, ledger, engine = daemon.ctx.store, daemon.ledger, daemon.ctx.engine
+    source, now = ipaddress.ip_address("198.51.100.7"), time.time()
+    store.add_ban(BanRecord(str(source), now - 100, now - 1))  # over, lift not yet done
+    daemon._housekeeping()  # queues the expiry's lift
+    job = daemon.ctx.worker.jobs.get_nowait()
+    # meanwhile the host scans again: a new ban, stored before the lift runs
+    store.add_ban(BanRecord(str(source), now, now + 3600, reason="again"))
+    engine.restore(source, now, now + 3600)
+    job()
+    assert store.get_ban(str(source)).reason == "again"  # kept
+    assert engine.is_blocked(source) and not ledger.expiring
+
+
+def test_a_lift_takes_the_ban_from_the_engine_too(daemon):
+    store, engine = daemon.ctx.store, daemon.ctx.engine
+    source, now = ipaddress.ip_address("198.51.100.8"), time.time()
+    store.add_ban(BanRecord(str(source), now, now + 60))
+    engine.restore(source, now, now + 60)
+    daemon.ledger.lift(store.get_ban(str(source)), "fleet")
+    assert not engine.is_blocked(source) and store.get_ban(str(source)) is None
+
+
+def test_a_call_that_timed_out_never_runs_later():
+    inbox, ran, errors = Inbox(), [], []
+
+    def caller():
+        try:
+            inbox.call(lambda: ran.append(1), timeout=0.05)
+        except TimeoutError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    thread.join(5)
+    inbox.run_pending()  # the owner comes back to its inbox only now
+    assert errors and not ran
+
+
+def count_script(tmp_path: Path) -> Path:
+    script = tmp_path / "kill_route"
+    script.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path}/ran\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_block_of_a_recorded_ban_the_engine_lost_runs_no_action_twice(tmp_path):
+    script = count_script(tmp_path)
+    daemon = make_daemon(tmp_path, f'BLOCK_NFTABLES="0"\nKILL_ROUTE="{script} $TARGET$"\n'
+                                   'KILL_ROUTE_UNDO="/bin/true $TARGET$"\n')
+    daemon.ctx.worker.start()
+    try:
+        assert daemon.commands.block("198.51.100.9", 600)["ok"]
+        daemon.ctx.engine.lift(ipaddress.ip_address("198.51.100.9"))  # e.g. its table was full
+        again = daemon.commands.block("198.51.100.9", 1200)
+        assert again["ok"] and again.get("already")
+        assert (tmp_path / "ran").read_text().split() == ["198.51.100.9"]
+        assert daemon.ctx.engine.is_blocked(ipaddress.ip_address("198.51.100.9"))
+    finally:
+        daemon.ctx.worker.stop(meanwhile=lambda: None)
+
+
+def test_a_fleet_ban_the_worker_cannot_take_is_not_left_in_the_engine(daemon):
+    daemon.ctx.worker.jobs = queue.Queue(1)
+    daemon.ctx.worker.jobs.put(None)  # full
+    daemon.commands.fleet_ban({"address": "198.51.100.20", "origin": "b", "until": None})
+    assert not daemon.ctx.engine.is_blocked(ipaddress.ip_address("198.51.100.20"))
+
+
+def test_a_control_command_that_fails_still_gets_a_reply(daemon):
+    daemon.ctx.store.close()  # every state read now fails
+    reply = daemon.commands.handle({"command": "list"})
+    assert reply["ok"] is False and "see the log" in reply["error"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from portsentinel import config, logs
+from portsentinel import logs
 from portsentinel.command_templates import command_family, kill_route_for
 from portsentinel.config import parse
 from portsentinel.daemon.assembly import changes_from_12
