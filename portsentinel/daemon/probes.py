@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from functools import cached_property
 
 from .. import logs
 from ..engine import NFTABLES, TCP, Decision, Facts, Kind, Verdict
@@ -22,31 +21,47 @@ REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
 KERNEL_BANNED = Facts(banned_by_kernel=True)
 
 
-class LiveFacts:
-    """The engine's questions about one probe, each looked up once, on first use."""
+_UNKNOWN = object()
 
+
+class LiveFacts:
+    """The engine's questions about one probe, each looked up once, on first
+    use (slots and plain properties: one of these is made per probe)."""
+
+    __slots__ = ("_path", "_probe", "_listener_check", "young", "_served", "_peer", "_reply",
+                 "_forwarded")
     banned_by_kernel = False
 
     def __init__(self, path: "ProbePath", probe, listener_check: bool, young: bool):
         self._path, self._probe, self._listener_check = path, probe, listener_check
         self.young = young
+        self._served = self._peer = self._reply = self._forwarded = _UNKNOWN
 
-    @cached_property
+    @property
     def served(self) -> bool:
-        return self._listener_check and self._path.listening.in_use(self._probe.protocol,
-                                                                    self._probe.port)
+        if self._served is _UNKNOWN:
+            probe = self._probe
+            self._served = self._listener_check and self._path.listening.in_use(probe.protocol,
+                                                                               probe.port)
+        return self._served
 
-    @cached_property
+    @property
     def peer(self) -> bool:
-        return self._path.is_peer(self._probe.source)
+        if self._peer is _UNKNOWN:
+            self._peer = self._path.is_peer(self._probe.source)
+        return self._peer
 
-    @cached_property
+    @property
     def reply(self) -> bool:
-        return self._path.is_reply(self._probe)
+        if self._reply is _UNKNOWN:
+            self._reply = self._path.is_reply(self._probe)
+        return self._reply
 
-    @cached_property
+    @property
     def forwarded(self) -> bool:
-        return self._path.is_forwarded(self._probe)
+        if self._forwarded is _UNKNOWN:
+            self._forwarded = self._path.is_forwarded(self._probe)
+        return self._forwarded
 
     @property
     def kernel_decides(self) -> bool:
