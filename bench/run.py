@@ -430,6 +430,28 @@ def spoofed_flood(lab, contender, sources: int, rate: int) -> dict:
     return row
 
 
+def idle(lab, contenders, seconds: float) -> list[dict]:
+    """CPU and RSS of each contender with nothing happening, after its start-up."""
+    rows = []
+    for contender in contenders:
+        contender.start()
+        time.sleep(2.0)  # start-up work done (adoption, first housekeeping)
+        cpu0, _ = proc_stats(contender.pids())
+        time.sleep(seconds)
+        cpu1, rss = proc_stats(contender.pids())
+        contender.stop()
+        row = {"contender": contender.name, "cpu_pct": 100 * (cpu1 - cpu0) / seconds,
+               "rss_mb": rss / 1024, "seconds": seconds}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def idle_table(rows: list[dict]) -> str:
+    return table(["contender", "idle CPU % of one core", "RSS MiB"],
+                 [[r["contender"], f"{r['cpu_pct']:.2f}", f"{r['rss_mb']:.0f}"] for r in rows])
+
+
 def state_load(lab, work: Path, counts: list[int]) -> list[dict]:
     """Start-up time of portsentinel with N stored bans (IPv4 and IPv6 halves)."""
     from portsentinel.store import BanRecord, Store
@@ -631,6 +653,9 @@ def main() -> None:
     parser.add_argument("--scans-only", action="store_true",
                         help="only the scans and the first-probe-to-block trials, every "
                              "contender in one run; print the tables")
+    parser.add_argument("--idle-only", type=float, default=0, metavar="SECONDS",
+                        help="only: each contender idle for SECONDS after its start; print "
+                             "the table")
     parser.add_argument("--leak-trials", type=int, default=0, metavar="N",
                         help="only: N runs of -sS and -sT against the kernel trap, with and "
                              "without FIRST_CONTACT_DELAY, and PortSentry's config unchanged; "
@@ -652,6 +677,9 @@ def main() -> None:
                       Portsentinel(lab, work, True), ConfigUnchanged(lab, work)]
         if args.leak_trials:
             print(leak_table(lab, work, args.leak_trials))
+            return
+        if args.idle_only:
+            print(idle_table(idle(lab, contenders, args.idle_only)))
             return
         if args.latency_only:
             latency = {c.name: [latency_trial(lab, c, args.gap, 400) for _ in range(args.trials)]

@@ -471,6 +471,11 @@ class Engine:
         """A ban made earlier (the state at start, one found in the firewall)."""
         self._bans[_key(address)] = Ban(address, since, until, since)
 
+    def restore_many(self, bans) -> None:
+        """(address, since, until) of many bans made earlier (a restart)."""
+        for address, since, until in bans:
+            self._bans[_key(address)] = Ban(address, since, until, since)
+
     def restore_offences(self, counts: dict[Address, int]) -> None:
         for address, count in counts.items():
             self._offences[_key(address)] = count

@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import rtnetlink
 from .addrset import AddressSet, Network
 from .config import ConfigError
 
@@ -97,15 +98,7 @@ class IgnoreFilesStamp:
 
 def local_addresses() -> list[Network]:
     """Every address configured on this host's interfaces (this netns)."""
-    from pyroute2 import IPRoute
-
-    networks = []
-    with IPRoute() as ipr:
-        for message in ipr.get_addr():
-            address = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
-            if address:
-                networks.append(ipaddress.ip_network(address.split("%")[0]))
-    return networks
+    return rtnetlink.addresses()
 
 
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -113,18 +106,7 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 
 def gateway_addresses() -> list[Network]:
     """The next hops of the default routes (IPv4 and IPv6, multipath too)."""
-    from pyroute2 import IPRoute
-
-    gateways = []
-    with IPRoute() as ipr:
-        for route in ipr.get_routes():
-            if route["dst_len"] != 0:
-                continue
-            hops = [route.get_attr("RTA_GATEWAY")]
-            for hop in route.get_attr("RTA_MULTIPATH") or []:
-                hops.append(hop.get_attr("RTA_GATEWAY"))
-            gateways += [ipaddress.ip_network(h.split("%")[0]) for h in hops if h]
-    return gateways
+    return rtnetlink.default_gateways()
 
 
 def resolver_addresses(path: Path = RESOLV_CONF) -> list[Network]:

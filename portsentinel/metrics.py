@@ -1,65 +1,179 @@
 """Counters for `portsentinel status` and, when METRICS_ADDRESS is set, a
-Prometheus endpoint (prometheus-client, its own registry)."""
+Prometheus endpoint. The counters are plain Python; prometheus-client (about
+12 MiB and 80 ms to import) is loaded only to serve them, through a collector
+that reads these values, so a configuration without metrics never pays for it."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
 
+class _Value:
+    __slots__ = ("value", "_lock")
+
+    def __init__(self):
+        self.value, self._lock = 0.0, threading.Lock()
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.inc(-amount)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _Observations:
+    __slots__ = ("buckets", "counts", "total", "_lock")
+
+    def __init__(self, buckets):
+        self.buckets, self.counts = buckets, [0] * (len(buckets) + 1)
+        self.total, self._lock = 0.0, threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, edge in enumerate(self.buckets) if value <= edge),
+                     len(self.buckets))
+        with self._lock:
+            self.counts[index] += 1
+            self.total += value
+
+
+class Metric:
+    """One metric, with labels or without (then it is its own only child)."""
+
+    def __init__(self, kind: str, name: str, documentation: str, labelnames=(), buckets=()):
+        self.kind, self.name, self.documentation = kind, name, documentation
+        self.labelnames, self.buckets = tuple(labelnames), tuple(buckets)
+        self._children: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+        if not self.labelnames:
+            self._only = self.labels()
+
+    def _child(self):
+        return _Observations(self.buckets) if self.kind == "histogram" else _Value()
+
+    def labels(self, *values):
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, self._child())
+        return child
+
+    def children(self) -> list[tuple[tuple, object]]:
+        with self._lock:
+            return list(self._children.items())
+
+    # without labels, the metric is its own child
+    def inc(self, amount: float = 1.0) -> None:
+        self._only.inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._only.dec(amount)
+
+    def set(self, value: float) -> None:
+        self._only.set(value)
+
+    def observe(self, value: float) -> None:
+        self._only.observe(value)
+
+
 class Metrics:
     def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.probes = Counter("portsentinel_probes", "Probes seen, by protocol and type",
-                              ["protocol", "kind"], registry=r)
-        self.alerts = Counter("portsentinel_alerts", "Scans detected (the trigger was reached)",
-                              ["protocol"], registry=r)
-        self.bans = Counter("portsentinel_bans", "Bans made, by origin", ["origin"], registry=r)
-        self.unbans = Counter("portsentinel_unbans", "Bans lifted, by cause", ["cause"],
-                              registry=r)
-        self.decoys = Counter("portsentinel_suspected_decoys",
-                              "Stateless probes from handshake peers, not blocked", registry=r)
-        self.rate_limited = Counter("portsentinel_rate_limited",
-                                    "Detections not blocked: the ban rate limit was reached",
-                                    registry=r)
-        self.fleet_received = Counter("portsentinel_fleet_bans_applied",
-                                      "Bans received from fleet members and applied",
-                                      registry=r)
-        self.fleet_rejected = Counter("portsentinel_fleet_rejected",
-                                      "Fleet messages and keys ignored, by reason",
-                                      ["reason"], registry=r)
-        self.active_bans = Gauge("portsentinel_active_bans", "Bans in force", registry=r)
-        self.dropped = Counter("portsentinel_dropped_events",
-                               "Events not fully handled, by reason", ["reason"], registry=r)
-        self.kernel_bans = Counter("portsentinel_kernel_bans",
-                                   "Bans the kernel trap made by itself, as reported by NFLOG",
-                                   registry=r)
-        self.replies = Counter("portsentinel_replies_ignored",
-                               "Packets to trap ports that answered this host's own traffic",
-                               registry=r)
-        self.drift = Counter("portsentinel_firewall_drift",
-                             "Bans found in only one of the kernel sets and the state, fixed "
-                             "by reconciliation", ["where"], registry=r)
-        self.ban_set_fill = Gauge("portsentinel_ban_set_fill_ratio",
-                                  "Bans in force over BAN_SET_SIZE (per-family sets)",
-                                  registry=r)
-        self.ban_latency = Histogram(
-            "portsentinel_ban_latency_seconds",
+        self.all: list[Metric] = []
+        c, g = self._counter, self._gauge
+        self.probes = c("portsentinel_probes", "Probes seen, by protocol and type",
+                        ["protocol", "kind"])
+        self.alerts = c("portsentinel_alerts", "Scans detected (the trigger was reached)",
+                        ["protocol"])
+        self.bans = c("portsentinel_bans", "Bans made, by origin", ["origin"])
+        self.unbans = c("portsentinel_unbans", "Bans lifted, by cause", ["cause"])
+        self.decoys = c("portsentinel_suspected_decoys",
+                        "Stateless probes from handshake peers, not blocked")
+        self.rate_limited = c("portsentinel_rate_limited",
+                              "Detections not blocked: the ban rate limit was reached")
+        self.fleet_received = c("portsentinel_fleet_bans_applied",
+                                "Bans received from fleet members and applied")
+        self.fleet_rejected = c("portsentinel_fleet_rejected",
+                                "Fleet messages and keys ignored, by reason", ["reason"])
+        self.active_bans = g("portsentinel_active_bans", "Bans in force")
+        self.dropped = c("portsentinel_dropped_events", "Events not fully handled, by reason",
+                         ["reason"])
+        self.kernel_bans = c("portsentinel_kernel_bans",
+                             "Bans the kernel trap made by itself, as reported by NFLOG")
+        self.replies = c("portsentinel_replies_ignored",
+                         "Packets to trap ports that answered this host's own traffic")
+        self.drift = c("portsentinel_firewall_drift",
+                       "Bans found in only one of the kernel sets and the state, fixed by "
+                       "reconciliation", ["where"])
+        self.ban_set_fill = g("portsentinel_ban_set_fill_ratio",
+                              "Bans in force over BAN_SET_SIZE (per-family sets)")
+        self.ban_latency = self._add(Metric(
+            "histogram", "portsentinel_ban_latency_seconds",
             "From the probe's kernel timestamp to the ban in the firewall (userspace path)",
-            buckets=LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS))
 
-    def serve(self, address: tuple[str, int]) -> None:
-        start_http_server(address[1], addr=address[0], registry=self.registry)
+    def _add(self, metric: Metric) -> Metric:
+        self.all.append(metric)
+        return metric
+
+    def _counter(self, name, documentation, labelnames=()) -> Metric:
+        return self._add(Metric("counter", name, documentation, labelnames))
+
+    def _gauge(self, name, documentation, labelnames=()) -> Metric:
+        return self._add(Metric("gauge", name, documentation, labelnames))
 
     def snapshot(self) -> dict[str, float]:
-        """Flat name{labels} -> value, for `status`."""
+        """Flat name{labels} -> value, for `status` (counters end in _total)."""
         values = {}
-        for family in self.registry.collect():
-            for sample in family.samples:
-                if sample.name.endswith(("_created", "_bucket")):
-                    continue
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        for metric in self.all:
+            for key, child in metric.children():
+                labels = ",".join(f"{n}={v}" for n, v in sorted(zip(metric.labelnames, key)))
+                suffix = f"{{{labels}}}" if labels else ""
+                if metric.kind == "counter":
+                    values[f"{metric.name}_total{suffix}"] = child.value
+                elif metric.kind == "gauge":
+                    values[f"{metric.name}{suffix}"] = child.value
+                else:
+                    values[f"{metric.name}_count{suffix}"] = float(sum(child.counts))
+                    values[f"{metric.name}_sum{suffix}"] = child.total
         return values
+
+    def serve(self, address: tuple[str, int]) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        registry.register(_Collector(self))
+        start_http_server(address[1], addr=address[0], registry=registry)
+
+
+class _Collector:
+    """Our values as prometheus-client metric families, read at each scrape."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+
+        families = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+                    "histogram": HistogramMetricFamily}
+        for metric in self.metrics.all:
+            family = families[metric.kind](metric.name, metric.documentation,
+                                           labels=metric.labelnames)
+            for key, child in metric.children():
+                if metric.kind == "histogram":
+                    edges = [*(repr(float(b)) for b in metric.buckets), "+Inf"]
+                    running, buckets = 0, []
+                    for edge, count in zip(edges, child.counts):
+                        running += count
+                        buckets.append((edge, running))
+                    family.add_metric(list(key), buckets, child.total)
+                else:
+                    family.add_metric(list(key), child.value)
+            yield family

@@ -1,8 +1,8 @@
-"""Netlink framing shared by every hand-encoded netlink user here (nftables
-set elements, conntrack, NFLOG, ruleset events, sock_diag): the constants,
-the headers, attributes, and the answer loop. Hand-encoded where a lookup is
-on the packet path or runs every 20 ms (pyroute2 parses each message into
-objects: its sock_diag dump measured 12.6x slower); pyroute2 elsewhere."""
+"""Netlink framing shared by every netlink user here (nftables set elements,
+conntrack, NFLOG, ruleset events, sock_diag, rtnetlink): the constants, the
+headers, attributes, and the answer loop. Hand-encoded, not pyroute2: its
+sock_diag dump measured 12.6x slower (it is on the packet path), and loading
+it cost 22 MiB of the daemon's memory and 0.19 s of its start-up."""
 
 from __future__ import annotations
 

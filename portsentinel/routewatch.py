@@ -1,14 +1,13 @@
 """Wake up when this host's addresses or routes change (rtnetlink multicast),
 so the never-block set follows them at once, not at the next poll. Nothing
-of the messages is read (ignore.py asks pyroute2 for the new addresses and
-gateways), so a plain socket on pyroute2's groups is all it takes."""
+of the messages is read (ignore.py asks for the new addresses and gateways)."""
 
 from __future__ import annotations
 
 import socket
 
-from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR,
-                                   RTMGRP_IPV6_ROUTE)
+from .rtnetlink import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, \
+    RTMGRP_IPV6_ROUTE
 
 
 class RouteWatch:

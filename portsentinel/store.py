@@ -192,6 +192,11 @@ class Store:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans ORDER BY since").fetchall()
         return [BanRecord(*row) for row in rows]
 
+    def ban_times(self) -> list[tuple[str, float, float | None]]:
+        """(address, since, until) of every ban: what a restart needs, fast."""
+        with self._lock:
+            return self._db.execute("SELECT address, since, until FROM bans").fetchall()
+
     def expired(self, now: float) -> list[BanRecord]:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans "

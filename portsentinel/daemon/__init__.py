@@ -4,7 +4,8 @@ Threads (docs/design.md has the picture):
 - main, the run loop (loop.py): owns the engine; selects on the sensors,
   hands each probe to the engine once (probes.py) and bans inline over
   netlink (no fork); runs what other threads post to the inbox; timers:
-  first-contact trials, firewall checks, listeners, housekeeping, reload.
+  first-contact trials, firewall checks, housekeeping (once a second), reload.
+  Nothing is polled faster: idle, the daemon wakes once a second.
 - worker (worker.py): slow work in order: alert lines and names
   (alerts.py), the ledger's compatibility actions, files and state
   (ledger.py), firewall upkeep (firewall.py).
@@ -47,7 +48,6 @@ from .worker import Worker
 
 HOUSEKEEPING_EVERY = 1.0
 ADDRESSES_EVERY = 30.0
-LISTENERS_EVERY = 0.02  # as fresh as the packet path requires, so it need not ask itself
 STATE_SAVE_EVERY = 300.0
 KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
 RESTART_KEYS = ("STATE_FILE", "CONTROL_SOCKET", "METRICS_ADDRESS", "NFT_TABLE")
@@ -74,7 +74,6 @@ class Daemon:
         self.commands = Commands(ctx, self.ledger, self.firewall, self.reload_safely)
         self.loop = RunLoop(inbox)
         self.sensors: list = []
-        self.watching = False  # a sensor asks "is this port served?" (listeners kept fresh)
         self.control: ControlServer | None = None
         self.route_watch: RouteWatch | None = None
         self.reload_requested = False
@@ -126,7 +125,6 @@ class Daemon:
                              self.never_block.host_addresses, ctx.engine.sequential is not None,
                              ctx.log)
         self.sensors = self.probes.sensors = armed.sensors
-        self.watching = any(getattr(s, "needs_listener_check", False) for s in self.sensors)
         return armed
 
     def _start_fleet(self) -> None:
@@ -156,26 +154,17 @@ class Daemon:
         if self.firewall.open_watch() is not None:
             loop.add_reader(self.firewall.watch, lambda _: self.firewall.ruleset_event())
         survive = self.ctx.survive
-        listeners = Every(LISTENERS_EVERY, self._refresh_listeners)
         housekeeping = Every(HOUSEKEEPING_EVERY,
                              lambda: survive("housekeeping", self._housekeeping))
         loop.add_timer(self.probes.next_deferred,
                        lambda: survive("first-contact trials", self.probes.run_deferred))
         loop.add_timer(lambda: self.firewall.check_due or None, self.firewall.check_now)
-        loop.add_timer(lambda: listeners.due() if self.watching else None, listeners)
         loop.add_timer(lambda: 0.0 if self.reload_requested else None, self._signalled_reload)
         loop.add_timer(housekeeping.due, housekeeping)
         try:
             loop.run()
         finally:
             self._shutdown()
-
-    def _refresh_listeners(self) -> None:
-        try:
-            for protocol in (TCP, UDP):
-                self.listening.refresh(protocol)
-        except OSError as err:
-            self.ctx.report_error(f"listener check: {err}")
 
     def _routes_changed(self, watch: RouteWatch) -> None:
         if watch.changed():

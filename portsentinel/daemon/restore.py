@@ -5,11 +5,11 @@ restarts."""
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import time
 
 from .. import logs
+from ..addrset import from_stored
 from .context import Context
 from .firewall import Firewall
 from .ledger import BanLedger
@@ -29,18 +29,18 @@ def restore(ctx: Context, ledger: BanLedger, firewall: Firewall) -> None:
     for record in expired:
         ledger.lift(record, "expire")
     load_slow_scans(ctx)
-    records = ctx.store.bans()
-    for r in records:
-        ctx.engine.restore(ipaddress.ip_address(r.address), r.since, r.until)
-    ctx.engine.restore_offences(
-        {ipaddress.ip_address(a): n for a, n in ctx.store.offences().items()})
+    rows = ctx.store.ban_times()
+    bans = [(from_stored(a), since, until) for a, since, until in rows]
+    ctx.engine.restore_many(bans)
+    ctx.engine.restore_offences({from_stored(a): n for a, n in ctx.store.offences().items()})
     if ctx.bans is not None:
-        ctx.bans.elements.add_each((r.address, r.remaining(now) or 0) for r in records)
-        known = {r.address for r in records}
+        ctx.bans.elements.add_each((ip, 0 if until is None else max(0.0, until - now))
+                                   for ip, _, until in bans)
+        known = {a for a, _, _ in rows}
         ctx.worker.put(lambda: firewall.adopt(known))
-    ctx.metrics.active_bans.set(len(records))
-    if records or expired:
-        ctx.log(f"adminalert: restored {len(records)} bans (re-asserted in the firewall), "
+    ctx.metrics.active_bans.set(len(rows))
+    if rows or expired:
+        ctx.log(f"adminalert: restored {len(rows)} bans (re-asserted in the firewall), "
                 f"lifted {len(expired)} expired, in {time.perf_counter() - started:.2f} s",
                 logs.INFO)
 

@@ -86,3 +86,24 @@ def test_control_rejects_garbage(tmp_path: Path):
         s.sendall(b"{not json\n")
         assert b'"ok": false' in s.recv(1000)
     server.close()
+
+
+def test_addresses_from_the_state_parse_as_the_slow_way_does():
+    import ipaddress
+    import random
+
+    from portsentinel.addrset import canonical, from_stored
+
+    rng = random.Random(7)
+    texts = ["198.51.100.7", "2001:db8::1", "::ffff:198.51.100.9", "::", "0.0.0.0",
+             "fe80::1%eth0", "not an address"]
+    texts += [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(500)]
+    texts += [str(ipaddress.IPv6Address(rng.getrandbits(128))) for _ in range(500)]
+    for text in texts:
+        try:
+            expected = canonical(text)
+        except ValueError:
+            with pytest.raises(ValueError):
+                from_stored(text)
+            continue
+        assert from_stored(text) == expected and type(from_stored(text)) is type(expected)
