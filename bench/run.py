@@ -653,6 +653,9 @@ def main() -> None:
     parser.add_argument("--scans-only", action="store_true",
                         help="only the scans and the first-probe-to-block trials, every "
                              "contender in one run; print the tables")
+    parser.add_argument("--restart-only", action="store_true",
+                        help="only: start-up with 0, 10,000 and 100,000 stored bans; print "
+                             "the table")
     parser.add_argument("--idle-only", type=float, default=0, metavar="SECONDS",
                         help="only: each contender idle for SECONDS after its start; print "
                              "the table")
@@ -680,6 +683,12 @@ def main() -> None:
             return
         if args.idle_only:
             print(idle_table(idle(lab, contenders, args.idle_only)))
+            return
+        if args.restart_only:
+            rows = state_load(lab, work, [0, 10000, 100000])
+            print(table(["stored bans", "launch to ready s", "restore s", "in the kernel after"],
+                        [[r["bans"], f"{r['ready_s']:.2f}", f"{r['restore_s']:.2f}",
+                          r["in_kernel"]] for r in rows]))
             return
         if args.latency_only:
             latency = {c.name: [latency_trial(lab, c, args.gap, 400) for _ in range(args.trials)]
