@@ -92,6 +92,46 @@ def proc_stats(pids: list[int]) -> tuple[float, int]:
     return cpu, rss
 
 
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")  # cgroup v1; cgroup v2 has cpu.stat
+
+
+class CpuGroup:
+    """CPU of processes and everything they fork from now on, in ns (a cgroup
+    of the bench's own), where the machine has one; else clock ticks."""
+
+    def __init__(self, name: str, pids: list[int]):
+        self.path = CPUACCT / f"portsentinel-bench-{os.getpid()}-{name}"
+        self.pids, self.ok = pids, CPUACCT.is_dir()
+        if self.ok:
+            try:
+                self.path.mkdir(exist_ok=True)
+                for pid in pids:
+                    (self.path / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                self.ok = False
+        self.start = self.seconds()
+
+    def seconds(self) -> float:
+        if self.ok:
+            return int((self.path / "cpuacct.usage").read_text()) / 1e9
+        return proc_stats(self.pids)[0]
+
+    def used(self) -> float:
+        return self.seconds() - self.start
+
+    def close(self) -> None:
+        if self.ok:
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                try:
+                    (CPUACCT / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
+
 class Contender:
     name = ""
 
@@ -323,7 +363,8 @@ def legit_finish(lab, proc: subprocess.Popen) -> dict:
         return {}
 
 
-def run_scan(lab, contender, name, args, v6) -> dict:
+def run_scan(lab, contender, name, args, v6, host_timeout: int = 300,
+             cgroup: bool = False) -> dict:
     source = ATTACKER6 if v6 else ATTACKER4
     target = TARGET6 if v6 else TARGET4
     contender.start()
@@ -331,15 +372,19 @@ def run_scan(lab, contender, name, args, v6) -> dict:
     client = legit_start(lab)
     time.sleep(0.5)
     cpu0, _ = proc_stats(contender.pids())
+    group = CpuGroup(re.sub(r"\W+", "-", contender.name), contender.pids()) if cgroup else None
     t0 = time.monotonic()
     argv = ["nmap", *(["-6"] if v6 else []), *args, "-Pn", "-n", "--max-retries", "0",
-            "--max-rtt-timeout", "100ms", "--host-timeout", "300s", "-e", "eth0", "-S", source,
-            target]
+            "--max-rtt-timeout", "100ms", "--host-timeout", f"{host_timeout}s", "-e", "eth0",
+            "-S", source, target]
     if not any(a.startswith("-T") for a in args):
         argv.insert(1, "-T4")
     done = lab.exec("attacker", *argv, timeout=400)
     seconds = time.monotonic() - t0
     cpu1, rss = proc_stats(contender.pids())
+    if group is not None:
+        cpu0, cpu1 = 0.0, group.used()
+        group.close()
     legit = legit_finish(lab, client)
     counts = counters_read(lab)
     states, closed, timed_out = parse_nmap(done.stdout)
@@ -428,6 +473,39 @@ def spoofed_flood(lab, contender, sources: int, rate: int) -> dict:
     contender.stop()
     print(json.dumps(row), flush=True)
     return row
+
+
+SENSOR_SCANS = [s for s in SCANS if s[0].split()[0] in ("SYN", "connect", "FIN", "NULL", "XMAS",
+                                                         "UDP", "all")]
+
+
+def sensor_compare(lab, work: Path) -> list[dict]:
+    """The scans issue 18 names, each against 1.2, the packet sensor (AF_PACKET,
+    KERNEL_SENSOR=0) and the kernel as the sensor, in turn, in one run."""
+    packet = Portsentinel(lab, work, True, 'KERNEL_SENSOR="0"\n')
+    packet.name = "packet sensor (AF_PACKET)"
+    kernel = Portsentinel(lab, work, True)
+    kernel.name = "kernel as the sensor"
+    return [run_scan(lab, contender, name, nmap_args, v6, host_timeout=60, cgroup=True)
+            for name, nmap_args, v6 in SENSOR_SCANS
+            for contender in (Portsentry12(lab, work), packet, kernel)]
+
+
+def sensor_table(results: list[dict]) -> str:
+    names = ["PortSentry 1.2", "packet sensor (AF_PACKET)", "kernel as the sensor"]
+    rows = []
+    for scan in dict.fromkeys(r["scan"] for r in results):
+        cells = {r["contender"]: r for r in results if r["scan"] == scan}
+        base = cells["PortSentry 1.2"]["cpu"]
+        row = [scan]
+        for name in names:
+            r = cells[name]
+            ratio = "" if name == names[0] else (f" ({r['cpu'] / base:.1f}x)" if base else "")
+            row.append(f"{1000 * r['cpu']:.1f} ms{ratio}; {r['revealed']}/{r['real']} open; "
+                       f"{r['passed']}/{r['arrived']} in; legit {r['legit_failed']} failed; "
+                       f"nmap {r['nmap_s']:.1f} s")
+        rows.append(row)
+    return table(["scan", *names], rows)
 
 
 def idle(lab, contenders, seconds: float) -> list[dict]:
@@ -653,6 +731,9 @@ def main() -> None:
     parser.add_argument("--scans-only", action="store_true",
                         help="only the scans and the first-probe-to-block trials, every "
                              "contender in one run; print the tables")
+    parser.add_argument("--sensor-compare", action="store_true",
+                        help="only: CPU per scan of PortSentry 1.2, the packet sensor and the "
+                             "kernel as the sensor (issue 18's scans); print the table")
     parser.add_argument("--restart-only", action="store_true",
                         help="only: start-up with 0, 10,000 and 100,000 stored bans; print "
                              "the table")
@@ -683,6 +764,9 @@ def main() -> None:
             return
         if args.idle_only:
             print(idle_table(idle(lab, contenders, args.idle_only)))
+            return
+        if args.sensor_compare:
+            print(sensor_table(sensor_compare(lab, work)))
             return
         if args.restart_only:
             rows = state_load(lab, work, [0, 10000, 100000])

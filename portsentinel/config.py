@@ -63,6 +63,7 @@ class Config:
     ban_time: float = 86400.0
     block_nftables: str = "auto"  # auto and 1: on (KILL_ROUTE runs in addition); 0: off
     kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
+    kernel_sensor: str = "auto"  # auto: nftables logs what userspace must see (else AF_PACKET)
     ban_time_increment: float = 2.0
     ban_time_max: float = 30 * 86400.0
     kill_route_undo: str | None = None
@@ -298,6 +299,7 @@ KEYS = {
     "BAN_TIME": ("ban_time", _seconds),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
     "KERNEL_TRAP": ("kernel_trap", _choice("auto", "0")),
+    "KERNEL_SENSOR": ("kernel_sensor", _choice("auto", "0")),
     "BAN_TIME_INCREMENT": ("ban_time_increment", lambda t: _factor(t)),
     "BAN_TIME_MAX": ("ban_time_max", _seconds),
     "KILL_ROUTE_UNDO": ("kill_route_undo", _optional(_kill_route)),

@@ -25,7 +25,7 @@ NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_TIMESTAMP, NFULA_PAYLOAD, NFULA_PREFIX = 3, 9, 10
-COPY_RANGE = 128  # IP + extension headers + the transport header's first bytes
+COPY_RANGE = 4096  # IP, extension headers (248 bytes of options seen in tests) and TCP/UDP
 
 
 class NflogError(OSError):
@@ -33,13 +33,16 @@ class NflogError(OSError):
 
 
 class KernelBanLog:
-    """Subscribes to one NFLOG group; `read()` yields a Probe per kernel ban."""
+    """Subscribes to one NFLOG group; `read()` yields (what, probe) for each
+    message whose prefix is one of `prefixes` (prefix -> what): a kernel ban,
+    and with the kernel as the sensor a trap hit or a first contact."""
 
     needs_listener_check = False
-    kernel_bans = True
+    kernel_log = True
 
-    def __init__(self, group: int, prefix: str):
+    def __init__(self, group: int, prefix: str, prefixes: dict[str, str] | None = None):
         self.group, self.prefix = group, prefix.encode()
+        self.prefixes = {p.encode(): what for p, what in (prefixes or {prefix: "ban"}).items()}
         self.malformed = 0
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
@@ -81,12 +84,18 @@ class KernelBanLog:
             for kind, _, at in messages(data):
                 if kind & 0xFF != NFULNL_MSG_PACKET or kind >> 8 != NFNL_SUBSYS_ULOG:
                     continue
-                probe = self.to_probe(_attributes(data, at + NFGEN.size))
-                if probe is not None:
-                    yield probe
+                logged = self.to_logged(_attributes(data, at + NFGEN.size))
+                if logged is not None:
+                    yield logged
 
     def to_probe(self, attrs: dict[int, bytes]) -> Probe | None:
-        if attrs.get(NFULA_PREFIX, b"").rstrip(b"\0") != self.prefix:
+        """The probe of a kernel ban message, or None."""
+        logged = self.to_logged(attrs)
+        return logged[1] if logged is not None and logged[0] == "ban" else None
+
+    def to_logged(self, attrs: dict[int, bytes]) -> tuple[str, Probe] | None:
+        what = self.prefixes.get(attrs.get(NFULA_PREFIX, b"").rstrip(b"\0"))
+        if what is None:
             return None  # another rule's log line on our group
         packet = packets.parse(attrs.get(NFULA_PAYLOAD, b""), probes_only=False)
         if packet is None:
@@ -98,9 +107,10 @@ class KernelBanLog:
             seconds, micros = struct.unpack("!QQ", stamp[:16])
             when = seconds + micros / 1e6
         kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
-        return Probe(packet.source, packet.port, packet.protocol, kind, when, packet.flags,
-                     packet.ip_options, source_port=packet.source_port,
-                     destination=packet.destination)
+        return what, Probe(packet.source, packet.port, packet.protocol, kind, when,
+                           packet.flags, packet.ip_options,
+                           trap=what not in ("contact", "served"),
+                           source_port=packet.source_port, destination=packet.destination)
 
 
 def _attributes(data: bytes, at: int) -> dict[int, bytes]:

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
+# what the kernel sensor logs for userspace (with `sensor`), judged as far as it can:
+HIT_PREFIX = "portsentinel hit"  # a trap hit userspace decides (a peer, no kernel ban)
+CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
+SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
+HIT_RATE = "20/second burst 40 packets"  # per source: a flood from one host costs little
+CONTACT_MEMORY = "10m"  # a (source, port) pair is logged once in this long
 SYN_ONLY = "tcp flags & (syn | ack | rst | fin) == syn"
 FAMILIES = (("4", "ipv4", "ip saddr"), ("6", "ipv6", "ip6 saddr"))
 
@@ -37,6 +43,8 @@ class KernelTrap:
     challenge_port: int = 0  # > 0: a peer's SYN to a TCP trap port is redirected here
     first_contact_delay: bool = False  # drop a stranger's first SYN to a served port once
     log_group: int = 0  # > 0: every kernel ban is reported to the daemon on this NFLOG group
+    sensor: bool = False  # the kernel is the sensor: what userspace must see is logged
+    contacts: bool = False  # with `sensor`: first SYNs too (the slow-scan test)
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -68,6 +76,9 @@ def table_commands(t: str, set_size: int, trap: KernelTrap | None, ban_time: flo
     commands = _sets(t, set_size) + _chains(t)
     if trap is None:
         return commands
+    sensed = trap.sensor and trap.log_group
+    if sensed:
+        commands += _sensor_sets(t)
     expiry = f" timeout {int(ban_time)}s" if ban_time > 0 else ""
     log = f' log group {int(trap.log_group)} prefix "{LOG_PREFIX}"' if trap.log_group else ""
     if trap.peer_memory > 0:
@@ -78,11 +89,13 @@ def table_commands(t: str, set_size: int, trap: KernelTrap | None, ban_time: flo
         commands.append(f"add element inet {t} trap_udp {{ {elements(trap.udp, str)} }}")
     challenged = trap.challenge_port and trap.tcp and trap.peer_memory > 0
     if challenged:
-        commands += _challenge(t, trap.challenge_port)
+        commands += _challenge(t, trap.challenge_port, _hit_log(t, trap) if sensed else [])
     ban_tcp, ban_udp = bool(trap.tcp and trap.ban_tcp), bool(trap.udp and trap.ban_udp)
     if ban_tcp and challenged:
         commands += _challenge_bans(t, trap, expiry, log)
-    if ban_tcp or ban_udp:
+    if sensed:
+        commands += _sensed_trap(t, trap, ban_tcp, ban_udp, expiry, log)
+    elif ban_tcp or ban_udp:
         commands += _trap(t, trap, ban_tcp, ban_udp, expiry, log)
     return commands
 
@@ -109,6 +122,18 @@ def _sets(t: str, set_size: int) -> list[str]:
         # completed challenges, per connection: only its first ACK may ban
         f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; {dynamic} size 65536; }}",
         f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; {dynamic} size 65536; }}",
+    ]
+
+
+def _sensor_sets(t: str) -> list[str]:
+    dynamic = "flags dynamic, timeout;"
+    return [
+        # per-source rate of trap hits logged for userspace
+        f"add set inet {t} hits4 {{ type ipv4_addr; {dynamic} size 65536; }}",
+        f"add set inet {t} hits6 {{ type ipv6_addr; {dynamic} size 65536; }}",
+        # first contacts logged lately: each (source, port) once
+        f"add set inet {t} seen4 {{ type ipv4_addr . inet_service; {dynamic} size 262144; }}",
+        f"add set inet {t} seen6 {{ type ipv6_addr . inet_service; {dynamic} size 262144; }}",
     ]
 
 
@@ -147,10 +172,19 @@ def _peers(t: str, peer_memory: float) -> list[str]:
     return rules
 
 
-def _challenge(t: str, port: int) -> list[str]:
+def _hit_log(t: str, trap: KernelTrap, chain: str = "challenge") -> list[str]:
+    """Log a trap hit for userspace, at most HIT_RATE per source (no verdict)."""
+    return [f"add rule inet {t} {chain} meta nfproto {family} update @hits{v} {{ {field} "
+            f'timeout 10s limit rate {HIT_RATE} }} log group {int(trap.log_group)} '
+            f'prefix "{HIT_PREFIX}"' for v, family, field in FAMILIES]
+
+
+def _challenge(t: str, port: int, hit_log: list[str]) -> list[str]:
     """A peer's SYN to an unserved TCP trap port goes to our catch-all
     socket: only a host that really sent it can complete the handshake
-    (a spoofed decoy cannot), and a completed one is banned."""
+    (a spoofed decoy cannot), and a completed one is banned. With the kernel
+    as the sensor the hit is logged first (the decoy line: after the
+    redirect the input hook sees only the challenge port)."""
     return [
         f"add rule inet {t} prerouting_nat fib daddr type != local return",
         f"add rule inet {t} prerouting_nat ip saddr @never4 return",
@@ -162,6 +196,7 @@ def _challenge(t: str, port: int) -> list[str]:
         f"add rule inet {t} challenge socket transparent 0 return",
         f"add rule inet {t} challenge socket transparent 1 return",
         f"add rule inet {t} challenge tcp dport @served_tcp return",
+        *hit_log,
         f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
     ]
 
@@ -188,14 +223,8 @@ def _challenge_bans(t: str, trap: KernelTrap, expiry: str, log: str) -> list[str
 
 def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
           log: str) -> list[str]:
-    rules = [
-        f"add rule inet {t} input meta pkttype != host return",
-        f"add rule inet {t} input ip saddr @never4 return",
-        f"add rule inet {t} input ip6 saddr @never6 return",
-        # an IPv4-mapped source is an IPv4 address: only userspace judges
-        # it (as that address), the kernel never bans it into ban6
-        f"add rule inet {t} input ip6 saddr ::ffff:0.0.0.0/96 return",
-    ]
+    """The kernel trap beside the packet sensor (it sees every packet itself)."""
+    rules = _returns(t)
     if ban_tcp and trap.first_contact_delay:
         rules += _first_contact_delay(t)
     if ban_tcp:
@@ -203,20 +232,7 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
                      "tcp dport @trap_tcp jump trap")
     if ban_udp:
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
-    rules += [
-        # a local socket serves this packet: a real service, not a trap.
-        # `socket transparent` matches any socket the lookup finds (full,
-        # TIME_WAIT, SYN_RECV request); `socket wildcard` matches only full
-        # ones, so a client reusing its port into our TIME_WAIT, or
-        # retransmitting its SYN to a half-open one, would be banned.
-        f"add rule inet {t} trap socket transparent 0 return",
-        f"add rule inet {t} trap socket transparent 1 return",
-        f"add rule inet {t} trap tcp dport @served_tcp return",
-        f"add rule inet {t} trap udp dport @served_udp return",
-        # a reply to this host's own traffic (e.g. an answer to a UDP query
-        # whose socket is closed by now) is never a probe
-        f"add rule inet {t} trap ct direction reply return",
-    ]
+    rules += _spared(t)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
         rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
                   f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 return"]
@@ -226,6 +242,78 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
               f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
               for v, family, field in FAMILIES]
     return rules
+
+
+def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
+                 log: str) -> list[str]:
+    """The kernel as the sensor: every trap hit and first contact is judged
+    here as far as the kernel can (served? a reply? after NAT?), and only
+    what userspace must still see is logged to it (NFLOG), once: a banned
+    source's packets are dropped in prerouting before they get here."""
+    group = int(trap.log_group)
+    rules = _returns(t)
+    for name in ("hit", "contact", "contact_new"):
+        rules += [f"add chain inet {t} {name}", f"flush chain inet {t} {name}"]
+    if ban_tcp and trap.first_contact_delay:
+        rules += _first_contact_delay(t)
+    if trap.tcp:
+        rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
+                     "tcp dport @trap_tcp jump trap")
+    if trap.udp:
+        rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
+    if trap.contacts:
+        rules.append(f"add rule inet {t} input {SYN_ONLY} jump contact")
+    rules += _spared(t)
+    if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
+        rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 goto hit",
+                  f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 goto hit"]
+    if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
+        rules.append(f"add rule inet {t} trap limit rate over {limit(trap.ban_rate)} "
+                     f'log group {group} prefix "{HIT_PREFIX}" accept')
+    for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp)):
+        if bans:
+            rules += [f"add rule inet {t} trap meta l4proto {protocol} meta nfproto {family} "
+                      f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
+                      for v, family, field in FAMILIES]
+    rules.append(f"add rule inet {t} trap goto hit")  # no kernel ban: userspace decides
+    rules += [rule + " accept" for rule in _hit_log(t, trap, "hit")]
+    rules.append(f"add rule inet {t} hit accept")  # past its rate: seen enough
+    rules += [f"add rule inet {t} contact {field} . tcp dport @seen{v} return"
+              for v, _, field in FAMILIES]
+    rules += [f"add rule inet {t} contact meta nfproto {family} add @seen{v} {{ {field} . "
+              f"tcp dport timeout {CONTACT_MEMORY} }} goto contact_new"
+              for v, family, field in FAMILIES]
+    served = f'log group {group} prefix "{SERVED_PREFIX}" return'
+    rules += [f"add rule inet {t} contact_new socket transparent 0 {served}",
+              f"add rule inet {t} contact_new socket transparent 1 {served}",
+              f"add rule inet {t} contact_new tcp dport @served_tcp {served}",
+              f'add rule inet {t} contact_new log group {group} prefix "{CONTACT_PREFIX}"']
+    return rules
+
+
+def _returns(t: str) -> list[str]:
+    """What the kernel trap never looks at."""
+    return [
+        f"add rule inet {t} input meta pkttype != host return",
+        f"add rule inet {t} input ip saddr @never4 return",
+        f"add rule inet {t} input ip6 saddr @never6 return",
+        # an IPv4-mapped source is an IPv4 address: only userspace judges
+        # it (as that address), the kernel never bans it into ban6
+        f"add rule inet {t} input ip6 saddr ::ffff:0.0.0.0/96 return",
+    ]
+
+
+def _spared(t: str) -> list[str]:
+    """A trap port that a local socket serves (or served lately), or a reply
+    to this host's own traffic, is no trap. `socket transparent` matches any
+    socket the lookup finds (full, TIME_WAIT, SYN_RECV request); `socket
+    wildcard` matches only full ones, so a client reusing its port into our
+    TIME_WAIT, or retransmitting its SYN to a half-open one, would be banned."""
+    return [f"add rule inet {t} trap socket transparent 0 return",
+            f"add rule inet {t} trap socket transparent 1 return",
+            f"add rule inet {t} trap tcp dport @served_tcp return",
+            f"add rule inet {t} trap udp dport @served_udp return",
+            f"add rule inet {t} trap ct direction reply return"]
 
 
 def _first_contact_delay(t: str) -> list[str]:

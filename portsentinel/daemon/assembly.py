@@ -12,7 +12,8 @@ from ..command_templates import kill_route_for, undo_command
 from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
-from ..ruleset import LOG_PREFIX, KernelTrap, port_ranges
+from ..ruleset import (CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, SERVED_PREFIX, KernelTrap,
+                       port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 
@@ -57,6 +58,7 @@ class Armed:
     sensors: list = field(default_factory=list)
     kernel_trap: KernelTrap | None = None
     trapped: tuple[str, ...] = ()  # protocols the kernel trap bans by itself
+    sensed: bool = False  # the kernel logs what userspace must see (no AF_PACKET sensor)
 
 
 def open_sensors(config: Config, modes: dict, served, host_addresses, slow_scans: bool,
@@ -69,11 +71,11 @@ def open_sensors(config: Config, modes: dict, served, host_addresses, slow_scans
             armed.sensors += _bound_traps(config, protocol, log)
         elif mode is not None:
             stealth[protocol] = _stealth_traps(config, protocol, mode, served, log)
-    if stealth:
+    if config.nftables:
+        _kernel_trap(config, modes, stealth, armed, log, slow_scans)
+    if stealth and not armed.sensed:  # no nftables table, or no NFLOG group for us
         armed.sensors.append(PacketSensor(stealth, AddressSet(host_addresses),
                                           tcp_contacts=slow_scans))
-    if config.nftables:
-        _kernel_trap(config, modes, stealth, armed, log)
     return armed
 
 
@@ -109,9 +111,11 @@ def _stealth_traps(config: Config, protocol: str, mode: str, served, log) -> Tra
     return TrapPorts(mode, advanced_limit=limit, exclude=exclude)
 
 
-def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log) -> None:
+def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
+                 slow_scans: bool) -> None:
     """The kernel trap's rules (installed by the firewall room), with the
-    challenge sensor for peers and the NFLOG sensor for the kernel's bans."""
+    challenge sensor for peers and the NFLOG sensor for what the kernel
+    reports: its bans and, as the sensor, what userspace must judge."""
     ports = {p: port_ranges(t.all_ports()) for p, t in stealth.items()}
     armed.trapped = tuple(p for p in stealth if kernel_trap_armed(config, p, modes[p]))
     challenge = 0
@@ -119,21 +123,27 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log) 
         sensor = ChallengeSensor()
         armed.sensors.append(sensor)
         challenge = sensor.port
-    log_group = _kernel_ban_log(config, armed, log) if armed.trapped else 0
+    sensing = bool(stealth) and config.kernel_sensor == "auto"
+    log_group = _kernel_log(config, armed, log, sensing) if armed.trapped or sensing else 0
+    armed.sensed = sensing and bool(log_group)
     armed.kernel_trap = KernelTrap(
         ports.get(TCP, ()), ports.get(UDP, ()),
         config.peer_memory if config.decoy_grace else 0, config.ban_rate_limit,
         ban_tcp=TCP in armed.trapped, ban_udp=UDP in armed.trapped, challenge_port=challenge,
-        first_contact_delay=config.first_contact_delay, log_group=log_group)
+        first_contact_delay=config.first_contact_delay, log_group=log_group,
+        sensor=armed.sensed, contacts=armed.sensed and slow_scans and TCP in stealth)
 
 
-def _kernel_ban_log(config: Config, armed: Armed, log) -> int:
+def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
     """Subscribe to the kernel trap's NFLOG group; the group, or 0 if not."""
     group = config.nflog_group
     if not group:
         return 0
+    prefixes = {LOG_PREFIX: "ban"}
+    if sensing:
+        prefixes |= {HIT_PREFIX: "hit", CONTACT_PREFIX: "contact", SERVED_PREFIX: "served"}
     try:
-        armed.sensors.append(KernelBanLog(group, LOG_PREFIX))
+        armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:
         log.error(f"adminalert: ERROR: cannot receive the kernel's bans ({err}); they "
                   f"are found by reconciliation every {RECONCILE_EVERY:.0f} s instead")

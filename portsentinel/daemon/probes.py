@@ -68,6 +68,18 @@ class LiveFacts:
         return self._path.firewall.kernel_decides(self._probe.protocol)
 
 
+class KernelFacts(LiveFacts):
+    """A probe the kernel sensor logged: it judged the port (served?), the
+    reply direction and NAT already; only `peer` is left to ask."""
+
+    __slots__ = ()
+    kernel_decides = False
+
+    def __init__(self, path: "ProbePath", probe, served: bool):
+        super().__init__(path, probe, False, young=False)
+        self._served, self._reply, self._forwarded = served, False, False
+
+
 class ProbePath:
     def __init__(self, ctx: Context, ledger: BanLedger, alerts: Alerts, firewall: Firewall,
                  listening, peers):
@@ -83,6 +95,9 @@ class ProbePath:
         """A trap hit is handled as soon as it is parsed: a ban must not wait for
         the rest of the batch, nor behind first-contact trials (their order
         does not matter, so they come last)."""
+        if getattr(sensor, "kernel_log", False):
+            self._read_kernel_log(sensor)
+            return
         later = []
         try:
             for probe in sensor.read():
@@ -96,12 +111,29 @@ class ProbePath:
         for probe in later:
             self._handle_safely(probe, sensor)
 
-    def _handle_safely(self, probe, sensor) -> None:
+    def _read_kernel_log(self, sensor) -> None:
+        """The kernel's bans, and with the kernel as the sensor what it left
+        to us: each probe once, judged as far as the kernel could."""
         try:
-            if getattr(sensor, "kernel_bans", False):
-                self.kernel_banned(probe)
-            else:
-                self.handle(probe, sensor.needs_listener_check)
+            for what, probe in sensor.read():
+                self._safely(probe, self._kernel_logged, what, probe)
+        except OSError as err:  # ENOBUFS: the kernel dropped messages for us
+            self.ctx.metrics.dropped.labels("sensor error").inc()
+            self.ctx.report_error(f"kernel log: {err}")
+
+    def _kernel_logged(self, what: str, probe) -> None:
+        if what == "ban":
+            self.kernel_banned(probe)
+            return
+        self.ctx.metrics.probes.labels(probe.protocol, probe.kind.value).inc()
+        self.act(self.ctx.engine.handle(probe, KernelFacts(self, probe, what == "served")))
+
+    def _handle_safely(self, probe, sensor) -> None:
+        self._safely(probe, self.handle, probe, sensor.needs_listener_check)
+
+    def _safely(self, probe, job, *args) -> None:
+        try:
+            job(*args)
         except Exception as err:  # one bad probe must not stop the sensor
             self.ctx.metrics.dropped.labels("handling error").inc()
             self.ctx.report_error(f"handling a probe from {probe.source} failed: {err!r}")

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import nmap
 from netlab import CLIENT4, TARGET4, TARGET6, extra4
 
@@ -226,15 +228,19 @@ def test_a_slow_reverse_zone_does_not_stall_the_bans_behind_it(lab, start_daemon
         lab.stop(sink)
 
 
-def test_probes_the_sensor_used_to_miss_are_seen(lab, start_daemon):
+@pytest.mark.parametrize("sensor, seen_as", [("0", "TCP fragmented scan"),
+                                             ("auto", "TCP SYN/Normal scan")])
+def test_probes_the_sensor_used_to_miss_are_seen(lab, start_daemon, sensor, seen_as):
     """The userspace path (no kernel trap): `nmap -f` splits the TCP header
-    over fragments, and a SYN can hide behind 248 bytes of IPv6 options."""
-    daemon = start_daemon(ATCP + 'KERNEL_TRAP="0"\n')
-    fragmented = extra4(10)
+    over fragments, and a SYN can hide behind 248 bytes of IPv6 options. The
+    packet sensor (KERNEL_SENSOR=0) sees the first fragment; the kernel as the
+    sensor sees the SYN whole, reassembled."""
+    daemon = start_daemon(ATCP + 'KERNEL_TRAP="0"\n' f'KERNEL_SENSOR="{sensor}"\n')
+    fragmented = extra4(10 if sensor == "0" else 11)
     done = lab.exec("attacker", "nmap", "-sS", "-f", "-Pn", "-n", "--max-retries", "0",
                     "-e", "eth0", "-S", fragmented, "-p", "20-25", TARGET4, timeout=60)
     assert done.returncode == 0, done.stderr
-    daemon.wait_log(f"attackalert: TCP fragmented scan from host: {fragmented}/{fragmented}")
+    daemon.wait_log(f"attackalert: {seen_as} from host: {fragmented}/{fragmented}")
     daemon.wait_log(f"attackalert: Host {fragmented} has been blocked via dropped route")
     mac = re.search(r"link/ether (\S+)",
                     lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
@@ -249,7 +255,7 @@ s.sendto(struct.pack('!IHBB', 0x60000000, len(options) + 20, 60, 64) + src + dst
          ('eth0', 0x86DD, 0, 0, mac))
 print('sent')
 """
-    hidden = "2001:db8::1d"
+    hidden = "2001:db8::1d" if sensor == "0" else "2001:db8::1e"
     sent = lab.exec("attacker", sys.executable, "-c", code, mac, hidden, TARGET6)
     assert "sent" in sent.stdout, sent.stderr
     daemon.wait_log(f"attackalert: Host {hidden} has been blocked via dropped route")

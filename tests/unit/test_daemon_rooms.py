@@ -196,3 +196,28 @@ def test_a_control_command_that_fails_still_gets_a_reply(daemon):
     daemon.ctx.store.close()  # every state read now fails
     reply = daemon.commands.handle({"command": "list"})
     assert reply["ok"] is False and "see the log" in reply["error"]
+
+
+def test_what_the_kernel_sensor_logs_is_judged_with_the_kernels_facts(tmp_path):
+    from portsentinel.engine import SYN, Kind, Probe, TCP, Verdict
+
+    daemon = make_daemon(tmp_path, 'BLOCK_NFTABLES="0"\nKILL_HOSTS_DENY="ALL: $TARGET$"\n'
+                                   f'HOSTS_DENY_FILE="{tmp_path}/deny"\n')
+    decisions = []
+    daemon.probes.act = decisions.append  # the decision, not its actions
+
+    def logged(what, port, source="198.51.100.30", t=1.0):
+        probe = Probe(ipaddress.ip_address(source), port, TCP, Kind.SYN, t + port / 1000, SYN,
+                      trap=what not in ("contact", "served"))
+        daemon.probes._kernel_logged(what, probe)
+        return decisions[-1]
+
+    # first contacts: served ones are successes, so a browsing client never trips the test
+    for port in range(3000, 3020):
+        assert logged("served", port, "198.51.100.31").verdict is Verdict.PENDING
+    # failed first contacts (no trap ports touched): the slow-scan test decides, at once
+    verdicts = [logged("contact", port).verdict for port in (2001, 2002, 2003, 2004)]
+    assert verdicts[:3] == [Verdict.PENDING] * 3 and verdicts[3] is Verdict.BLOCK
+    assert decisions[-1].slow_scan == 4 and not decisions[-1].recheck_after
+    # a trap hit the kernel left to us (no kernel ban): judged as unserved, not a reply
+    assert logged("hit", 25, "198.51.100.32").verdict is Verdict.BLOCK

@@ -12,7 +12,8 @@ from portsentinel.addrset import AddressSet, canonical, canonical_network
 from portsentinel.engine import SYN, TCP, UDP, Engine, Facts, Kind, Policy, Probe, Verdict
 from portsentinel.nflog import NFULA_PAYLOAD, NFULA_PREFIX, NFULA_TIMESTAMP, KernelBanLog, _attributes
 from portsentinel.nft import NftBans
-from portsentinel.ruleset import LOG_PREFIX, KernelTrap
+from portsentinel.ruleset import (CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, SERVED_PREFIX,
+                                  KernelTrap, table_commands)
 from portsentinel.store import BanRecord, Store
 
 from test_packets import ipv4, ipv6, tcp, udp
@@ -60,10 +61,33 @@ def _nflog_message(payload: bytes, prefix: bytes = LOG_PREFIX.encode() + b"\0",
     return header + struct.pack("=BBH", 2, 0, 0) + body
 
 
-def _probe_of(message: bytes):
+SENSOR_PREFIXES = {LOG_PREFIX: "ban", HIT_PREFIX: "hit", CONTACT_PREFIX: "contact",
+                   SERVED_PREFIX: "served"}
+
+
+def _log(prefixes=None):
     log = KernelBanLog.__new__(KernelBanLog)  # parsing only: no socket
     log.prefix, log.malformed = LOG_PREFIX.encode(), 0
+    log.prefixes = {p.encode(): what for p, what in (prefixes or {LOG_PREFIX: "ban"}).items()}
+    return log
+
+
+def _probe_of(message: bytes):
+    log = _log()
     return log.to_probe(_attributes(message, 20)), log
+
+
+def test_the_kernel_sensor_says_what_it_judged():
+    log = _log(SENSOR_PREFIXES)
+    for prefix, what, trap in ((HIT_PREFIX, "hit", True), (CONTACT_PREFIX, "contact", False),
+                               (SERVED_PREFIX, "served", False), (LOG_PREFIX, "ban", True)):
+        message = _nflog_message(ipv4(6, tcp(2001, SYN), src="198.51.100.12"),
+                                 prefix=prefix.encode() + b"\0")
+        said, probe = log.to_logged(_attributes(message, 20))
+        assert said == what and probe.trap is trap and probe.port == 2001
+    assert _log().to_logged(_attributes(_nflog_message(ipv4(6, tcp(1, SYN)),
+                                                       prefix=HIT_PREFIX.encode() + b"\0"),
+                                        20)) is None  # not asked for: not ours
 
 
 def test_nflog_message_becomes_the_probe_that_caused_the_ban():
@@ -164,3 +188,32 @@ def test_a_challenge_bans_once_per_connection_and_spares_served_ports():
     assert "add rule inet t trap tcp dport @served_tcp return" in rules
     assert "add rule inet t trap udp dport @served_udp return" in rules
     assert "add rule inet t challenge tcp dport @served_tcp return" in rules
+
+
+def test_the_sensed_trap_logs_only_what_userspace_must_judge():
+    trap = KernelTrap(((1, 1023),), ((1, 1023),), 600, (20.0, 40), ban_tcp=True,
+                      ban_udp=False, challenge_port=41234, log_group=7417, sensor=True,
+                      contacts=True)
+    rules = "\n".join(table_commands("t", 1000, trap, 3600))
+    # a stranger's TCP trap hit is banned in the kernel; UDP (no kernel ban) goes up
+    assert "trap meta l4proto tcp meta nfproto ipv4 add @ban4" in rules
+    assert "meta l4proto udp meta nfproto ipv4 add @ban4" not in rules
+    assert "add rule inet t trap goto hit" in rules
+    # every exemption comes before any ban or log
+    assert rules.index("trap socket transparent 0 return") < rules.index("trap ct direction "
+                                                                         "reply return") \
+        < rules.index("@peers4 ip saddr != @young4 goto hit") \
+        < rules.index("trap meta l4proto tcp meta nfproto ipv4 add @ban4")
+    # hits: per source, a limited rate; contacts: each (source, port) once
+    assert "update @hits4 { ip saddr timeout 10s limit rate 20/second burst 40 packets }" \
+        in rules
+    assert "contact ip saddr . tcp dport @seen4 return" in rules
+    assert f'contact_new socket transparent 0 log group 7417 prefix "{SERVED_PREFIX}" return' \
+        in rules
+    assert rules.rstrip().endswith(f'contact_new log group 7417 prefix "{CONTACT_PREFIX}"')
+    # the breaker's hits still reach userspace (it alerts, rate limited)
+    assert f'limit rate over 20/second burst 40 packets log group 7417 prefix "{HIT_PREFIX}" ' \
+           "accept" in rules
+    without = "\n".join(table_commands("t", 1000, KernelTrap(((1, 1023),), (), log_group=7417,
+                                                              sensor=True), 0))
+    assert "jump contact" not in without  # no slow-scan test: no contacts logged
