@@ -12,6 +12,7 @@ import syslog
 import threading
 import time
 
+from .addrset import text as address_text
 from .engine import FIN, SYN, ACK, PSH, URG, RST, Kind, Probe
 
 _SCAN_NAMES = {
@@ -43,7 +44,7 @@ def scan_name(probe: Probe) -> str:
 
 
 def alert_line(probe: Probe, name: str | None = None) -> str:
-    host = host_label(str(probe.source), name)
+    host = host_label(address_text(probe.source), name)
     proto = probe.protocol.upper()
     if probe.kind is Kind.CONNECT:
         return f"attackalert: Connect from host: {host} to {proto} port: {probe.port}"
@@ -51,7 +52,7 @@ def alert_line(probe: Probe, name: str | None = None) -> str:
 
 
 def ip_options_line(probe: Probe, name: str | None = None) -> str:
-    return (f"attackalert: Packet from host: {host_label(str(probe.source), name)} to "
+    return (f"attackalert: Packet from host: {host_label(address_text(probe.source), name)} to "
             f"{probe.protocol.upper()} port: {probe.port} has IP options set "
             "(detection avoidance technique).")
 

@@ -208,14 +208,26 @@ class Records:
 
     def __init__(self, history_file: Path, blocked_file: Path, log: logs.Log):
         self.history_file, self.blocked_file, self.log = history_file, blocked_file, log
+        self._made: set[Path] = set()  # folders known to exist
 
     def blocked(self, epoch: float, target: str, name: str | None, port: int,
                 protocol: str, mode: str) -> None:
-        line = logs.history_line(epoch, target, name, port, protocol)
-        for path in (self.history_file, self.blocked_file.with_name(f"{self.blocked_file.name}.{mode}")):
+        line = (logs.history_line(epoch, target, name, port, protocol) + "\n").encode()
+        for path in (self.history_file,
+                     self.blocked_file.with_name(f"{self.blocked_file.name}.{mode}")):
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a") as f:
-                    f.write(line + "\n")
+                self._append(path, line)
             except OSError as err:  # a full disk must not stop blocking
+                self._made.discard(path.parent)
                 self.log.error(f"adminalert: ERROR: cannot write {path}: {err.strerror}")
+
+    def _append(self, path: Path, line: bytes) -> None:
+        """One O_APPEND write, opened each time (logrotate may move the file)."""
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)

@@ -10,6 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from functools import lru_cache
 
 from .. import logs
+from ..addrset import text as address_text
 from ..engine import Decision, Kind, Verdict
 from ..store import BanRecord
 from .context import Context
@@ -48,7 +49,7 @@ class Alerts:
             return None
         if self._names is None:
             self._names = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="resolve")
-        return self._names.submit(_resolve, str(probe.source))
+        return self._names.submit(_resolve, address_text(probe.source))
 
     def _name(self, lookup: Future | None, probe) -> str | None:
         """The name, if it came within RESOLVE_WAIT of the detection: a scanner
@@ -65,7 +66,7 @@ class Alerts:
                lookup: Future | None) -> None:
         """Worker: the lines of a decision; a ban is settled by the ledger."""
         probe, log = decision.probe, self.ctx.log
-        target = str(probe.source)
+        target = address_text(probe.source)
         name = self._name(lookup, probe)
         if decision.slow_scan:
             log(f"attackalert: Slow scan from host: {logs.host_label(target, name)} to "
@@ -82,7 +83,7 @@ class Alerts:
 
     def _not_blocked(self, decision: Decision) -> None:
         probe, log = decision.probe, self.ctx.log
-        target = str(probe.source)
+        target = address_text(probe.source)
         if decision.verdict is Verdict.ALREADY_BLOCKED:
             log(logs.already_blocked_line(target))
         elif decision.verdict is Verdict.DECOY:
@@ -105,7 +106,7 @@ class Alerts:
     def _settle(self, decision: Decision, nft_result, origin: str, name: str | None) -> None:
         probe = decision.probe
         until = probe.time + decision.ban_seconds if decision.ban_seconds else None
-        record = BanRecord(str(probe.source), probe.time, until, probe.port, probe.protocol,
+        record = BanRecord(address_text(probe.source), probe.time, until, probe.port, probe.protocol,
                            self.ctx.mode(probe.protocol), reason(decision), origin)
         if not self.ledger.settle(record, decision.actions, nft_result, name):
             self.ctx.log.error(logs.could_not_block_line(record.address))

@@ -113,3 +113,22 @@ def test_repeat_lines_are_limited_overall_and_summarised():
                                 "were not logged (repeat lines are limited to 20/s overall)")
     assert budget.summary() is None
     assert budget.take(200.0)  # refilled a while later
+
+
+def test_address_text_is_what_ipaddress_writes():
+    import ipaddress
+    import random
+
+    from portsentinel.addrset import text
+
+    rng = random.Random(11)
+    samples = ["::", "::1", "::ffff:198.51.100.7", "::198.51.100.7", "::102:304", "2001:db8::",
+               "2001:db8:0:0:1:0:0:1", "2001:0:0:1::1", "fe80::1", "::ffff:0:0", "64:ff9b::1"]
+    samples += [str(ipaddress.IPv6Address(rng.getrandbits(128))) for _ in range(2000)]
+    # sparse ones: zero groups (so zero runs) of every length and place
+    for _ in range(5000):
+        groups = [0 if rng.random() < 0.6 else rng.getrandbits(16) for _ in range(8)]
+        samples.append(str(ipaddress.IPv6Address(int("".join(f"{g:04x}" for g in groups), 16))))
+    for sample in samples + ["198.51.100.7", "0.0.0.0"]:
+        address = ipaddress.ip_address(sample)
+        assert text(address) == str(address), sample
