@@ -6,14 +6,13 @@ compatibility actions run on the worker, whose outcome the CLI waits for."""
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import queue
 import sqlite3
 import time
 
 from .. import __version__, logs
-from ..addrset import canonical, canonical_network
+from ..addrset import canonical, canonical_network, from_stored
 from ..engine import TCP, UDP, Order, Verdict
 from ..control import TIMEOUT as CLIENT_TIMEOUT
 from ..store import BanRecord
@@ -149,7 +148,7 @@ class Commands:
             network = canonical_network(target)
         except ValueError:
             return {"ok": False, "error": f"{target!r} is not an IP address or CIDR network"}
-        records = [r for r in self.ledger.in_force() if _address(r.address) in network]
+        records = [r for r in self.ledger.in_force() if from_stored(r.address) in network]
         known = {r.address for r in records}
         # the engine first (and bans it holds without a record, e.g. mid-report);
         # an admin says these were mistakes, so the next ban starts afresh
@@ -164,7 +163,7 @@ class Commands:
                 extra.append(BanRecord(str(ban.address), ban.since, ban.until))
             engine.lift(ban.address, pardon=True)
         for address in known:
-            engine.lift(_address(address), pardon=True)
+            engine.lift(from_stored(address), pardon=True)
         return extra
 
     def _lift_all(self, target: str, network, records) -> dict:
@@ -238,9 +237,6 @@ class Commands:
             return []
         return [announcement(r) for r in records if r.origin in LOCAL_ORIGINS]
 
-
-def _address(text: str):
-    return ipaddress.ip_address(text)
 
 
 def _in_force(record: BanRecord, now: float) -> bool:

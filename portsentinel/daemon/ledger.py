@@ -21,12 +21,12 @@ reconciliation.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sqlite3
 import time
 
 from .. import logs
+from ..addrset import from_stored
 from ..engine import HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, Order
 from ..nft import NftError, SetFull
 from ..responders import ActionFailed, CompatActions, Records
@@ -77,7 +77,7 @@ class BanLedger:
         forgets it) when no action worked."""
         done = sum(self._action(action, record, nft_result) for action in actions)
         if not done:
-            self.ctx.inbox.post(self.ctx.engine.lift, _ip(record.address))
+            self.ctx.inbox.post(self.ctx.engine.lift, from_stored(record.address))
             return False
         self.save(record)
         self.ctx.metrics.active_bans.inc()  # exact again at the next housekeeping
@@ -147,9 +147,9 @@ class BanLedger:
         if current is not None and current.since != record.since:
             self.expiring.discard(record.address)
             return []
-        self.ctx.inbox.post(self.ctx.engine.lift, _ip(record.address), False, record.since)
+        self.ctx.inbox.post(self.ctx.engine.lift, from_stored(record.address), False, record.since)
         if self.ctx.bans is not None:
-            self.ctx.bans.unban(_ip(record.address))
+            self.ctx.bans.unban(from_stored(record.address))
         problems = self.compat.undo(record.address, record.hosts_deny_line,
                                     record.kill_route_command, record.port or 0,
                                     record.mode or "", record.hosts_deny_file,
@@ -170,7 +170,7 @@ class BanLedger:
 
     def lift_unrecorded(self, address: str) -> None:
         """Worker: a ban found in our sets that nothing recorded."""
-        self.ctx.bans.unban(_ip(address))
+        self.ctx.bans.unban(from_stored(address))
         self.ctx.metrics.unbans.labels("unblock").inc()
         self.ctx.log(f"adminalert: Host {address} was in the firewall's ban set without a "
                      "record (made behind our back?); lifted by command", logs.NOTICE)
@@ -259,6 +259,3 @@ def announcement(record: BanRecord) -> dict:
     return {"address": record.address, "since": record.since, "until": record.until,
             "reason": record.reason, "port": record.port, "protocol": record.protocol}
 
-
-def _ip(address: str):
-    return ipaddress.ip_address(address)

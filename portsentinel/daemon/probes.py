@@ -125,8 +125,7 @@ class ProbePath:
         if what == "ban":
             self.kernel_banned(probe)
             return
-        self.ctx.metrics.probes.labels(probe.protocol, probe.kind.value).inc()
-        self.act(self.ctx.engine.handle(probe, KernelFacts(self, probe, what == "served")))
+        self.handle(probe, facts=KernelFacts(self, probe, what == "served"))
 
     def _handle_safely(self, probe, sensor) -> None:
         self._safely(probe, self.handle, probe, sensor.needs_listener_check)
@@ -139,9 +138,11 @@ class ProbePath:
             self.ctx.report_error(f"handling a probe from {probe.source} failed: {err!r}")
 
     # -- one probe, one decision --------------------------------------------
-    def handle(self, probe, listener_check: bool = False, young: bool = True) -> Decision:
+    def handle(self, probe, listener_check: bool = False, young: bool = True,
+               facts=None) -> Decision:
+        """`facts`: what a sensor knows already (the kernel's); else asked live."""
         self.ctx.metrics.probes.labels(probe.protocol, probe.kind.value).inc()
-        facts = LiveFacts(self, probe, listener_check, young)
+        facts = facts or LiveFacts(self, probe, listener_check, young)
         decision = self.ctx.engine.handle(probe, facts)
         self.act(decision)
         return decision
