@@ -457,6 +457,7 @@ def print_status(status: dict) -> None:
     print(f"config: {status['config']}")
     print(f"modes: tcp={modes['tcp'] or 'off'} udp={modes['udp'] or 'off'}; "
           f"firewall: {status['firewall']}; kernel trap: {', '.join(status['kernel_trap']) or 'off'}")
+    print(f"first-contact hold: {status.get('first_contact_hold') or 'off'}")
     print(f"bans in force: {status['active_bans']}; hosts being counted: {status['pending_hosts']}; "
           f"report queue: {status['report_queue']}")
     fleet = status.get("fleet")
@@ -465,7 +466,8 @@ def print_status(status: dict) -> None:
         print(f"fleet: member {fleet['member']}, {state}, {fleet['unpublished']} bans to publish")
     for name, value in sorted(status["counters"].items()):
         if name.startswith(("portsentinel_probes", "portsentinel_alerts", "portsentinel_bans",
-                            "portsentinel_unbans", "portsentinel_dropped")) and value:
+                            "portsentinel_unbans", "portsentinel_dropped",
+                            "portsentinel_first_contacts", "portsentinel_hold")) and value:
             print(f"  {name} {int(value)}")
 
 

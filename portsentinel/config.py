@@ -79,6 +79,9 @@ class Config:
     slow_scan_detection_probability: float = 0.99
     slow_scan_memory: float = 86400.0
     first_contact_delay: bool = False
+    first_contact_hold: float = 0.02  # a stranger's first SYN to a served port waits; 0 = off
+    hold_queue: int = 7417  # the netfilter queue of the hold
+    hold_rate: int = 5000  # SYNs held per second at most; past it they pass unheld
     fleet_redis_url: str | None = None
     fleet_name: str = field(default_factory=lambda: socket.gethostname())
     fleet_prefix: str = "portsentinel"
@@ -151,13 +154,23 @@ def _count(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    """`3600`, or with a unit: `90s`, `30m`, `12h`, `7d`."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
+    """`3600`, or with a unit: `20ms`, `90s`, `30m`, `12h`, `7d`."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|[smhd]?)", text.strip())
     if not match:
         raise ValueError(f"{text!r} is not a duration (e.g. 3600, 30m, 12h, 7d)")
-    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400,
+                                 "ms": 0.001}[match[2]]
     if not seconds <= MAX_SECONDS:  # also infinity from 400 nines
         raise ValueError(f"{text!r} is longer than {MAX_SECONDS // 86400} days")
+    return seconds
+
+
+def _hold_time(text: str) -> float:
+    """FIRST_CONTACT_HOLD: `20ms`, `0.05`; 0 = off; at most 1 s (a client
+    sends its SYN again after about one second)."""
+    seconds = _seconds(text)
+    if seconds > 1:
+        raise ValueError(f"{text!r} is longer than 1 s (a client would send its SYN again)")
     return seconds
 
 
@@ -316,6 +329,9 @@ KEYS = {
                                         lambda t: _probability(t)),
     "SLOW_SCAN_MEMORY": ("slow_scan_memory", _seconds),
     "FIRST_CONTACT_DELAY": ("first_contact_delay", _boolean),
+    "FIRST_CONTACT_HOLD": ("first_contact_hold", lambda t: _hold_time(t)),
+    "HOLD_QUEUE": ("hold_queue", _bounded(0, 65535)),
+    "HOLD_RATE": ("hold_rate", _bounded(0, 1_000_000)),
     "FLEET_REDIS_URL": ("fleet_redis_url", _optional(lambda t: _redis_url(t))),
     "FLEET_NAME": ("fleet_name", _identifier),
     "FLEET_PREFIX": ("fleet_prefix", _identifier),
@@ -473,6 +489,8 @@ def resolve_modes(cli_tcp: str | None, cli_udp: str | None, config: Config,
 
 
 def duration_text(seconds: float) -> str:
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"

@@ -110,6 +110,16 @@ class Metrics:
         self.drift = c("portsentinel_firewall_drift",
                        "Bans found in only one of the kernel sets and the state, fixed by "
                        "reconciliation", ["where"])
+        self.held = c("portsentinel_first_contacts_held",
+                      "Strangers' first SYNs held (FIRST_CONTACT_HOLD)")
+        self.held_late = c("portsentinel_first_contacts_held_late",
+                           "Held SYNs released more than 50 ms after their time")
+        self.hold_passed = c("portsentinel_first_contacts_unheld",
+                             "SYNs the kernel let pass unheld: the queue was full or the "
+                             "daemon fell behind (fail open)")
+        self.hold_stalls = c("portsentinel_hold_stalls",
+                             "Times the hold's heartbeat lapsed (the daemon stalled; the "
+                             "kernel held nothing meanwhile)")
         self.ban_set_fill = g("portsentinel_ban_set_fill_ratio",
                               "Bans in force over BAN_SET_SIZE (per-family sets)")
         self.ban_latency = self._add(Metric(

@@ -14,9 +14,9 @@ import struct
 import threading
 
 from .addrset import canonical
-from .netlink import (NETLINK_NETFILTER, NFGEN, NLA_F_NESTED, NLM_F_ACK, NLM_F_CREATE,
-                      NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, answers, attr,
-                      attributes, error_code, message_end, messages, nfnl_message, nested)
+from .netlink import (NETLINK_NETFILTER, NFGEN, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND,
+                      NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, answers,
+                      attr, attributes, error_code, message_end, messages, nfnl_message, nested)
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -152,13 +152,22 @@ class SetElements:
         self._commit([(NFT_MSG_DELSETELEM, {set_name: keys}, None)])
 
     def refresh_ports(self, set_name: str, ports, timeout: float) -> None:
-        """Put ports in an inet_service set with a fresh timeout (add, delete,
-        add: a plain add would keep an existing element's old timeout)."""
-        keys = [struct.pack("!H", p) for p in sorted(ports)]
+        """Put ports in an inet_service set with a fresh timeout."""
+        self.refresh_keys(set_name, [struct.pack("!H", p) for p in sorted(ports)], timeout)
+
+    def refresh_keys(self, set_name: str, keys: list[bytes], timeout: float) -> None:
+        """Put raw keys in a set with a fresh timeout (add, delete, add: a
+        plain add would keep an existing element's old timeout)."""
         for start in range(0, len(keys), CHUNK):
             chunk = {set_name: keys[start:start + CHUNK]}
             self._commit([(NFT_MSG_NEWSETELEM, chunk, None), (NFT_MSG_DELSETELEM, chunk, None),
                           (NFT_MSG_NEWSETELEM, chunk, int(timeout * 1000) or None)])
+
+    def add_keys(self, by_set: dict[str, list[bytes]], timeout: float) -> None:
+        """Add raw keys to sets, in one transaction (existing ones left as they are)."""
+        by_set = {name: keys for name, keys in by_set.items() if keys}
+        if by_set:
+            self._commit([(NFT_MSG_NEWSETELEM, by_set, int(timeout * 1000) or None)])
 
     def contains(self, set_name: str, address) -> bool:
         """One GETSETELEM round trip: is `address` in the set?"""
@@ -221,3 +230,41 @@ def _elements_into(found: dict, data: bytes, start: int, end: int) -> None:
                 struct.unpack("!Q", expires)[0] / 1000 if expires else None)
         at += (length + 3) & ~3
 
+
+
+# -- the queue statement as the xtables NFQUEUE target (nft_compat) ---------------
+NFT_MSG_NEWRULE = 6
+RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
+EXPR_NAME, EXPR_DATA = 1, 2
+TARGET_NAME, TARGET_REV, TARGET_INFO = 1, 2, 3
+NFQ_FLAG_BYPASS = 0x01
+
+
+def compat_queue_rule(table: str, chain: str, queue: int, seq: int = 1) -> bytes:
+    """A transaction adding `NFQUEUE --queue-num <queue> --queue-bypass` (the
+    xtables target, revision 3) as the one rule of `chain`: for kernels
+    without nftables' own queue expression (CONFIG_NFT_QUEUE), which still
+    have nft_compat and xt_NFQUEUE."""
+    info = struct.pack("=HHH", queue, 1, NFQ_FLAG_BYPASS) + b"\0\0"  # XT_ALIGN(6) = 8
+    target = nested(1, attr(EXPR_NAME, b"target\0"), nested(
+        EXPR_DATA, attr(TARGET_NAME, b"NFQUEUE\0"), attr(TARGET_REV, struct.pack("!I", 3)),
+        attr(TARGET_INFO, info)))
+    body = (attr(RULE_TABLE, table.encode() + b"\0") + attr(RULE_CHAIN, chain.encode() + b"\0")
+            + nested(RULE_EXPRESSIONS, target))
+    return b"".join([
+        nfnl_message(0, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, b"", NFNL_SUBSYS_NFTABLES),
+        nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWRULE,
+                     NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND, seq + 1,
+                     NFPROTO_INET, body),
+        nfnl_message(0, NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 2, 0, b"",
+                     NFNL_SUBSYS_NFTABLES)])
+
+
+def add_compat_queue_rule(table: str, chain: str, queue: int) -> None:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        sock.send(compat_queue_rule(table, chain, queue))
+        answers(sock, 2, "nftables queue rule (xtables NFQUEUE)")
+    finally:
+        sock.close()

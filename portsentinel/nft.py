@@ -17,8 +17,8 @@ import json
 import threading
 
 from .addrset import AddressSet, canonical
-from .nfnetlink import SetElements, dump_set
-from .ruleset import KernelTrap, elements, table_commands
+from .nfnetlink import SetElements, add_compat_queue_rule, dump_set
+from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 NFT_CTX_OUTPUT_TERSE = 1 << 11  # no set elements in listings
@@ -89,6 +89,7 @@ class NftBans:
         self.nft, self.table, self.set_size = nft, table, set_size
         self.elements = SetElements(table)  # the fast path for bans
         self.expected: str | None = None  # fingerprint() as last installed
+        self.queue_error: str | None = None  # why the hold has no queue statement
 
     def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
         """Create or refresh the table in one transaction; bans already in
@@ -119,14 +120,31 @@ class NftBans:
             return None
         kept = self.banned()
         t = self.table
-        chains = ("prerouting", "input", "trap", "challenged")
+        chains = ("prerouting", "input", "trap", "challenged", "hold")
         self.nft.run("".join(f"flush chain inet {t} {c}\n" for c in chains)
                      + "".join(f"delete set inet {t} {n}\n" for n in sizes))
         return kept
 
     def _install(self, trap: KernelTrap | None, ban_time: float) -> None:
         self.nft.run("\n".join(table_commands(self.table, self.set_size, trap, ban_time)) + "\n")
+        self.queue_error = None
+        if trap is not None and trap.hold_queue:
+            self.queue_error = self._add_queue_rule(trap.hold_queue)
         self.expected = self.fingerprint()
+
+    def _add_queue_rule(self, queue: int) -> str | None:
+        """The hold chain's queue statement: nftables' own, or else the
+        xtables NFQUEUE target; what failed, or None. Without it the hold
+        chain is empty and held SYNs simply pass (fail open)."""
+        try:
+            self.nft.run(queue_rule(self.table, queue) + "\n")
+            return None
+        except NftError as native:
+            try:
+                add_compat_queue_rule(self.table, HOLD_CHAIN, queue)
+                return None
+            except OSError as compat:
+                return f"no queue in this kernel: {native}; xtables NFQUEUE: {compat}"
 
     def fingerprint(self) -> str | None:
         """Our rules (without their counters) and the static sets (trap ports,

@@ -12,6 +12,9 @@ The table `inet <name>` holds:
 - peers (a completed handshake lately) and the challenge: a peer's stateless
   probe may carry a spoofed source, so it is redirected to a catch-all socket,
   and only a completed handshake there bans.
+- the first-contact hold (optional): a stranger's SYN to a served port waits
+  in a netfilter queue for a few milliseconds, so a scan's trap hit meanwhile
+  bans it before a real port answers (see `_hold`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
 HIT_PREFIX = "portsentinel hit"  # a trap hit userspace decides (a peer, no kernel ban)
 CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
 SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
-HIT_RATE = "20/second burst 40 packets"  # per source: a flood from one host costs little
+HIT_RATE = "20/second burst 40 packets"
+HOLD_CHAIN = "held"  # its one rule, the queue statement, is added apart (nft.py)
+HEARTBEAT_KEY = 6  # the element of `alive` (an inet_proto set) the daemon keeps fresh  # per source: a flood from one host costs little
 CONTACT_MEMORY = "10m"  # a (source, port) pair is logged once in this long
 SYN_ONLY = "tcp flags & (syn | ack | rst | fin) == syn"
 FAMILIES = (("4", "ipv4", "ip saddr"), ("6", "ipv6", "ip6 saddr"))
@@ -45,6 +50,8 @@ class KernelTrap:
     log_group: int = 0  # > 0: every kernel ban is reported to the daemon on this NFLOG group
     sensor: bool = False  # the kernel is the sensor: what userspace must see is logged
     contacts: bool = False  # with `sensor`: first SYNs too (the slow-scan test)
+    hold_queue: int = 0  # > 0: a stranger's first SYN to a served port waits on this queue
+    hold_rate: int = 0  # with hold_queue: SYNs held per second at most (0: no limit)
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -122,6 +129,10 @@ def _sets(t: str, set_size: int) -> list[str]:
         # completed challenges, per connection: only its first ACK may ban
         f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; {dynamic} size 65536; }}",
         f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; {dynamic} size 65536; }}",
+        # the first-contact hold: sources whose hold has passed, and its heartbeat
+        f"add set inet {t} clear4 {{ type ipv4_addr; flags timeout; size 262144; }}",
+        f"add set inet {t} clear6 {{ type ipv6_addr; flags timeout; size 262144; }}",
+        f"add set inet {t} alive {{ type inet_proto; flags timeout; }}",
     ]
 
 
@@ -148,8 +159,11 @@ def _chains(t: str) -> list[str]:
         "policy accept; }",
         f"add chain inet {t} challenge",
         f"add chain inet {t} challenged",
+        f"add chain inet {t} hold",
+        f"add chain inet {t} {HOLD_CHAIN}",
         *(f"flush chain inet {t} {chain}" for chain in (
-            "prerouting_nat", "challenge", "challenged", "prerouting", "input", "trap")),
+            "prerouting_nat", "challenge", "challenged", "prerouting", "input", "trap", "hold",
+            HOLD_CHAIN)),
         f"flush set inet {t} trap_tcp",
         f"flush set inet {t} trap_udp",
         f"add rule inet {t} prerouting ip saddr @ban4 counter drop",
@@ -232,7 +246,7 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
                      "tcp dport @trap_tcp jump trap")
     if ban_udp:
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
-    rules += _spared(t)
+    rules += _hold(t, trap) + _spared(t)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
         rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
                   f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 return"]
@@ -263,7 +277,7 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
     if trap.contacts:
         rules.append(f"add rule inet {t} input {SYN_ONLY} jump contact")
-    rules += _spared(t)
+    rules += _hold(t, trap) + _spared(t)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
         rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 goto hit",
                   f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 goto hit"]
@@ -324,3 +338,32 @@ def _first_contact_delay(t: str) -> list[str]:
     return [f"add rule inet {t} input {SYN_ONLY} {field} != @peers{v} "
             f"{field} . tcp dport != @met{v} socket wildcard le 1 "
             f"add @met{v} {{ {field} . tcp dport timeout 1h }} drop" for v, _, field in FAMILIES]
+
+
+def _hold(t: str, trap: KernelTrap) -> list[str]:
+    """FIRST_CONTACT_HOLD: a stranger's SYN to a served port (not a peer, not
+    cleared within PEER_MEMORY; the never-block sets returned earlier) waits in
+    the daemon's queue. The daemon hands it back after the hold with a
+    "repeat" verdict, so it walks this chain again: a ban made meanwhile (the
+    scan's trap hit) drops it, and a source the daemon cleared passes. Fails
+    open: the queue is bypassed when no daemon reads it, and nothing is queued
+    once the daemon's heartbeat in `alive` has lapsed (a stalled daemon)."""
+    if not (trap.hold_queue and trap.tcp and trap.ban_tcp):
+        return []
+    rules = [f"add rule inet {t} input {SYN_ONLY} jump hold"]
+    for v, _, field in FAMILIES:
+        rules += [f"add rule inet {t} hold {field} @ban{v} drop",  # banned while held
+                  f"add rule inet {t} hold {field} @clear{v} return",
+                  f"add rule inet {t} hold {field} @peers{v} return"]
+    rules.append(f"add rule inet {t} hold meta l4proto != @alive return")
+    if trap.hold_rate > 0:  # past it (a spoofed flood), SYNs pass unheld
+        rules.append(f"add rule inet {t} hold limit rate over {int(trap.hold_rate)}/second "
+                     f"burst {int(trap.hold_rate)} packets return")
+    rules += [f"add rule inet {t} hold socket transparent 0 goto {HOLD_CHAIN}",
+              f"add rule inet {t} hold socket transparent 1 goto {HOLD_CHAIN}"]
+    return rules
+
+
+def queue_rule(t: str, queue: int) -> str:
+    """The hold chain's one rule, where the kernel has nftables' own queue."""
+    return f"add rule inet {t} {HOLD_CHAIN} queue num {int(queue)} bypass"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import __version__, config as configuration, logs
 from ..addrset import AddressSet
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, duration_text
 from ..conntrack import Conntrack
 from ..control import ControlServer
 from ..engine import TCP, UDP, Engine
@@ -38,6 +38,7 @@ from .assembly import Armed, open_sensors, policy_for, trw_for
 from .commands import Commands
 from .context import Context
 from .firewall import Firewall
+from .hold import Hold
 from .inbox import Inbox
 from .ledger import BanLedger
 from .loop import Every, RunLoop
@@ -76,6 +77,7 @@ class Daemon:
         self.sensors: list = []
         self.control: ControlServer | None = None
         self.route_watch: RouteWatch | None = None
+        self.hold: Hold | None = None
         self.reload_requested = False
         self._table_lock: socket.socket | None = None
         self._next_addresses = 0.0
@@ -117,7 +119,37 @@ class Daemon:
         if ctx.config.nftables:
             ctx.bans = NftBans(Nft(), ctx.config.nft_table, ctx.config.ban_set_size)
             self.firewall.install(armed.kernel_trap, armed.trapped)
+            self._sync_hold(armed.kernel_trap)
         restore(ctx, self.ledger, self.firewall)
+
+    def _sync_hold(self, trap) -> None:
+        """Run the first-contact hold where the installed rules have one."""
+        ctx, hold = self.ctx, self.hold
+        queue = trap.hold_queue if trap is not None else 0
+        if hold is not None and (hold.queue.number != queue or ctx.bans.queue_error):
+            hold.stop()
+            hold = self.hold = ctx.hold = None
+        if not queue:
+            return
+        seconds = ctx.config.first_contact_hold
+        if hold is not None:
+            hold.seconds, hold.clear_seconds = seconds, ctx.config.peer_memory
+            ctx.hold = f"{duration_text(seconds)} (queue {queue})"
+            return
+        try:
+            if ctx.bans.queue_error:
+                raise OSError(ctx.bans.queue_error)
+            self.hold = Hold(ctx.config.nft_table, queue, seconds, ctx.config.peer_memory,
+                             ctx.metrics, ctx.log).start()
+        except OSError as err:
+            ctx.log.error(f"adminalert: ERROR: no first-contact hold ({err}); a scan may "
+                          "learn a real port it probes before any trap port "
+                          "(FIRST_CONTACT_DELAY=\"1\" is the other way)")
+            return
+        ctx.hold = f"{duration_text(seconds)} (queue {queue})"
+        ctx.log(f"adminalert: first-contact hold armed: a stranger's first SYN to a served "
+                f"port waits {duration_text(seconds)} for the scan to show itself "
+                f"(queue {queue})", logs.INFO)
 
     def _open_sensors(self) -> Armed:
         ctx = self.ctx
@@ -254,7 +286,9 @@ class Daemon:
         if config.nftables:
             ctx.bans = ctx.bans or NftBans(Nft(), config.nft_table, config.ban_set_size)
             self.firewall.install(armed.kernel_trap, armed.trapped)
+            self._sync_hold(armed.kernel_trap)
         elif ctx.bans is not None:
+            self._sync_hold(None)
             ctx.bans.disarm_trap()
             self.firewall.kernel_trap = None  # nor does the engine leave hits to it
         note = f" ({', '.join(restart_needed)} need a restart)" if restart_needed else ""
@@ -281,6 +315,8 @@ class Daemon:
         ctx.worker.stop(meanwhile=ctx.inbox.run_pending)
         self.alerts.close()
         self._close_sensors()
+        if self.hold is not None:
+            self.hold.stop()  # every held SYN handed back before the trap goes
         if ctx.bans is not None:
             ctx.bans.disarm_trap()  # no trap without the daemon; bans stay
         blob = ctx.inbox.call(slow_scans, ctx)

@@ -131,7 +131,16 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         config.peer_memory if config.decoy_grace else 0, config.ban_rate_limit,
         ban_tcp=TCP in armed.trapped, ban_udp=UDP in armed.trapped, challenge_port=challenge,
         first_contact_delay=config.first_contact_delay, log_group=log_group,
-        sensor=armed.sensed, contacts=armed.sensed and slow_scans and TCP in stealth)
+        sensor=armed.sensed, contacts=armed.sensed and slow_scans and TCP in stealth,
+        hold_queue=config.hold_queue if holds(config, armed.trapped) else 0,
+        hold_rate=config.hold_rate)
+
+
+def holds(config: Config, trapped) -> bool:
+    """FIRST_CONTACT_HOLD applies where the kernel trap bans TCP (a scan's
+    trap hit must ban within the hold); FIRST_CONTACT_DELAY, if set, instead."""
+    return (config.first_contact_hold > 0 and config.hold_queue > 0
+            and not config.first_contact_delay and TCP in trapped)
 
 
 def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:

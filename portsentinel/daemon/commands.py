@@ -89,6 +89,7 @@ class Commands:
                 "firewall": f"nftables inet {config.nft_table}" if ctx.bans else "none",
                 "kernel_trap": [p for p in (TCP, UDP)
                                 if kernel_trap_armed(config, p, ctx.modes[p])],
+                "first_contact_hold": ctx.hold,
                 "active_bans": ctx.store.count(), "pending_hosts": pending,
                 "fleet": None if fleet is None else {
                     "member": fleet.member, "connected": fleet.connected.is_set(),

@@ -31,6 +31,7 @@ class Context:
     worker: Worker
     bans: NftBans | None = None  # our nftables table (BLOCK_NFTABLES)
     fleet: object | None = None  # fleet.Fleet when FLEET_REDIS_URL is set
+    hold: str | None = None  # the first-contact hold as `status` shows it, None: off
     started: float = field(default_factory=time.time)
     _error_reported: float = float("-inf")
 

@@ -240,7 +240,7 @@ def nmap(lab: netlab.Lab, scan: str, source: str, target: str, ports: str,
          timeout: float = 90) -> subprocess.CompletedProcess:
     """One bounded nmap scan from `source` (an attacker address) to `target`."""
     v6 = ":" in source
-    argv = ["nmap", scan, "-Pn", "-n", "-T4", "--max-retries", "0", "--host-timeout", "40s",
+    argv = ["nmap", *scan.split(), "-Pn", "-n", "-T4", "--max-retries", "0", "--host-timeout", "40s",
             "-e", "eth0", "-S", source, "-p", ports, "-oG", "-", target]
     if v6:
         argv.insert(1, "-6")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from portsentinel import bpf, listeners, netlink
+from portsentinel import bpf, listeners, netlink, nfqueue
 from portsentinel.conntrack import Conntrack
 from portsentinel.nflog import KernelBanLog
 from portsentinel.nfnetlink import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, SET_ELEM_KEY,
                                     SET_ELEM_LIST_ELEMENTS, SET_ELEM_LIST_SET, SET_ELEM_TIMEOUT,
-                                    SetElements, batch)
+                                    SetElements, batch, compat_queue_rule)
 from portsentinel.ruleset import KernelTrap, table_commands
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -61,6 +61,9 @@ TRAPS = {
     "forever_no_peers_no_log": (KernelTrap(((1, 1023),), ((1, 1023),)), 0),
     "tcp_only_delay_slow_rate": (KernelTrap(((1, 1023),), (), 600, (0.5, 1), ban_udp=False,
                                             first_contact_delay=True, log_group=5), 3600),
+    "sensor_hold": (KernelTrap(((1, 21), (23, 1023)), ((1, 1023),), 600, (20.0, 40),
+                               challenge_port=41234, log_group=7417, sensor=True,
+                               contacts=True, hold_queue=7417, hold_rate=5000), 86400),
     "sets_only": (KernelTrap(((1, 1023),), ((7, 7),), 600, ban_tcp=False, ban_udp=False,
                              challenge_port=40000), 60),
 }
@@ -108,8 +111,15 @@ def sock_diag_messages() -> list[bytes]:
     return fake.sent
 
 
+def queue_messages() -> list[bytes]:
+    """The hold: its rule as the xtables target, the queue's set-up and a verdict."""
+    return [compat_queue_rule("portsentinel", "held", 7417), *nfqueue.bind_messages(7417),
+            nfqueue.verdict_message(7417, nfqueue.NF_REPEAT, 12345)]
+
+
 MESSAGES = {"set_elements": set_element_messages, "conntrack": conntrack_messages,
-            "nflog": nflog_messages, "sock_diag": sock_diag_messages}
+            "nflog": nflog_messages, "sock_diag": sock_diag_messages,
+            "queue": queue_messages}
 
 
 def outputs() -> dict[str, str]:
