@@ -170,6 +170,12 @@ def changes_from_12(config: Config, tcp: str | None, udp: str | None) -> list[st
         lines.append(f"{'/'.join(logged_only)}=0: those scans are only logged, and (unlike 1.2) "
                      "the host is not recorded as blocked")
     lines.append(_firewall_line(config, tcp, udp))
+    if holds(config, [p for p, mode in ((TCP, tcp), (UDP, udp))
+                      if kernel_trap_armed(config, p, mode)]):
+        lines.append(f"first contact: a stranger's first SYN to a served port waits "
+                     f"{duration_text(config.first_contact_hold)} for the scan to show itself "
+                     "(FIRST_CONTACT_HOLD), so a scan that probes a real port first learns "
+                     "nothing")
     lines.append(_ipv6_line(config))
     lines.append(_expiry_line(config))
     lines.append("never blocked: this host, its gateways and resolvers, and the ignore files"

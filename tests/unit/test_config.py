@@ -205,3 +205,8 @@ def test_version_and_help():
     assert "PortSentry 1.2 compatible" in run_cli("--version").stdout
     help_text = run_cli("run", "--help").stdout
     assert "-atcp" in help_text and "--foreground" in help_text
+
+
+def test_every_key_is_in_the_readme_reference():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert [k for k in config.KEYS if f"`{k}`" not in readme] == []
