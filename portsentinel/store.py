@@ -12,6 +12,7 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class BanRecord:
 _COLUMNS = ("address", "since", "until", "port", "protocol", "mode", "reason", "origin",
             "hosts_deny_line", "kill_route_command", "hosts_deny_file", "kill_route_undo")
 _ADDED_COLUMNS = ("hosts_deny_file", "kill_route_undo")  # state files made before them
+_INTO_BANS = f"INTO bans ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
 class Store:
@@ -129,44 +131,48 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def _write(self, statements) -> None:
+    @contextmanager
+    def _transaction(self):
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite ends it itself on some errors (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
+
+    def _write(self, statements) -> None:
+        with self._transaction() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
 
     # -- bans ---------------------------------------------------------------
     def add_ban(self, ban: BanRecord, count_offence: bool = True) -> None:
-        values = tuple(getattr(ban, c) for c in _COLUMNS)
-        statements = [(f"INSERT OR REPLACE INTO bans ({', '.join(_COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(_COLUMNS))})", values),
-                      ("INSERT INTO events (time, kind, address, detail) VALUES (?, 'block', ?, ?)",
-                       (ban.since, ban.address, ban.reason))]
-        if count_offence:
-            statements.append(("INSERT INTO offenders (address, bans, last) VALUES (?, 1, ?) "
-                               "ON CONFLICT(address) DO UPDATE SET bans = bans + 1, last = ?",
-                               (ban.address, ban.since, ban.since)))
-        self._write(statements)
+        self.add_bans_logged([(ban, count_offence)])
+
+    def add_bans_logged(self, bans: list[tuple[BanRecord, bool]]) -> None:
+        """Bans (each with whether it counts as an offence) with their events,
+        in one transaction: what `add_ban` does for each, in this order."""
+        with self._transaction() as db:
+            db.executemany(f"INSERT OR REPLACE {_INTO_BANS}",
+                           [tuple(getattr(b, c) for c in _COLUMNS) for b, _ in bans])
+            db.executemany("INSERT INTO events (time, kind, address, detail) "
+                           "VALUES (?, 'block', ?, ?)", [(b.since, b.address, b.reason)
+                                                         for b, _ in bans])
+            db.executemany("INSERT INTO offenders (address, bans, last) VALUES (?, 1, ?) "
+                           "ON CONFLICT(address) DO UPDATE SET bans = bans + 1, last = ?",
+                           [(b.address, b.since, b.since) for b, counted in bans if counted])
 
     def add_bans(self, bans: list[BanRecord], replace: bool = True) -> None:
-        """Many bans in one transaction; `replace=False` (adoption of bans found
-        in the firewall) never overwrites a record made meanwhile."""
-        rows = [tuple(getattr(b, c) for c in _COLUMNS) for b in bans]
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(f"{verb} INTO bans ({', '.join(_COLUMNS)}) "
-                                     f"VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """Many bans in one transaction, no events, no offences; `replace=False`
+        (adoption of bans found in the firewall) never overwrites a record
+        made meanwhile."""
+        with self._transaction() as db:
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            db.executemany(f"{verb} {_INTO_BANS}",
+                           [tuple(getattr(b, c) for c in _COLUMNS) for b in bans])
 
     def get_ban(self, address: str) -> BanRecord | None:
         with self._lock:

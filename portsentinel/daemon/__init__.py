@@ -68,6 +68,7 @@ class Daemon:
         self.listening = ListeningPorts(time.monotonic, memory=config.service_memory)
         self.peers = PeerMemory(time.monotonic, config.peer_memory)
         self.ledger = BanLedger(ctx)
+        ctx.worker.idle = self.ledger.flush  # a burst's bans, one transaction
         self.firewall = Firewall(ctx, self.ledger, self.listening)
         self.alerts = Alerts(ctx, self.ledger)
         self.probes = ProbePath(ctx, self.ledger, self.alerts, self.firewall, self.listening,
@@ -313,6 +314,7 @@ class Daemon:
         if ctx.fleet is not None:
             ctx.fleet.stop()
         ctx.worker.stop(meanwhile=ctx.inbox.run_pending)
+        self.ledger.flush()  # what a worker that did not finish in time left pending
         self.alerts.close()
         self._close_sensors()
         if self.hold is not None:

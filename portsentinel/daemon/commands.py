@@ -115,7 +115,7 @@ class Commands:
             return {"ok": False, "error": f"{address!r} is not an IP address"}
         length = None if seconds is None else float(seconds)
         now = time.time()
-        record = self.ctx.store.get_ban(str(ip)) or self.ledger.unsaved.get(str(ip))
+        record = self.ledger.find(str(ip))
         recorded = None if record is None or not _in_force(record, now) else (record.since,
                                                                               record.until)
         order = self.ctx.inbox.call(self.ctx.engine.block, ip, now, length, recorded)
@@ -172,9 +172,9 @@ class Commands:
         unrecorded = self.firewall.unrecorded(network, {r.address for r in records})
         if not records and not unrecorded:
             return {"ok": False, "error": f"{target} is not blocked"}
-        # a ban that was mid-report is stored by now (the worker's queue is in
+        # a ban that was mid-report is recorded by now (the worker's queue is in
         # order): its record says what to undo (a KILL_ROUTE rule, a hosts.deny line)
-        records = [self.ctx.store.get_ban(r.address) or r for r in records]
+        records = [self.ledger.find(r.address) or r for r in records]
         problems = {r.address: self.ledger.lift(r, "unblock") for r in records}
         for record in records:
             try:
@@ -226,7 +226,7 @@ class Commands:
             ip = canonical(str(message.get("address")))
         except ValueError:
             return
-        record = self.ctx.store.get_ban(str(ip))
+        record = self.ledger.find(str(ip))
         if record is not None:  # the ledger's lift takes it from the engine too
             self.ctx.worker.put(lambda: self.ledger.lift(record, "fleet"))
 

@@ -153,6 +153,7 @@ class Firewall:
         """Kernel sets against the state: each difference is logged, counted and
         fixed (a ban only in the kernel is recorded; one only in the state is put
         back). A missing or changed table is installed anew first (verify)."""
+        self.ledger.flush()  # the state as complete on disk as the sets compared with it
         self.verify()  # the table, its rules and static sets (a lost event?)
         now = time.time()
         try:

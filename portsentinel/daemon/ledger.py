@@ -13,16 +13,24 @@ engine forgets the ban so that the next probe tries again.
 Lifting (worker; the engine forgets first, on its own thread): the nftables
 set, the compatibility undo as it was at ban time, then the state.
 
+The state is written in groups: a settled ban waits in `pending` until the
+worker's queue is empty, FLUSH_EVERY bans wait, or something reads the whole
+state (reconciliation, a retry), then the group is one transaction. Until
+then it is found, listed and liftable as if written, and wins over an older
+record of its address. A crash loses only the group: its bans are in the
+kernel's sets, which reconciliation records ("found in the firewall").
+
 The state may refuse a write (locked by another program, a full disk): the
-record is kept in memory, listed and liftable, and written later; a lifted
-ban whose removal failed is removed later and never put back by
-reconciliation.
+records are kept in memory (`unsaved`), listed and liftable, and written
+later; a lifted ban whose removal failed is removed later and never put back
+by reconciliation.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 
 from .. import logs
@@ -34,6 +42,7 @@ from ..store import BanRecord
 from .context import Context
 
 LOCAL_ORIGINS = ("local", "cli", "kernel")  # any other origin is a fleet member's name
+FLUSH_EVERY = 256  # pending bans at most: in a long burst, written every so many
 LIFTED = {"expire": "expired", "fleet": "lifted by a fleet member",
           "evict": "lifted to make room (ban sets nearly full)", "unblock": "lifted by command"}
 
@@ -41,7 +50,11 @@ LIFTED = {"expire": "expired", "fleet": "lifted by a fleet member",
 class BanLedger:
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        # settled, not written yet: address -> (record, counts as an offence), in order
+        self.pending: dict[str, tuple[BanRecord, bool]] = {}
         self.unsaved: dict[str, BanRecord] = {}  # bans whose state write failed: retried
+        # writers: the worker, and a command run in place when the worker's queue is full
+        self._writing = threading.RLock()
         self.unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
         self.expiring: set[str] = set()  # lifts queued, not done yet
         self.set_full = False  # the kernel refused a ban: make room now
@@ -131,8 +144,7 @@ class BanLedger:
                 self.ctx.bans.ban(order.address, order.ban_seconds, replace=True)
             except NftError as err:
                 return f"could not set the ban time of {order.address}: {err}"
-        address = str(order.address)
-        record = self.ctx.store.get_ban(address) or self.unsaved.get(address)
+        record = self.find(str(order.address))
         if record is not None:  # none: its report, ahead in the queue, failed
             record.until = order.until
             self.save(record, count_offence=False)
@@ -143,10 +155,12 @@ class BanLedger:
         """Worker: undo one ban everywhere; the problems, if any. A newer ban
         of the same address (made after this one was chosen for lifting, e.g.
         an expiry queued while the host scanned again) is left alone."""
-        current = self.ctx.store.get_ban(record.address) or self.unsaved.get(record.address)
+        current = self.find(record.address)
         if current is not None and current.since != record.since:
             self.expiring.discard(record.address)
             return []
+        if record.address in self.pending:  # written first, as one write a ban would be:
+            self.flush()                    # the offence counts, the events are in order
         self.ctx.inbox.post(self.ctx.engine.lift, from_stored(record.address), False, record.since)
         if self.ctx.bans is not None:
             self.ctx.bans.unban(from_stored(record.address))
@@ -195,28 +209,64 @@ class BanLedger:
                            f"{len(victims)} bans that end soonest to make room for new ones")
 
     # -- the state --------------------------------------------------------
+    def find(self, address: str) -> BanRecord | None:
+        """The newest record of `address`, written or not (any thread). Looked
+        up where a record goes in turn (pending, unsaved, the state), so that
+        one written meanwhile is not missed."""
+        entry = self.pending.get(address)
+        if entry is not None:
+            return entry[0]
+        return self.unsaved.get(address) or self.ctx.store.get_ban(address)
+
     def in_force(self, now: float | None = None) -> list[BanRecord]:
-        """Every recorded ban, those the state could not take yet included;
-        with `now`, only those not over and not being lifted."""
-        records = self.ctx.store.bans()
-        stored = {r.address for r in records}
-        records += [r for r in list(self.unsaved.values()) if r.address not in stored]
+        """Every recorded ban, those not written yet included (the newest
+        record of each address, read in `find`'s order); with `now`, only
+        those not over and not being lifted."""
+        newest = {r.address: r for r, _ in list(self.pending.values())}
+        for record in list(self.unsaved.values()):
+            newest.setdefault(record.address, record)
+        records = [r for r in self.ctx.store.bans() if r.address not in newest]
+        records += newest.values()
         if now is None:
             return records
         return [r for r in records
                 if (r.until is None or r.until > now) and r.address not in self.unremoved]
 
     def save(self, record: BanRecord, count_offence: bool = True) -> None:
-        try:
-            self.ctx.store.add_ban(record, count_offence)
-            self.unsaved.pop(record.address, None)
-        except sqlite3.Error as err:
-            first = record.address not in self.unsaved
-            self.unsaved[record.address] = record
-            if first:
-                self.ctx.metrics.dropped.labels("state write failed").inc()
-                self.ctx.report_error(f"cannot write the state ({err}): the ban of "
-                                      f"{record.address} is kept in memory and written later")
+        """The record goes to the state with the next group (see `flush`)."""
+        with self._writing:
+            if record.address in self.pending:  # its earlier write first, each its own
+                self.flush()
+            self.pending[record.address] = (record, count_offence)
+            if len(self.pending) >= FLUSH_EVERY:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending, in one transaction: the worker calls this
+        when its queue is empty, and before reading the whole state. What the
+        state refuses is kept in `unsaved` (before it leaves `pending`, so a
+        reader always finds it) and retried."""
+        with self._writing:
+            if not self.pending:
+                return
+            group = list(self.pending.values())
+            try:
+                self.ctx.store.add_bans_logged(group)
+                for record, _ in group:
+                    self.unsaved.pop(record.address, None)  # an older, failed write
+            except sqlite3.Error as err:
+                self._keep([record for record, _ in group], err)
+            self.pending.clear()
+
+    def _keep(self, records: list[BanRecord], err: sqlite3.Error) -> None:
+        new = [r.address for r in records if r.address not in self.unsaved]
+        self.unsaved.update((r.address, r) for r in records)
+        if new:
+            self.ctx.metrics.dropped.labels("state write failed").inc(len(new))
+            what = f"the ban of {new[0]} is" if len(new) == 1 else \
+                f"the bans of {len(new)} addresses ({new[0]}, ...) are"
+            self.ctx.report_error(f"cannot write the state ({err}): {what} kept in memory "
+                                  "and written later")
 
     def remove(self, address: str, cause: str) -> None:
         try:
@@ -231,9 +281,11 @@ class BanLedger:
             self.unremoved[address] = cause
 
     def retry(self) -> None:
-        """Worker: write what the state could not take."""
-        for record in list(self.unsaved.values()):
-            self.save(record)
+        """Worker: write what the state could not take (with what is pending)."""
+        with self._writing:
+            for address, record in list(self.unsaved.items()):
+                self.pending.setdefault(address, (record, True))  # a newer record wins
+            self.flush()
         for address, cause in list(self.unremoved.items()):
             self.remove(address, cause)
         if not self.unsaved and not self.unremoved:

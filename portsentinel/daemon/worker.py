@@ -2,7 +2,9 @@
 log lines, hosts.deny / KILL_ROUTE / KILL_RUN_CMD, history files, the state,
 firewall checks. Fed by a bounded queue: the packet path never waits; what
 does not fit is counted. Strictly in order, admin commands included: an
-unblock must find the record of a ban whose report was queued before it."""
+unblock must find the record of a ban whose report was queued before it.
+`idle` runs whenever the queue is empty and at stop (the ledger writes the
+bans of a burst then, in one transaction)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue(size)
         self._dropped, self._log_error = dropped, log_error  # dropped: metrics counter
         self._thread: threading.Thread | None = None
+        self.idle = lambda: None
 
     def put(self, job) -> bool:
         """Queue a job; False (counted) when the queue is full."""
@@ -50,10 +53,18 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is _STOP:
-                return
             try:
-                job()
-            except Exception as err:  # a job must never kill the worker
-                self._log_error(f"adminalert: ERROR: reporting failed: {err!r}")
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                self._run(self.idle)
+                job = self.jobs.get()
+            if job is _STOP:
+                self._run(self.idle)
+                return
+            self._run(job)
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except Exception as err:  # a job must never kill the worker
+            self._log_error(f"adminalert: ERROR: reporting failed: {err!r}")

@@ -122,6 +122,22 @@ def test_worker_runs_jobs_in_order_counts_what_does_not_fit_and_survives_errors(
     assert metrics.snapshot()["portsentinel_dropped_events_total{reason=report queue full}"] == 1
 
 
+def test_the_worker_calls_idle_when_its_queue_empties_and_at_stop():
+    metrics, errors, done, idle = Metrics(), [], [], []
+    worker = Worker(metrics.dropped, errors.append, size=10)
+    worker.idle = lambda: idle.append(len(done))
+    for i in range(3):
+        worker.put(lambda i=i: done.append(i))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert idle == [3]  # after the three jobs, not between them
+    worker.put(lambda: done.append(3))
+    worker.stop(meanwhile=lambda: None)
+    assert done == [0, 1, 2, 3] and idle[-1] == 4 and not errors
+
+
 # -- found by review: each fails on the first version of the split ------------
 def test_an_expiry_queued_before_a_new_ban_never_lifts_the_new_one(daemon):
     store, ledger, engine = daemon.ctx.store, daemon.ledger, daemon.ctx.engine

@@ -35,6 +35,21 @@ def test_store_bulk_adoption(tmp_path: Path):
     assert store.count() == 5000
 
 
+def test_a_group_of_bans_is_stored_as_one_write_a_ban_would_be(tmp_path: Path):
+    group = [(BanRecord("198.51.100.2", 10.0, 100.0, 22, "tcp", "atcp", "scan"), True),
+             (BanRecord("2001:db8::2", 11.0, None, reason="manual", origin="cli"), True),
+             (BanRecord("198.51.100.2", 10.0, 900.0, 22, "tcp", "atcp", "scan"), False),
+             (BanRecord("198.51.100.3", 12.0, 50.0), True)]
+    one_by_one, grouped = Store(tmp_path / "one.db"), Store(tmp_path / "group.db")
+    for ban, counted in group:
+        one_by_one.add_ban(ban, counted)
+    grouped.add_bans_logged(group)
+    assert grouped.bans() == one_by_one.bans() and grouped.get_ban("198.51.100.2").until == 900
+    assert grouped.offences() == one_by_one.offences() == {"198.51.100.2": 1, "2001:db8::2": 1,
+                                                           "198.51.100.3": 1}
+    assert grouped.events() == one_by_one.events()
+
+
 @pytest.mark.parametrize("command, undo", [
     ("/sbin/iptables -I INPUT -s 198.51.100.2 -j DROP", "/sbin/iptables -D INPUT -s 198.51.100.2 -j DROP"),
     ("/sbin/iptables -I INPUT 1 -s 198.51.100.2 -j DROP", "/sbin/iptables -D INPUT -s 198.51.100.2 -j DROP"),

@@ -84,3 +84,19 @@ def test_no_negative_limit_evicts_everything(tmp_path: Path):
     store = Store(tmp_path / "state.db")
     store.add_bans([BanRecord(f"198.51.100.{i}", 0, 100.0 + i) for i in range(1, 6)])
     assert store.soonest_expiring(-3) == [] and store.soonest_expiring(0) == []
+
+
+def test_a_full_disk_is_reported_as_such(tmp_path: Path):
+    """SQLite ends the transaction itself; its error must not hide behind a failed ROLLBACK."""
+    import sqlite3
+    store = Store(tmp_path / "state.db")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    try:
+        store.add_bans_logged([(BanRecord(f"198.51.100.{i}", 1.0, None, reason="x" * 200), True)
+                               for i in range(100)])
+    except sqlite3.OperationalError as err:
+        assert "full" in str(err)
+    else:
+        raise AssertionError("a full database took the write")
+    assert store.count() == 0
