@@ -65,7 +65,9 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
 def _socket_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=None, metavar="PATH",
                         help="the daemon's control socket (default: CONTROL_SOCKET of the "
-                             "embedded config, /run/portsentinel.sock)")
+                             "config: -c FILE, else /etc/portsentry/portsentry.conf if it "
+                             "exists, else /run/portsentinel.sock)")
+    _config_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,8 +479,8 @@ def control(args) -> int:
     if args.socket is not None:
         path = args.socket
     else:
-        try:  # /etc/portsentry/portsentry.conf if it exists, else the embedded default
-            path = configuration.load(None).control_socket
+        try:  # -c, or /etc/portsentry/portsentry.conf if it exists, else the embedded default
+            path = configuration.load(args.config).control_socket
         except ConfigError as err:
             print(f"portsentinel: {err} (give the daemon's socket with --socket)",
                   file=sys.stderr)

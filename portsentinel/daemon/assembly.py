@@ -170,12 +170,7 @@ def changes_from_12(config: Config, tcp: str | None, udp: str | None) -> list[st
         lines.append(f"{'/'.join(logged_only)}=0: those scans are only logged, and (unlike 1.2) "
                      "the host is not recorded as blocked")
     lines.append(_firewall_line(config, tcp, udp))
-    if holds(config, [p for p, mode in ((TCP, tcp), (UDP, udp))
-                      if kernel_trap_armed(config, p, mode)]):
-        lines.append(f"first contact: a stranger's first SYN to a served port waits "
-                     f"{duration_text(config.first_contact_hold)} for the scan to show itself "
-                     "(FIRST_CONTACT_HOLD), so a scan that probes a real port first learns "
-                     "nothing")
+    lines.append(_first_contact_line(config, tcp))
     lines.append(_ipv6_line(config))
     lines.append(_expiry_line(config))
     lines.append("never blocked: this host, its gateways and resolvers, and the ignore files"
@@ -196,6 +191,20 @@ def _firewall_line(config: Config, tcp: str | None, udp: str | None) -> str:
         return ("firewall: KILL_ROUTE only, as in 1.2 (BLOCK_NFTABLES=0): a fork per ban, "
                 "no kernel trap")
     return "firewall: none (BLOCK_NFTABLES=0 and no KILL_ROUTE)"
+
+
+def _first_contact_line(config: Config, tcp: str | None) -> str:
+    if holds(config, [TCP] if kernel_trap_armed(config, TCP, tcp) else []):
+        return (f"first contact: a stranger's first SYN to a served port waits "
+                f"{duration_text(config.first_contact_hold)} for the scan to show itself "
+                "(FIRST_CONTACT_HOLD), so a scan that probes a real port first learns nothing")
+    if config.first_contact_delay:
+        return ("first contact: a stranger's first SYN to a served port is dropped once "
+                "(FIRST_CONTACT_DELAY): new clients wait about a second")
+    why = ("FIRST_CONTACT_HOLD=0" if not config.first_contact_hold or not config.hold_queue
+           else "it needs the kernel trap for TCP")
+    return (f"first contact: not held ({why}): a scan may learn a real port it probes "
+            "before any trap port")
 
 
 def _ipv6_line(config: Config) -> str:

@@ -210,3 +210,12 @@ def test_version_and_help():
 def test_every_key_is_in_the_readme_reference():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert [k for k in config.KEYS if f"`{k}`" not in readme] == []
+
+
+def test_control_commands_find_the_socket_in_the_config_given(tmp_path):
+    conf = tmp_path / "portsentry.conf"
+    conf.write_text(f'CONTROL_SOCKET="{tmp_path}/elsewhere.sock"\n')
+    done = subprocess.run([sys.executable, "-m", "portsentinel.cli", "status", "-c", str(conf)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert f"{tmp_path}/elsewhere.sock" in done.stderr

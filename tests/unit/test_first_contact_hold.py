@@ -175,3 +175,15 @@ def test_delay_replaces_the_hold_and_the_hold_needs_the_kernel_trap():
     assert not holds(config.Config(), ("udp",))
     assert not holds(parse('FIRST_CONTACT_DELAY="1"\n'), ("tcp",))
     assert not holds(parse('FIRST_CONTACT_HOLD="0"\n'), ("tcp",))
+
+
+def test_check_config_says_whether_first_contacts_are_held():
+    from portsentinel.daemon.assembly import changes_from_12
+
+    def line(text):
+        return next(l for l in changes_from_12(parse(text), "atcp", "audp")
+                    if l.startswith("first contact"))
+    assert "waits 20ms" in line("")
+    assert "not held (FIRST_CONTACT_HOLD=0)" in line('FIRST_CONTACT_HOLD="0"\n')
+    assert "dropped once" in line('FIRST_CONTACT_DELAY="1"\n')
+    assert "needs the kernel trap" in line('KERNEL_TRAP="0"\n')
