@@ -82,8 +82,10 @@ def scan_once(lab, contender, argv, v6: bool, mac: str) -> tuple[int, bool]:
     contender.start()
     revealed_install(lab, source)
     if argv is None:
-        lab.exec("attacker", "masscan", target, "-p0-65535", "--rate", "100000", "--wait", "1",
-                 "-e", "eth0", "--router-mac", mac, "--adapter-ip", source, timeout=60)
+        # bounded: masscan has been seen to hang in its wait against a blocking target
+        lab.exec("attacker", "timeout", "-s", "KILL", "15", "masscan", target, "-p0-65535",
+                 "--rate", "100000", "--wait", "1", "-e", "eth0", "--router-mac", mac,
+                 "--adapter-ip", source, timeout=60)
     else:
         timing = [] if any(a.startswith("-T") for a in argv) else ["-T4"]
         lab.exec("attacker", "nmap", *(["-6"] if v6 else []), *timing, *argv, "-Pn", "-n",
@@ -94,9 +96,11 @@ def scan_once(lab, contender, argv, v6: bool, mac: str) -> tuple[int, bool]:
     return found, detected
 
 
-def leaks(lab, contenders, runs: int, mac: str) -> list[list]:
+def leaks(lab, contenders, runs: int, mac: str, only: str = "") -> list[list]:
     rows = []
     for name, argv, v6 in SCANS:
+        if only not in name:
+            continue
         for contender in contenders:
             results = [scan_once(lab, contender, argv, v6, mac) for _ in range(runs)]
             shown = [found for found, _ in results]
@@ -173,9 +177,12 @@ class WithStatus(Portsentinel):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=20, help="runs per scan and contender")
+    parser.add_argument("--runs", type=int, default=20,
+                        help="runs per scan and contender (0: only the price)")
     parser.add_argument("--clients", type=int, default=200, help="first connections measured")
     parser.add_argument("--rates", default="2000,4000", help="new sources a second")
+    parser.add_argument("--scans", default="", metavar="TEXT",
+                        help="only the scans whose name holds TEXT (e.g. masscan)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it builds network namespaces)")
@@ -192,7 +199,8 @@ def main() -> None:
         off.name = "hold off (the defaults before)"
         on = WithStatus(lab, work, True)
         on.name = "hold on (defaults, 20 ms)"
-        leak_rows = leaks(lab, [Portsentry12(lab, work), off, on], args.runs, mac)
+        leak_rows = leaks(lab, [Portsentry12(lab, work), off, on], args.runs, mac,
+                          args.scans) if args.runs else []
         latency = latency_rows(lab, [off, on], args.clients)
         load = [busy(lab, on, int(r), 5.0, mac) for r in args.rates.split(",")]
         print(table(["scan", "contender", "runs", "runs revealing a real port",
