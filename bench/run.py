@@ -157,6 +157,7 @@ class Portsentinel(Contender):
         self.name = "portsentinel kernel-trap" if kernel_trap else "portsentinel userspace"
         self.kernel_trap = kernel_trap
         self.proc = None
+        self.binary = PORTSENTINEL  # --baseline: another checkout's, side by side
 
     def start(self) -> None:
         self.reset_firewall()
@@ -171,7 +172,7 @@ class Portsentinel(Contender):
                         + ('' if self.kernel_trap else 'KERNEL_TRAP="0"\n')
                         + self.extra)
         self.log = self.work / "portsentinel.log"
-        self.proc = self.lab.start("target", str(PORTSENTINEL), "run", "-c", str(conf),
+        self.proc = self.lab.start("target", str(self.binary), "run", "-c", str(conf),
                                    "--foreground", "--log", "stdout",
                                    "--pid-file", str(self.work / "pid"),
                                    stdout=self.log.open("w"))
@@ -718,6 +719,12 @@ listening", the restore step alone, and the bans in the kernel sets afterwards.
 """
 
 
+def baseline(contender: "Portsentinel", binary: Path) -> "Portsentinel":
+    contender.binary = binary
+    contender.name += " (baseline)"
+    return contender
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -740,6 +747,12 @@ def main() -> None:
     parser.add_argument("--idle-only", type=float, default=0, metavar="SECONDS",
                         help="only: each contender idle for SECONDS after its start; print "
                              "the table")
+    parser.add_argument("--capacity-only", action="store_true",
+                        help="only: the userspace path's capacity (new sources a second); "
+                             "print the table")
+    parser.add_argument("--baseline", type=Path, metavar="BIN",
+                        help="with --capacity-only or --idle-only: also run this portsentinel "
+                             "(another checkout's .venv/bin/portsentinel), side by side")
     parser.add_argument("--leak-trials", type=int, default=0, metavar="N",
                         help="only: N runs of -sS and -sT against the kernel trap, with and "
                              "without FIRST_CONTACT_DELAY, and PortSentry's config unchanged; "
@@ -763,7 +776,20 @@ def main() -> None:
             print(leak_table(lab, work, args.leak_trials))
             return
         if args.idle_only:
+            if args.baseline:
+                contenders.insert(2, baseline(Portsentinel(lab, work, True), args.baseline))
             print(idle_table(idle(lab, contenders, args.idle_only)))
+            return
+        if args.capacity_only:
+            unlimited = Portsentinel(lab, work, False, 'BAN_RATE_LIMIT="0"\n')
+            both = [unlimited] + ([baseline(Portsentinel(lab, work, False, 'BAN_RATE_LIMIT="0"\n'),
+                                            args.baseline)] if args.baseline else [])
+            rows = [row for rate in rates for c in both
+                    for row in capacity(lab, c, [rate], args.flood_seconds)]
+            print(table(["contender", "new sources/s", "sent", "alerted and banned",
+                         "CPU % of a core", "RSS MiB"],
+                        [[r["contender"], r["rate"], r["sent"], r["handled"],
+                          f"{r['cpu_pct']:.0f}", f"{r['rss_kb'] / 1024:.0f}"] for r in rows]))
             return
         if args.sensor_compare:
             print(sensor_table(sensor_compare(lab, work)))

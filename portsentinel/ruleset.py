@@ -24,7 +24,8 @@ from dataclasses import dataclass
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
 # what the kernel sensor logs for userspace (with `sensor`), judged as far as it can:
-HIT_PREFIX = "portsentinel hit"  # a trap hit userspace decides (a peer, no kernel ban)
+HIT_PREFIX = "portsentinel hit"  # a stranger's trap hit userspace decides (no kernel ban)
+PEER_HIT_PREFIX = "portsentinel peer"  # a mature peer's trap hit (maybe a decoy's)
 CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
 SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
 HIT_RATE = "20/second burst 40 packets"
@@ -186,11 +187,14 @@ def _peers(t: str, peer_memory: float) -> list[str]:
     return rules
 
 
-def _hit_log(t: str, trap: KernelTrap, chain: str = "challenge") -> list[str]:
-    """Log a trap hit for userspace, at most HIT_RATE per source (no verdict)."""
+def _hit_log(t: str, trap: KernelTrap, chain: str = "challenge",
+             prefix: str = PEER_HIT_PREFIX) -> list[str]:
+    """Log a trap hit for userspace, at most HIT_RATE per source (no verdict).
+    The prefix tells whether the source is a mature peer, as the kernel saw
+    it then: userspace need not ask."""
     return [f"add rule inet {t} {chain} meta nfproto {family} update @hits{v} {{ {field} "
             f'timeout 10s limit rate {HIT_RATE} }} log group {int(trap.log_group)} '
-            f'prefix "{HIT_PREFIX}"' for v, family, field in FAMILIES]
+            f'prefix "{prefix}"' for v, family, field in FAMILIES]
 
 
 def _challenge(t: str, port: int, hit_log: list[str]) -> list[str]:
@@ -266,7 +270,7 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
     source's packets are dropped in prerouting before they get here."""
     group = int(trap.log_group)
     rules = _returns(t)
-    for name in ("hit", "contact", "contact_new"):
+    for name in ("hit", "peer_hit", "contact", "contact_new"):
         rules += [f"add chain inet {t} {name}", f"flush chain inet {t} {name}"]
     if ban_tcp and trap.first_contact_delay:
         rules += _first_contact_delay(t)
@@ -279,8 +283,8 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules.append(f"add rule inet {t} input {SYN_ONLY} jump contact")
     rules += _hold(t, trap) + _spared(t)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
-        rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 goto hit",
-                  f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 goto hit"]
+        rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 goto peer_hit",
+                  f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 goto peer_hit"]
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
         rules.append(f"add rule inet {t} trap limit rate over {limit(trap.ban_rate)} "
                      f'log group {group} prefix "{HIT_PREFIX}" accept')
@@ -290,8 +294,9 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
                       f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
                       for v, family, field in FAMILIES]
     rules.append(f"add rule inet {t} trap goto hit")  # no kernel ban: userspace decides
-    rules += [rule + " accept" for rule in _hit_log(t, trap, "hit")]
-    rules.append(f"add rule inet {t} hit accept")  # past its rate: seen enough
+    for chain, prefix in (("hit", HIT_PREFIX), ("peer_hit", PEER_HIT_PREFIX)):
+        rules += [rule + " accept" for rule in _hit_log(t, trap, chain, prefix)]
+        rules.append(f"add rule inet {t} {chain} accept")  # past its rate: seen enough
     rules += [f"add rule inet {t} contact {field} . tcp dport @seen{v} return"
               for v, _, field in FAMILIES]
     rules += [f"add rule inet {t} contact meta nfproto {family} add @seen{v} {{ {field} . "

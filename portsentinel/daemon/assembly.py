@@ -12,8 +12,8 @@ from ..command_templates import kill_route_for, undo_command
 from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
-from ..ruleset import (CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, SERVED_PREFIX, KernelTrap,
-                       port_ranges)
+from ..ruleset import (CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX, SERVED_PREFIX,
+                       KernelTrap, port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 
@@ -150,7 +150,8 @@ def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
         return 0
     prefixes = {LOG_PREFIX: "ban"}
     if sensing:
-        prefixes |= {HIT_PREFIX: "hit", CONTACT_PREFIX: "contact", SERVED_PREFIX: "served"}
+        prefixes |= {HIT_PREFIX: "hit", PEER_HIT_PREFIX: "peer hit", CONTACT_PREFIX: "contact",
+                     SERVED_PREFIX: "served"}
     try:
         armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:

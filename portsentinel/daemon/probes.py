@@ -70,14 +70,17 @@ class LiveFacts:
 
 class KernelFacts(LiveFacts):
     """A probe the kernel sensor logged: it judged the port (served?), the
-    reply direction and NAT already; only `peer` is left to ask."""
+    reply direction and NAT already, and for a trap hit whether the source is
+    a mature peer (its log prefix); a first contact's `peer` is asked."""
 
     __slots__ = ()
     kernel_decides = False
 
-    def __init__(self, path: "ProbePath", probe, served: bool):
+    def __init__(self, path: "ProbePath", probe, served: bool, peer: bool | None = None):
         super().__init__(path, probe, False, young=False)
         self._served, self._reply, self._forwarded = served, False, False
+        if peer is not None:
+            self._peer = peer
 
 
 class ProbePath:
@@ -89,6 +92,7 @@ class ProbePath:
         self.sensors: list = []  # as armed (a challenge ban reads the challenge sensor first)
         self.deferred: deque = deque(maxlen=DEFERRED_TRIALS)  # (due, probe)
         self.repeat_lines = logs.LineBudget(REPEAT_LINES_PER_SECOND, REPEAT_LINES_PER_SECOND)
+        self._reports: list | None = None  # reports of the kernel log batch being read
 
     # -- sensors ----------------------------------------------------------
     def read(self, sensor) -> None:
@@ -113,19 +117,35 @@ class ProbePath:
 
     def _read_kernel_log(self, sensor) -> None:
         """The kernel's bans, and with the kernel as the sensor what it left
-        to us: each probe once, judged as far as the kernel could."""
+        to us: each probe once, judged as far as the kernel could. Their
+        reports go to the worker as one job (in order): a queue hand-over per
+        probe cost more than the probe's own decision."""
+        self._reports = []
         try:
             for what, probe in sensor.read():
                 self._safely(probe, self._kernel_logged, what, probe)
         except OSError as err:  # ENOBUFS: the kernel dropped messages for us
             self.ctx.metrics.dropped.labels("sensor error").inc()
             self.ctx.report_error(f"kernel log: {err}")
+        finally:
+            reports, self._reports = self._reports, None
+            if reports:
+                self.ctx.worker.put(lambda: self._run_reports(reports))
+
+    def _run_reports(self, reports: list) -> None:
+        """Worker: each report on its own, so that one failure loses no other."""
+        for report in reports:
+            try:
+                report()
+            except Exception as err:  # noqa: BLE001 - as the worker does for a job
+                self.ctx.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
 
     def _kernel_logged(self, what: str, probe) -> None:
         if what == "ban":
             self.kernel_banned(probe)
             return
-        self.handle(probe, facts=KernelFacts(self, probe, what == "served"))
+        peer = {"hit": False, "peer hit": True}.get(what)
+        self.handle(probe, facts=KernelFacts(self, probe, what == "served", peer))
 
     def _handle_safely(self, probe, sensor) -> None:
         self._safely(probe, self.handle, probe, sensor.needs_listener_check)
@@ -200,7 +220,11 @@ class ProbePath:
 
     def _report(self, decision: Decision, nft_result, origin: str) -> None:
         lookup = self.alerts.look_up(decision.probe)
-        self.ctx.worker.put(lambda: self.alerts.report(decision, nft_result, origin, lookup))
+        report = lambda: self.alerts.report(decision, nft_result, origin, lookup)  # noqa: E731
+        if self._reports is not None:  # a kernel log batch: queued with it, in order
+            self._reports.append(report)
+        else:
+            self.ctx.worker.put(report)
 
     def run_deferred(self) -> None:
         """First contacts whose time has come: judged again, NAT known by now."""

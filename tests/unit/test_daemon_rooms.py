@@ -237,3 +237,31 @@ def test_what_the_kernel_sensor_logs_is_judged_with_the_kernels_facts(tmp_path):
     assert decisions[-1].slow_scan == 4 and not decisions[-1].recheck_after
     # a trap hit the kernel left to us (no kernel ban): judged as unserved, not a reply
     assert logged("hit", 25, "198.51.100.32").verdict is Verdict.BLOCK
+
+
+def test_a_kernel_log_batch_is_reported_as_one_job_and_each_report_on_its_own(daemon):
+    """One queue hand-over for a batch of kernel-logged probes, in order; a
+    report that fails loses no other."""
+    from portsentinel.engine import TCP, Kind, Probe
+
+    class Sensor:
+        kernel_log = True
+
+        def read(self):
+            for i in (7, 8, 9):
+                yield "ban", Probe(ipaddress.ip_address(f"198.51.100.{i}"), 23, TCP, Kind.SYN,
+                                   time.time())
+
+    class Bans:
+        def command(self, address, seconds):
+            return f"add element {address}"
+
+    reported = []
+    daemon.ctx.bans = Bans()
+    daemon.alerts.report = lambda decision, *rest: (
+        reported.append(str(decision.probe.source)),
+        1 / 0 if decision.probe.source.packed[-1] == 8 else None)
+    daemon.probes.read(Sensor())
+    assert daemon.ctx.worker.jobs.qsize() == 1
+    daemon.ctx.worker.jobs.get_nowait()()
+    assert reported == ["198.51.100.7", "198.51.100.8", "198.51.100.9"]

@@ -202,7 +202,7 @@ def test_the_sensed_trap_logs_only_what_userspace_must_judge():
     # every exemption comes before any ban or log
     assert rules.index("trap socket transparent 0 return") < rules.index("trap ct direction "
                                                                          "reply return") \
-        < rules.index("@peers4 ip saddr != @young4 goto hit") \
+        < rules.index("@peers4 ip saddr != @young4 goto peer_hit") \
         < rules.index("trap meta l4proto tcp meta nfproto ipv4 add @ban4")
     # hits: per source, a limited rate; contacts: each (source, port) once
     assert "update @hits4 { ip saddr timeout 10s limit rate 20/second burst 40 packets }" \
@@ -217,3 +217,27 @@ def test_the_sensed_trap_logs_only_what_userspace_must_judge():
     without = "\n".join(table_commands("t", 1000, KernelTrap(((1, 1023),), (), log_group=7417,
                                                               sensor=True), 0))
     assert "jump contact" not in without  # no slow-scan test: no contacts logged
+
+
+def test_a_kernel_logged_trap_hit_says_whether_its_source_is_a_peer():
+    """The kernel saw the peer sets when it logged the hit: its prefix carries
+    the answer, so userspace asks no netlink question per hit."""
+    from portsentinel.daemon.probes import KernelFacts
+    from portsentinel.ruleset import PEER_HIT_PREFIX, KernelTrap, table_commands
+
+    class NoLookups:
+        def is_peer(self, address):
+            raise AssertionError("a lookup")
+
+    probe = Probe(ipaddress.ip_address("198.51.100.9"), 23, TCP, Kind.SYN, 0.0)
+    assert KernelFacts(NoLookups(), probe, False, peer=False).peer is False
+    assert KernelFacts(NoLookups(), probe, False, peer=True).peer is True
+    with pytest.raises(AssertionError):
+        KernelFacts(NoLookups(), probe, True).peer  # a first contact: asked
+    rules = table_commands("t", 1024, KernelTrap(((1, 1023),), (), 600, log_group=5,
+                                                 sensor=True), 60)
+    assert "add rule inet t trap ip saddr @peers4 ip saddr != @young4 goto peer_hit" in rules
+    peer_logs = [r for r in rules if r.startswith("add rule inet t peer_hit ") and "log" in r]
+    assert peer_logs and all(f'prefix "{PEER_HIT_PREFIX}"' in r for r in peer_logs)
+    hit_logs = [r for r in rules if r.startswith("add rule inet t hit ") and "log" in r]
+    assert hit_logs and all(f'prefix "{HIT_PREFIX}"' in r for r in hit_logs)
