@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from portsentinel import bpf, listeners, netlink, nfqueue
+from portsentinel import bpf, listeners, netlink, nfqueue, nftwatch
 from portsentinel.conntrack import Conntrack
 from portsentinel.nflog import KernelBanLog
 from portsentinel.nfnetlink import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, SET_ELEM_KEY,
@@ -130,6 +130,8 @@ def outputs() -> dict[str, str]:
     for name, args in FILTERS.items():
         found[f"bpf_{name}.txt"] = "".join(f"{c:#06x} {jt} {jf} {k:#010x}\n"
                                            for c, jt, jf, k in bpf.probe_filter(*args))
+    found["bpf_ruleset_watch.txt"] = "".join(f"{c:#06x} {jt} {jf} {k:#010x}\n"
+                                             for c, jt, jf, k in nftwatch.event_filter())
     for name, make in MESSAGES.items():
         found[f"netlink_{name}.hex"] = "".join(m.hex() + "\n" for m in make())
     return found
@@ -229,3 +231,20 @@ def test_the_probe_filter_keeps_probes_and_drops_the_rest():
     assert run_bpf(program, ipv4(6, 22), ethertype=0x0806) == 0  # ARP
     assert run_bpf(bpf.probe_filter(False, True), ipv4(6, 22)) == 0  # no TCP trap
     assert run_bpf(bpf.probe_filter(True, False), ipv4(17, 53)) == 0
+
+
+def test_the_ruleset_watch_filter_drops_our_own_additions_only():
+    from portsentinel import nftwatch
+
+    program = nftwatch.event_filter()
+
+    def datagram(kind: int) -> bytes:
+        return netlink.nfnl_message(10, kind, 0, 0, 1, b"\0" * 8)
+
+    assert run_bpf(program, datagram(nftwatch.NFT_MSG_NEWSETELEM)) == 0  # a ban
+    assert run_bpf(program, datagram(nftwatch.NFT_MSG_NEWGEN)) == 0
+    for kind in nftwatch.CHANGES:  # deletions, rules: every one reaches the daemon
+        assert run_bpf(program, datagram(kind)) > 0, kind
+    # a datagram is judged by its first message only
+    both = datagram(nftwatch.NFT_MSG_DELTABLE) + datagram(nftwatch.NFT_MSG_NEWSETELEM)
+    assert run_bpf(program, both) > 0
