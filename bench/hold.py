@@ -1,6 +1,7 @@
 """The first-contact hold (issue 16), side by side in one run:
 
     sudo .venv/bin/python bench/hold.py [--runs 20]     # prints the tables
+    sudo .venv/bin/python bench/run.py --hold-only      # the same, from run.py
 
 Contenders, each started fresh for every run in the same lab:
   PortSentry 1.2      Debian's binary, -atcp/-audp, KILL_ROUTE iptables (bench/run.py)
@@ -174,6 +175,26 @@ class WithStatus(Portsentinel):
                              str(self.work / "ps.sock")).stdout
 
 
+def measure(lab, work: Path, runs: int, clients: int, rates: list[int], only: str = "") -> str:
+    """Every table of this script, in `lab` (with tests/services.py running)."""
+    if not shutil.which("masscan") and "masscan" in " ".join(n for n, _, _ in SCANS if only in n):
+        sys.exit("masscan is missing: apt-get install masscan")
+    mac = re.search(r"link/ether (\S+)", lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
+    off = WithStatus(lab, work, True, 'FIRST_CONTACT_HOLD="0"\n')
+    off.name = "hold off (the defaults before)"
+    on = WithStatus(lab, work, True)
+    on.name = "hold on (defaults, 20 ms)"
+    leak_rows = leaks(lab, [Portsentry12(lab, work), off, on], runs, mac, only) if runs else []
+    latency = latency_rows(lab, [off, on], clients)
+    load = [busy(lab, on, rate, 5.0, mac) for rate in rates]
+    return "\n\n".join([
+        table(["scan", "contender", "runs", "runs revealing a real port",
+               "real ports revealed in all", "most in one run", "runs not detected"], leak_rows),
+        table(["contender", "first connections", "median ms", "p99 ms", "max ms"], latency),
+        table(["contender", "new sources/s", "SYNs sent", "held", "released late",
+               "passed unheld", "daemon CPU % of a core"], load)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,32 +207,12 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it builds network namespaces)")
-    if not shutil.which("masscan"):
-        sys.exit("masscan is missing: apt-get install masscan")
     with netlab.Lab("bn") as lab, tempfile.TemporaryDirectory() as tmp:
         services = lab.start("target", sys.executable, str(run.ROOT / "tests/services.py"),
                              "7200", stdout=subprocess.PIPE)
         assert services.stdout.readline().strip() == b"ready"
-        work = Path(tmp)
-        mac = re.search(r"link/ether (\S+)",
-                        lab.exec("target", "ip", "link", "show", "eth0").stdout)[1]
-        off = WithStatus(lab, work, True, 'FIRST_CONTACT_HOLD="0"\n')
-        off.name = "hold off (the defaults before)"
-        on = WithStatus(lab, work, True)
-        on.name = "hold on (defaults, 20 ms)"
-        leak_rows = leaks(lab, [Portsentry12(lab, work), off, on], args.runs, mac,
-                          args.scans) if args.runs else []
-        latency = latency_rows(lab, [off, on], args.clients)
-        load = [busy(lab, on, int(r), 5.0, mac) for r in args.rates.split(",")]
-        print(table(["scan", "contender", "runs", "runs revealing a real port",
-                     "real ports revealed in all", "most in one run", "runs not detected"],
-                    leak_rows))
-        print()
-        print(table(["contender", "first connections", "median ms", "p99 ms", "max ms"],
-                    latency))
-        print()
-        print(table(["contender", "new sources/s", "SYNs sent", "held", "released late",
-                     "passed unheld", "daemon CPU % of a core"], load))
+        print(measure(lab, Path(tmp), args.runs, args.clients,
+                      [int(r) for r in args.rates.split(",")], args.scans))
 
 
 if __name__ == "__main__":

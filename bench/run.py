@@ -747,6 +747,9 @@ def main() -> None:
     parser.add_argument("--idle-only", type=float, default=0, metavar="SECONDS",
                         help="only: each contender idle for SECONDS after its start; print "
                              "the table")
+    parser.add_argument("--hold-only", action="store_true",
+                        help="only: the first-contact hold's tables (bench/hold.py: 20 runs "
+                             "of each scan beside 1.2 and the hold off, the price); print them")
     parser.add_argument("--capacity-only", action="store_true",
                         help="only: the userspace path's capacity (new sources a second); "
                              "print the table")
@@ -779,6 +782,10 @@ def main() -> None:
             if args.baseline:
                 contenders.insert(2, baseline(Portsentinel(lab, work, True), args.baseline))
             print(idle_table(idle(lab, contenders, args.idle_only)))
+            return
+        if args.hold_only:
+            import hold  # bench/hold.py, beside this file
+            print(hold.measure(lab, work, 20, 200, [2000, 4000]))
             return
         if args.capacity_only:
             unlimited = Portsentinel(lab, work, False, 'BAN_RATE_LIMIT="0"\n')
