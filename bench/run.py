@@ -531,7 +531,8 @@ def idle_table(rows: list[dict]) -> str:
                  [[r["contender"], f"{r['cpu_pct']:.2f}", f"{r['rss_mb']:.0f}"] for r in rows])
 
 
-def state_load(lab, work: Path, counts: list[int]) -> list[dict]:
+def state_load(lab, work: Path, counts: list[int], binary: Path = PORTSENTINEL,
+               name: str = "") -> list[dict]:
     """Start-up time of portsentinel with N stored bans (IPv4 and IPv6 halves)."""
     from portsentinel.store import BanRecord, Store
 
@@ -552,7 +553,7 @@ def state_load(lab, work: Path, counts: list[int]) -> list[dict]:
         lab.exec("target", "nft", "delete", "table", "inet", "portsentinel")
         log = work / f"load-{count}.log"
         t0 = time.monotonic()
-        proc = lab.start("target", str(PORTSENTINEL), "run", "-c", str(conf), "--foreground",
+        proc = lab.start("target", str(binary), "run", "-c", str(conf), "--foreground",
                          "--log", "stdout", "--pid-file", str(work / "load.pid"),
                          stdout=log.open("w"))
         netlab.wait_for_line(log, "now active and listening", 60)
@@ -561,7 +562,7 @@ def state_load(lab, work: Path, counts: list[int]) -> list[dict]:
         lab.stop(proc)
         in_kernel = lab.exec("target", "sh", "-c", "nft -j list set inet portsentinel ban4; "
                              "nft -j list set inet portsentinel ban6").stdout.count('"val"')
-        row = {"bans": count, "ready_s": ready,
+        row = {"contender": name or "portsentinel", "bans": count, "ready_s": ready,
                "restore_s": float(restore[1]) if restore else 0.0, "in_kernel": in_kernel}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -754,7 +755,8 @@ def main() -> None:
                         help="only: the userspace path's capacity (new sources a second); "
                              "print the table")
     parser.add_argument("--baseline", type=Path, metavar="BIN",
-                        help="with --capacity-only or --idle-only: also run this portsentinel "
+                        help="with --capacity-, --idle- or --restart-only: also run this "
+                             "portsentinel "
                              "(another checkout's .venv/bin/portsentinel), side by side")
     parser.add_argument("--leak-trials", type=int, default=0, metavar="N",
                         help="only: N runs of -sS and -sT against the kernel trap, with and "
@@ -802,10 +804,16 @@ def main() -> None:
             print(sensor_table(sensor_compare(lab, work)))
             return
         if args.restart_only:
-            rows = state_load(lab, work, [0, 10000, 100000])
-            print(table(["stored bans", "launch to ready s", "restore s", "in the kernel after"],
-                        [[r["bans"], f"{r['ready_s']:.2f}", f"{r['restore_s']:.2f}",
-                          r["in_kernel"]] for r in rows]))
+            rows = []
+            for _ in range(3 if args.baseline else 1):  # turns taken: the machine is noisy
+                for count in (0, 10000, 100000):
+                    rows += state_load(lab, work, [count])
+                    if args.baseline:
+                        rows += state_load(lab, work, [count], args.baseline, "baseline")
+            print(table(["contender", "stored bans", "launch to ready s", "restore s",
+                         "in the kernel after"],
+                        [[r["contender"], r["bans"], f"{r['ready_s']:.2f}",
+                          f"{r['restore_s']:.2f}", r["in_kernel"]] for r in rows]))
             return
         if args.latency_only:
             latency = {c.name: [latency_trial(lab, c, args.gap, 400) for _ in range(args.trials)]

@@ -27,7 +27,7 @@ from ..nfnetlink import SetElements
 from ..nfqueue import NF_ACCEPT, NF_REPEAT, Queue
 from ..ruleset import HEARTBEAT_KEY
 
-HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT = 0.25, 1.0
+HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT = 0.5, 1.0  # a stall lapses it within 0.5-1 s
 LATE = 0.05  # a release this much past its time is late (counted)
 REPORT_EVERY = 60.0  # at most one line a minute about packets that passed unheld
 MOST_PER_SET = 1000  # set elements per netlink message
