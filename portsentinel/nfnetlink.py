@@ -164,10 +164,11 @@ class SetElements:
                           (NFT_MSG_NEWSETELEM, chunk, int(timeout * 1000) or None)])
 
     def add_keys(self, by_set: dict[str, list[bytes]], timeout: float) -> None:
-        """Add raw keys to sets, in one transaction (existing ones left as they are)."""
-        by_set = {name: keys for name, keys in by_set.items() if keys}
-        if by_set:
-            self._commit([(NFT_MSG_NEWSETELEM, by_set, int(timeout * 1000) or None)])
+        """Add raw keys to sets (existing ones left as they are), CHUNK a message."""
+        for name, keys in by_set.items():
+            for start in range(0, len(keys), CHUNK):
+                self._commit([(NFT_MSG_NEWSETELEM, {name: keys[start:start + CHUNK]},
+                               int(timeout * 1000) or None)])
 
     def contains(self, set_name: str, address) -> bool:
         """One GETSETELEM round trip: is `address` in the set?"""

@@ -10,7 +10,6 @@ cannot deliver to us: the packet passes; its id is skipped, so we count it)."""
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -131,7 +130,3 @@ class Queue:
         except OSError:
             pass
         self.sock.close()
-
-
-def address_text(packed: bytes) -> str:
-    return str(ipaddress.ip_address(packed))

@@ -132,25 +132,24 @@ class Daemon:
             hold = self.hold = ctx.hold = None
         if not queue:
             return
-        seconds = ctx.config.first_contact_hold
-        if hold is not None:
-            hold.seconds, hold.clear_seconds = seconds, ctx.config.peer_memory
-            ctx.hold = f"{duration_text(seconds)} (queue {queue})"
-            return
-        try:
-            if ctx.bans.queue_error:
-                raise OSError(ctx.bans.queue_error)
-            self.hold = Hold(ctx.config.nft_table, queue, seconds, ctx.config.peer_memory,
-                             ctx.metrics, ctx.log).start()
-        except OSError as err:
-            ctx.log.error(f"adminalert: ERROR: no first-contact hold ({err}); a scan may "
-                          "learn a real port it probes before any trap port "
-                          "(FIRST_CONTACT_DELAY=\"1\" is the other way)")
-            return
+        seconds, memory = ctx.config.first_contact_hold, ctx.config.peer_memory
+        if hold is not None:  # a reload: new times, the same queue
+            hold.seconds, hold.clear_seconds = seconds, memory
+        else:
+            try:
+                if ctx.bans.queue_error:
+                    raise OSError(ctx.bans.queue_error)
+                self.hold = Hold(ctx.config.nft_table, queue, seconds, memory, ctx.metrics,
+                                 ctx.log).start()
+            except OSError as err:
+                ctx.log.error(f"adminalert: ERROR: no first-contact hold ({err}); a scan may "
+                              "learn a real port it probes before any trap port "
+                              "(FIRST_CONTACT_DELAY=\"1\" is the other way)")
+                return
+            ctx.log(f"adminalert: first-contact hold armed: a stranger's first SYN to a "
+                    f"served port waits {duration_text(seconds)} for the scan to show itself "
+                    f"(queue {queue})", logs.INFO)
         ctx.hold = f"{duration_text(seconds)} (queue {queue})"
-        ctx.log(f"adminalert: first-contact hold armed: a stranger's first SYN to a served "
-                f"port waits {duration_text(seconds)} for the scan to show itself "
-                f"(queue {queue})", logs.INFO)
 
     def _open_sensors(self) -> Armed:
         ctx = self.ctx

@@ -30,7 +30,6 @@ from ..ruleset import HEARTBEAT_KEY
 HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT = 0.5, 1.0  # a stall lapses it within 0.5-1 s
 LATE = 0.05  # a release this much past its time is late (counted)
 REPORT_EVERY = 60.0  # at most one line a minute about packets that passed unheld
-MOST_PER_SET = 1000  # set elements per netlink message
 
 
 class Hold:
@@ -122,11 +121,8 @@ class Hold:
         """Sources into the clear sets; False (hand back with "accept": a
         repeat would only queue them again) if the kernel refused."""
         try:
-            for name, sources in clear.items():
-                listed = sorted(sources)
-                for start in range(0, len(listed), MOST_PER_SET):
-                    self.elements.add_keys({name: listed[start:start + MOST_PER_SET]},
-                                           self.clear_seconds)
+            self.elements.add_keys({name: sorted(sources) for name, sources in clear.items()},
+                                   self.clear_seconds)
         except OSError as err:
             if not self._clear_failed:
                 self._clear_failed = True

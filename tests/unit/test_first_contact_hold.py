@@ -108,7 +108,7 @@ def test_each_packet_waits_its_own_time_and_one_verdict_releases_them():
     assert h.queue.verdicts == []  # nothing is due before its 20 ms
     h._release(10.021)
     assert h.queue.verdicts == [(nfqueue.NF_REPEAT, 2)]  # 1 and 2, not 3
-    assert h.elements.added == [({"clear4": [V4]}, 600), ({"clear6": [V6]}, 600)]
+    assert h.elements.added == [({"clear4": [V4], "clear6": [V6]}, 600)]
     h._release(10.036)
     assert h.queue.verdicts[-1] == (nfqueue.NF_REPEAT, 3)
     assert h.metrics.held._only.value == 3 and h.metrics.held_late._only.value == 0
