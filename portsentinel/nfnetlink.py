@@ -63,12 +63,16 @@ def elements_body(table: bytes, set_name: str, addresses, timeout_ms: int | None
             + nested(SET_ELEM_LIST_ELEMENTS, *elements))
 
 
+def _edge(kind: int, seq: int) -> bytes:
+    """A transaction's begin or end message (the kernel acknowledges neither)."""
+    return nfnl_message(0, kind, NLM_F_REQUEST, seq, 0, b"", NFNL_SUBSYS_NFTABLES)
+
+
 def batch(table: bytes, operations, seq: int) -> tuple[bytes, int, int]:
     """One nf_tables transaction of every (kind, {set: addresses}, timeout_ms)
     in order: the datagram, and the first and last sequence numbers that the
     kernel acknowledges (the batch's begin and end are not acknowledged)."""
-    parts = [nfnl_message(0, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, b"",
-                          NFNL_SUBSYS_NFTABLES)]
+    parts = [_edge(NFNL_MSG_BATCH_BEGIN, seq)]
     first = seq + 1
     for kind, by_set, timeout_ms in operations:
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
@@ -77,8 +81,7 @@ def batch(table: bytes, operations, seq: int) -> tuple[bytes, int, int]:
             parts.append(nfnl_message(NFNL_SUBSYS_NFTABLES, kind, flags, seq, NFPROTO_INET,
                                       elements_body(table, set_name, addresses, timeout_ms)))
     seq += 1
-    parts.append(nfnl_message(0, NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, b"",
-                              NFNL_SUBSYS_NFTABLES))
+    parts.append(_edge(NFNL_MSG_BATCH_END, seq))
     return b"".join(parts), first, seq - 1
 
 
@@ -253,12 +256,11 @@ def compat_queue_rule(table: str, chain: str, queue: int, seq: int = 1) -> bytes
     body = (attr(RULE_TABLE, table.encode() + b"\0") + attr(RULE_CHAIN, chain.encode() + b"\0")
             + nested(RULE_EXPRESSIONS, target))
     return b"".join([
-        nfnl_message(0, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, b"", NFNL_SUBSYS_NFTABLES),
+        _edge(NFNL_MSG_BATCH_BEGIN, seq),
         nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWRULE,
                      NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND, seq + 1,
                      NFPROTO_INET, body),
-        nfnl_message(0, NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 2, 0, b"",
-                     NFNL_SUBSYS_NFTABLES)])
+        _edge(NFNL_MSG_BATCH_END, seq + 2)])
 
 
 def add_compat_queue_rule(table: str, chain: str, queue: int) -> None:

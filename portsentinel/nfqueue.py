@@ -10,12 +10,11 @@ cannot deliver to us: the packet passes; its id is skipped, so we count it)."""
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 
-from .netlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr,
-                      attributes, error_code, message_end, messages, nfnl_message)
+from .netlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, answers, attr, attributes,
+                      message_end, messages, nfnl_message)
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_CONFIG, NFQNL_MSG_VERDICT_BATCH = 0, 2, 3
@@ -83,23 +82,12 @@ class Queue:
         try:
             self.sock.bind((0, 0))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-            for request in bind_messages(number):
+            for seq, request in enumerate(bind_messages(number), 1):
                 self.sock.send(request)
-                self._acknowledged()
+                answers(self.sock, seq, f"netfilter queue {number}")
         except OSError:
             self.sock.close()
             raise
-
-    def _acknowledged(self) -> None:
-        while True:
-            data = self.sock.recv(65536)
-            for kind, _, at in messages(data):
-                if kind == NLMSG_ERROR:
-                    code = error_code(data, at)
-                    if code:
-                        raise OSError(code, f"netfilter queue {self.number}: "
-                                            f"{os.strerror(code)}")
-                    return
 
     def fileno(self) -> int:
         return self.sock.fileno()
