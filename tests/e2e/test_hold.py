@@ -15,7 +15,7 @@ import time
 import pytest
 
 from netlab import TARGET4, TARGET6, extra4, extra6
-from conftest import nmap, open_ports
+from conftest import can_connect, nmap, open_ports
 
 REAL_FIRST = "22,80,443,444-460"  # nmap -r goes in order: three real ports first
 
@@ -53,13 +53,18 @@ def counter(daemon, name: str) -> int:
 def test_a_scan_that_probes_real_ports_first_learns_none(lab, start_daemon, scan, source):
     """nmap -r probes 22, 80 and 443 (real) before any trap port: each
     first SYN waits, the trap port bans, the held SYNs are dropped."""
-    daemon = start_daemon('TCP_MODE="atcp"\n')
+    daemon = start_daemon('TCP_MODE="atcp"\n', classic=scan == "-sT")  # both ways of starting
     assert "first-contact hold: 20ms (queue 7417)" in daemon.cli("status").stdout
     target = TARGET6 if ":" in source else TARGET4
     done = nmap(lab, f"{scan} -r", source, target, REAL_FIRST)
     assert source in daemon.banned()
     assert not open_ports(done.stdout), done.stdout
     assert counter(daemon, "portsentinel_first_contacts_held") >= 1
+    # the ban is logged, listed and liftable; lifted, the source connects again
+    daemon.wait_log(f"attackalert: Host {source} has been blocked")
+    assert source in daemon.cli("list").stdout
+    daemon.cli("unblock", source)
+    assert can_connect(lab, source, target, 80)
 
 
 @pytest.mark.parametrize("address", ["198.51.100.60", "2001:db8::60"])
