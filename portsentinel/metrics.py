@@ -117,9 +117,9 @@ class Metrics:
         self.hold_passed = c("portsentinel_first_contacts_unheld",
                              "SYNs the kernel let pass unheld: the queue was full or the "
                              "daemon fell behind (fail open)")
-        self.hold_stalls = c("portsentinel_hold_stalls",
-                             "Times the hold's heartbeat lapsed (the daemon stalled; the "
-                             "kernel held nothing meanwhile)")
+        self.hold_lapsed = c("portsentinel_first_contacts_lapsed",
+                             "New sources that passed unheld because the daemon did not "
+                             "release their first SYN in time (it stalled; fail open)")
         self.ban_set_fill = g("portsentinel_ban_set_fill_ratio",
                               "Bans in force over BAN_SET_SIZE (per-family sets)")
         self.ban_latency = self._add(Metric(

@@ -10,7 +10,7 @@ it within a second. Our own re-installs cause such events too: they only lead
 to a check that finds all in place.
 
 A socket filter drops, in the kernel, every event datagram that begins with
-an element added (a ban, the hold's clear sets and heartbeat) or a new
+an element added (a ban, the hold's clear sets) or a new
 generation: at thousands of bans a second, reading them back cost the daemon
 a seventh of its packet thread. (A datagram that begins so and deletes
 something of ours further on is left to the reconciliation every 30 s.)

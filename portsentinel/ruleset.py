@@ -30,7 +30,10 @@ CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
 SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
 HIT_RATE = "20/second burst 40 packets"
 HOLD_CHAIN = "held"  # its one rule, the queue statement, is added apart (nft.py)
-HEARTBEAT_KEY = 6  # the element of `alive` (an inet_proto set) the daemon keeps fresh  # per source: a flood from one host costs little
+HOLD_ON_KEY = 6  # the element of `alive` (an inet_proto set): the daemon holds
+STRANGER_CHAIN = "stranger"  # a stranger's SYN to a served port: hold it, or let it pass
+HOLD_GRACE = 0.5  # s past its hold: a source not released by then passes (fail-open)
+LAPSE_MEMORY = "10s"  # a source held this lately and not released passes at once
 CONTACT_MEMORY = "10m"  # a (source, port) pair is logged once in this long
 SYN_ONLY = "tcp flags & (syn | ack | rst | fin) == syn"
 FAMILIES = (("4", "ipv4", "ip saddr"), ("6", "ipv6", "ip6 saddr"))
@@ -53,6 +56,7 @@ class KernelTrap:
     contacts: bool = False  # with `sensor`: first SYNs too (the slow-scan test)
     hold_queue: int = 0  # > 0: a stranger's first SYN to a served port waits on this queue
     hold_rate: int = 0  # with hold_queue: SYNs held per second at most (0: no limit)
+    hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -130,10 +134,15 @@ def _sets(t: str, set_size: int) -> list[str]:
         # completed challenges, per connection: only its first ACK may ban
         f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; {dynamic} size 65536; }}",
         f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; {dynamic} size 65536; }}",
-        # the first-contact hold: sources whose hold has passed, and its heartbeat
+        # the first-contact hold: sources whose hold has passed; its on switch;
+        # sources being held (their later SYNs too), held lately, and held but
+        # never released (they passed: the daemon stalled)
         f"add set inet {t} clear4 {{ type ipv4_addr; flags timeout; size 262144; }}",
         f"add set inet {t} clear6 {{ type ipv6_addr; flags timeout; size 262144; }}",
         f"add set inet {t} alive {{ type inet_proto; flags timeout; }}",
+        *(f"add set inet {t} {name}{v} {{ type {kind}; {dynamic} size {size}; }}"
+          for name, size in (("holding", 65536), ("lapse", 262144), ("lapsed", 4096))
+          for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))),
     ]
 
 
@@ -161,10 +170,11 @@ def _chains(t: str) -> list[str]:
         f"add chain inet {t} challenge",
         f"add chain inet {t} challenged",
         f"add chain inet {t} hold",
+        f"add chain inet {t} {STRANGER_CHAIN}",
         f"add chain inet {t} {HOLD_CHAIN}",
         *(f"flush chain inet {t} {chain}" for chain in (
             "prerouting_nat", "challenge", "challenged", "prerouting", "input", "trap", "hold",
-            HOLD_CHAIN)),
+            STRANGER_CHAIN, HOLD_CHAIN)),
         f"flush set inet {t} trap_tcp",
         f"flush set inet {t} trap_udp",
         f"add rule inet {t} prerouting ip saddr @ban4 counter drop",
@@ -351,11 +361,15 @@ def _hold(t: str, trap: KernelTrap) -> list[str]:
     the daemon's queue. The daemon hands it back after the hold with a
     "repeat" verdict, so it walks this chain again: a ban made meanwhile (the
     scan's trap hit) drops it, and a source the daemon cleared passes. Fails
-    open: the queue is bypassed when no daemon reads it, and nothing is queued
-    once the daemon's heartbeat in `alive` has lapsed (a stalled daemon)."""
+    open without any timer in the daemon: the queue is bypassed when no daemon
+    reads it, nothing is queued once the daemon has switched the hold off
+    (`alive`), and a source whose first SYN is still unreleased HOLD_GRACE
+    after its hold (a stalled daemon) passes: its client's retransmission gets
+    through, and the source is noted in `lapsed` for the daemon to report."""
     if not (trap.hold_queue and trap.tcp and trap.ban_tcp):
         return []
-    rules = [f"add rule inet {t} input {SYN_ONLY} jump hold"]
+    rules = [f"add element inet {t} alive {{ {HOLD_ON_KEY} }}",
+             f"add rule inet {t} input {SYN_ONLY} jump hold"]
     for v, _, field in FAMILIES:
         rules += [f"add rule inet {t} hold {field} @ban{v} drop",  # banned while held
                   f"add rule inet {t} hold {field} @clear{v} return",
@@ -364,8 +378,18 @@ def _hold(t: str, trap: KernelTrap) -> list[str]:
     if trap.hold_rate > 0:  # past it (a spoofed flood), SYNs pass unheld
         rules.append(f"add rule inet {t} hold limit rate over {int(trap.hold_rate)}/second "
                      f"burst {int(trap.hold_rate)} packets return")
-    rules += [f"add rule inet {t} hold socket transparent 0 goto {HOLD_CHAIN}",
-              f"add rule inet {t} hold socket transparent 1 goto {HOLD_CHAIN}"]
+    rules += [f"add rule inet {t} hold socket transparent 0 goto {STRANGER_CHAIN}",
+              f"add rule inet {t} hold socket transparent 1 goto {STRANGER_CHAIN}"]
+    window = f"{round(1000 * (trap.hold_seconds + HOLD_GRACE))}ms"
+    chain = f"inet {t} {STRANGER_CHAIN}"
+    for v, _, field in FAMILIES:  # its later SYNs wait too, within the window
+        rules.append(f"add rule {chain} {field} @holding{v} goto {HOLD_CHAIN}")
+    for v, _, field in FAMILIES:  # held, never released: the daemon did not answer
+        rules += [f"add rule {chain} {field} @lapse{v} add @lapsed{v} {{ {field} timeout 1h }}",
+                  f"add rule {chain} {field} @lapse{v} return"]
+    rules += [f"add rule {chain} meta nfproto {family} add @holding{v} {{ {field} "
+              f"timeout {window} }} add @lapse{v} {{ {field} timeout {LAPSE_MEMORY} }} "
+              f"goto {HOLD_CHAIN}" for v, family, field in FAMILIES]
     return rules
 
 

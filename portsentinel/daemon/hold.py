@@ -6,30 +6,36 @@ banned meanwhile, and lets it through if not (its source is cleared first, in
 the kernel's clear set, for PEER_MEMORY: its later SYNs are not held).
 
 Its own thread, so that nothing the run loop or the worker does delays a
-held client. It fails open: it keeps a heartbeat element in the kernel
-(`alive`, a 1 s timeout) without which the kernel queues nothing, so a
-stalled daemon stops holding within a second; a daemon that is gone has no
-reader on the queue, which the kernel then bypasses; a full queue lets
-packets pass (counted from the skipped packet ids); stopping releases every
-held packet first. A killed daemon is the one case the kernel drops what
-it held at that instant (at most a hold's worth of first SYNs, which their
-clients send again about a second later, and which then pass)."""
+held client; it sleeps until a packet comes or one is due (no timer when
+nothing is held). It fails open, and the kernel sees to that itself
+(ruleset.py): a source whose SYN is not released within HOLD_GRACE of its
+hold passes (its client's retransmission, about a second later, gets
+through), so a stalled daemon costs each new client one retransmission,
+noted in the `lapsed` sets and reported here once the daemon runs again; a
+daemon that is gone has no reader on the queue, which the kernel then
+bypasses; a full queue lets packets pass (counted from the skipped packet
+ids); stopping switches the hold off (`alive`) and releases every held
+packet first. A killed daemon is the one case the kernel drops what it held
+at that instant (at most a hold's worth of first SYNs, which their clients
+send again about a second later, and which then pass)."""
 
 from __future__ import annotations
 
+import ipaddress
 import select
+import socket
 import threading
 import time
 from collections import deque
 
 from .. import logs
-from ..nfnetlink import SetElements
+from ..nfnetlink import SetElements, dump_set
 from ..nfqueue import NF_ACCEPT, NF_REPEAT, Queue
-from ..ruleset import HEARTBEAT_KEY
+from ..ruleset import HOLD_GRACE, HOLD_ON_KEY
 
-HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT = 0.5, 1.0  # a stall lapses it within 0.5-1 s
 LATE = 0.05  # a release this much past its time is late (counted)
 REPORT_EVERY = 60.0  # at most one line a minute about packets that passed unheld
+LAPSE_CHECK_EVERY = 10.0  # the `lapsed` sets looked at when woken, at most this often
 
 
 class Hold:
@@ -42,18 +48,21 @@ class Hold:
         self.pending: deque[tuple[float, int, bytes | None]] = deque()  # (due, id, source)
         self.last_id = 0
         self.unheld = 0  # passed unheld since the last report
+        self.table = table
         self._clear_failed = False
         self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._run, name="hold", daemon=True)
 
     def start(self) -> "Hold":
-        self._thread.start()  # the kernel queues nothing before its first heartbeat
+        self._thread.start()  # the table switched the hold on (`alive`) when installed
         return self
 
     def stop(self) -> None:
-        """No more holding (heartbeat gone), everything held released."""
+        """No more holding (switched off), everything held released."""
         self._stopping.set()
-        self._thread.join(timeout=2 * HEARTBEAT_EVERY + 1)
+        self._wake_w.send(b"\0")
+        self._thread.join(timeout=self.seconds + 2)
 
     # -- the hold thread -----------------------------------------------------
     def _run(self) -> None:
@@ -66,31 +75,47 @@ class Hold:
             self._end()
 
     def _loop(self) -> None:
-        next_beat = last_report = time.monotonic()
+        last_report = time.monotonic()
+        last_check, check_due = float("-inf"), None
         while not self._stopping.is_set():
+            dues = [d for d in (self.pending[0][0] if self.pending else None, check_due,
+                                last_report + REPORT_EVERY if self.unheld else None)
+                    if d is not None]
+            wait = max(0.0, min(dues) - time.monotonic()) if dues else None
+            ready, _, _ = select.select([self.queue, self._wake_r], [], [], wait)
             now = time.monotonic()
-            if now >= next_beat:
-                if now - next_beat > HEARTBEAT_TIMEOUT - HEARTBEAT_EVERY:
-                    self._stalled(now - next_beat + HEARTBEAT_EVERY)
-                self._beat()
-                next_beat = now + HEARTBEAT_EVERY
-            if now - last_report >= REPORT_EVERY:
+            if self.queue in ready:
+                self._take(now)
+                if check_due is None:  # a second on, what passed meanwhile is noted
+                    check_due = max(now + 1.0, last_check + LAPSE_CHECK_EVERY)
+            if check_due is not None and now >= check_due:
+                last_check, check_due = now, None
+                self._lapsed()
+            self._release(time.monotonic())
+            if self.unheld and now - last_report >= REPORT_EVERY:
                 last_report = now
                 self._report()
-            due = self.pending[0][0] if self.pending else next_beat
-            ready, _, _ = select.select([self.queue], [], [], max(0.0, min(due, next_beat)
-                                                                  - time.monotonic()))
-            if ready:
-                self._take(time.monotonic())
-            self._release(time.monotonic())
 
-    def _beat(self) -> None:
-        """The heartbeat; a failure (our table is being put back after a
-        flush) only means nothing is held until the next one."""
+    def _lapsed(self) -> None:
+        """Sources that passed because their SYN was not released in time
+        (the daemon stalled): counted, said once, forgotten."""
+        found = {}
         try:
-            self.elements.refresh_keys("alive", [bytes([HEARTBEAT_KEY])], HEARTBEAT_TIMEOUT)
+            for name in ("lapsed4", "lapsed6"):
+                found[name] = [ipaddress.ip_address(a).packed for a in dump_set(self.table, name)]
+            for name, keys in found.items():
+                if keys:
+                    self.elements.delete_keys(name, keys)
         except OSError:
-            pass
+            return  # our table is being put back; the next wake looks again
+        count = sum(map(len, found.values()))
+        if count:
+            self.metrics.hold_lapsed.inc(count)
+            sources = "1 new source" if count == 1 else f"{count} new sources"
+            self.log(f"adminalert: first-contact hold: {sources} passed unheld: the daemon "
+                     f"did not release the first SYN within {HOLD_GRACE:g} s of its hold "
+                     "(it stalled); each client got through on its retransmission",
+                     logs.WARNING)
 
     def _take(self, now: float) -> None:
         found = self.queue.receive()
@@ -136,11 +161,6 @@ class Hold:
         self.unheld += count
         self.metrics.hold_passed.inc(count)
 
-    def _stalled(self, seconds: float) -> None:
-        self.metrics.hold_stalls.inc()
-        self.log(f"adminalert: first-contact hold: the daemon stalled for {seconds:.1f} s; "
-                 "new clients passed unheld meanwhile", logs.WARNING)
-
     def _report(self) -> None:
         if self.unheld:
             self.log(f"adminalert: first-contact hold: {self.unheld} SYNs passed unheld (the "
@@ -149,15 +169,18 @@ class Hold:
 
     def _end(self) -> None:
         try:
-            self.elements.delete_keys("alive", [bytes([HEARTBEAT_KEY])])
+            self.elements.delete_keys("alive", [bytes([HOLD_ON_KEY])])
         except OSError:
-            pass  # lapses within a second anyway
+            pass  # whatever is queued now is released below or lapses
         try:
             self._take(time.monotonic())
             self._release(time.monotonic(), everything=True)
         except OSError as err:
             self.log.error(f"adminalert: ERROR: first-contact hold: held SYNs not released "
                            f"({err}); their clients send them again")
+        self._lapsed()
         self._report()
         self.queue.close()
         self.elements.close()
+        self._wake_r.close()
+        self._wake_w.close()
