@@ -203,6 +203,11 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT address, since, until FROM bans").fetchall()
 
+    def next_expiry(self) -> float | None:
+        """When the soonest ban ends (epoch seconds), None if none ends."""
+        with self._lock:
+            return self._db.execute("SELECT MIN(until) FROM bans").fetchone()[0]
+
     def expired(self, now: float) -> list[BanRecord]:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans "

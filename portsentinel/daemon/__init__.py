@@ -47,7 +47,9 @@ from .probes import ProbePath
 from .restore import SLOW_SCANS, restore, slow_scans
 from .worker import Worker
 
-HOUSEKEEPING_EVERY = 1.0
+HOUSEKEEPING_EVERY = 1.0  # while anything happens; the served ports' poll always
+HOUSEKEEPING_IDLE = 10.0  # after QUIET seconds of nothing (a ban's expiry still on time)
+QUIET = 10.0
 ADDRESSES_EVERY = 30.0
 STATE_SAVE_EVERY = 300.0
 KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
@@ -82,6 +84,7 @@ class Daemon:
         self.reload_requested = False
         self._table_lock: socket.socket | None = None
         self._next_addresses = 0.0
+        self._housekeeping_at = 0.0
         self._next_state_save = time.monotonic() + STATE_SAVE_EVERY
 
     # -- start-up ---------------------------------------------------------
@@ -186,13 +189,15 @@ class Daemon:
         if self.firewall.open_watch() is not None:
             loop.add_reader(self.firewall.watch, lambda _: self.firewall.ruleset_event())
         survive = self.ctx.survive
-        housekeeping = Every(HOUSEKEEPING_EVERY,
-                             lambda: survive("housekeeping", self._housekeeping))
+        served = Every(HOUSEKEEPING_EVERY,
+                       lambda: survive("served ports", self.firewall.push_served))
         loop.add_timer(self.probes.next_deferred,
                        lambda: survive("first-contact trials", self.probes.run_deferred))
         loop.add_timer(lambda: self.firewall.check_due or None, self.firewall.check_now)
         loop.add_timer(lambda: 0.0 if self.reload_requested else None, self._signalled_reload)
-        loop.add_timer(housekeeping.due, housekeeping)
+        loop.add_timer(served.due, served)
+        loop.add_timer(lambda: self._housekeeping_at,
+                       lambda: survive("housekeeping", self._housekeeping))
         try:
             loop.run()
         finally:
@@ -205,6 +210,7 @@ class Daemon:
     def _housekeeping(self) -> None:
         ctx, ledger, firewall = self.ctx, self.ledger, self.firewall
         now, monotonic = time.time(), time.monotonic()
+        self._housekeeping_at = monotonic + HOUSEKEEPING_EVERY  # if this fails
         ctx.engine.expired(now)
         ledger.lift_later(ctx.store.expired(now), "expire")
         if ledger.unsaved or ledger.unremoved:
@@ -215,7 +221,6 @@ class Daemon:
         active = ctx.store.count()
         ctx.metrics.active_bans.set(active)
         firewall.watch_fill(active)
-        firewall.push_served()
         if firewall.reconcile_due(active):
             ctx.worker.put(firewall.reconcile)
         if monotonic >= self._next_addresses:
@@ -227,6 +232,20 @@ class Daemon:
             self._save_slow_scans()
         elif self.never_block.files_changed(ctx.config):
             self.refresh_never_block(force=True)
+        self._housekeeping_at = monotonic + self._housekeeping_step(now, monotonic)
+
+    def _housekeeping_step(self, now: float, monotonic: float) -> float:
+        """Once a second while anything happens or is left to do; when all
+        is quiet, every HOUSEKEEPING_IDLE seconds, or at the next ban's expiry
+        if sooner: an idle daemon barely wakes."""
+        ledger = self.ledger
+        if (monotonic - self.loop.last_event < QUIET or ledger.unsaved or ledger.unremoved
+                or ledger.pending or self.probes.repeat_lines.held
+                or self.ctx.engine.pending_hosts):
+            return HOUSEKEEPING_EVERY
+        until = self.ctx.store.next_expiry()
+        step = HOUSEKEEPING_IDLE if until is None else until - now
+        return max(HOUSEKEEPING_EVERY, min(HOUSEKEEPING_IDLE, step))
 
     def _save_slow_scans(self) -> None:
         blob = slow_scans(self.ctx)  # taken here, on the engine's thread; written there

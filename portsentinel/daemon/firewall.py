@@ -70,7 +70,7 @@ class Firewall:
             return
         now = time.monotonic()
         for protocol in (TCP, UDP):
-            if self.listening.age(protocol) > 1.0:
+            if self.listening.age(protocol) > 0.9:  # asked for a probe just now: fresh
                 self.listening.refresh(protocol)
             pushed = self._served_pushed[protocol]
             due = [p for p, at in self.listening.last_served[protocol].items()

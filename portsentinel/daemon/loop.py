@@ -35,6 +35,7 @@ class RunLoop:
         self.selector = selectors.DefaultSelector()
         self.stopping = threading.Event()
         self._timers: list[tuple] = []  # (due() -> monotonic time or None, job)
+        self.last_event = time.monotonic()  # a sensor, watch, signal or post was read
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -74,6 +75,7 @@ class RunLoop:
         dues = [d for d in (due() for due, _ in self._timers) if d is not None]
         wait = max(0.0, min(dues) - time.monotonic()) if dues else IDLE_WAIT
         for key, _ in self.selector.select(timeout=wait):
+            self.last_event = time.monotonic()
             key.data(key.fileobj)
         self.inbox.run_pending()
         now = time.monotonic()

@@ -265,3 +265,18 @@ def test_a_kernel_log_batch_is_reported_as_one_job_and_each_report_on_its_own(da
     assert daemon.ctx.worker.jobs.qsize() == 1
     daemon.ctx.worker.jobs.get_nowait()()
     assert reported == ["198.51.100.7", "198.51.100.8", "198.51.100.9"]
+
+
+def test_housekeeping_slows_down_when_all_is_quiet_but_not_past_a_ban_end(daemon):
+    """An idle daemon barely wakes (issue 18); a ban still ends on time."""
+    def step() -> float:
+        daemon._housekeeping()
+        return daemon._housekeeping_at - time.monotonic()
+
+    assert step() == pytest.approx(1.0, abs=0.1)  # just started: something happened
+    daemon.loop.last_event -= 60
+    assert step() == pytest.approx(10.0, abs=0.1)
+    daemon.ctx.store.add_ban(BanRecord("198.51.100.8", time.time(), time.time() + 4))
+    assert step() == pytest.approx(4.0, abs=0.2)
+    daemon.loop.last_event = time.monotonic()  # a probe
+    assert step() == pytest.approx(1.0, abs=0.1)
