@@ -61,7 +61,10 @@ class Hold:
     def stop(self) -> None:
         """No more holding (switched off), everything held released."""
         self._stopping.set()
-        self._wake_w.send(b"\0")
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # the thread has ended already (and closed it)
         self._thread.join(timeout=self.seconds + 2)
 
     # -- the hold thread -----------------------------------------------------

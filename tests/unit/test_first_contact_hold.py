@@ -159,6 +159,32 @@ def test_hold_rules_only_where_the_kernel_bans_tcp():
     assert "jump hold" not in "\n".join(table_commands("t", 1024, no_ban, 60))
 
 
+def test_the_kernel_lets_a_source_pass_once_its_first_syn_is_overdue():
+    """No heartbeat: while a source's hold lasts (plus HOLD_GRACE) its SYNs
+    are queued; after that, unreleased (the daemon stalled), they pass and
+    the source is noted in `lapsed`. The window follows FIRST_CONTACT_HOLD."""
+    trap = KernelTrap(((1, 1023),), (), 600, log_group=7417, sensor=True, hold_queue=7417,
+                      hold_seconds=1.0)
+    commands = table_commands("t", 1024, trap, 60)
+    assert "add element inet t alive { 6 }" in commands  # installed with the hold on
+    stranger = [r for r in commands if r.startswith("add rule inet t stranger ")]
+    assert stranger == [
+        "add rule inet t stranger ip saddr @holding4 goto held",
+        "add rule inet t stranger ip6 saddr @holding6 goto held",
+        "add rule inet t stranger ip saddr @lapse4 add @lapsed4 { ip saddr timeout 1h }",
+        "add rule inet t stranger ip saddr @lapse4 return",
+        "add rule inet t stranger ip6 saddr @lapse6 add @lapsed6 { ip6 saddr timeout 1h }",
+        "add rule inet t stranger ip6 saddr @lapse6 return",
+        "add rule inet t stranger meta nfproto ipv4 add @holding4 { ip saddr timeout 1500ms }"
+        " add @lapse4 { ip saddr timeout 10s } goto held",
+        "add rule inet t stranger meta nfproto ipv6 add @holding6 { ip6 saddr timeout 1500ms }"
+        " add @lapse6 { ip6 saddr timeout 10s } goto held"]
+    assert "add rule inet t hold socket transparent 0 goto stranger" in commands
+    assert not any("alive" in c for c in table_commands(
+        "t", 1024, KernelTrap(((1, 1023),), (), 600, log_group=7417, sensor=True), 60)
+        if not c.startswith("add set"))  # no hold, no switch
+
+
 def test_first_contact_hold_config():
     assert config.Config().first_contact_hold == 0.02  # on by default
     assert parse('FIRST_CONTACT_HOLD="50ms"\n').first_contact_hold == pytest.approx(0.05)
