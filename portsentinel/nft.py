@@ -94,36 +94,47 @@ class NftBans:
     def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
         """Create or refresh the table in one transaction; bans already in
         the sets are kept (restart), rules are replaced (never duplicated).
-        A ban set of another size (BAN_SET_SIZE changed) is made anew, its
-        bans carried over with the time they have left."""
+        A set made otherwise than ours (a ban set of another BAN_SET_SIZE, an
+        earlier version's served-port sets that the kernel could not fill) is
+        made anew, its bans carried over with the time they have left."""
         try:
             self._install(trap, ban_time)
         except NftError:
-            kept = self._resize_ban_sets()
-            if kept is None:
+            changed = self._changed_sets()
+            if not changed:
                 raise
+            kept = self.banned() if {"ban4", "ban6"} & set(changed) else {}
+            self._drop_sets(changed)
             self._install(trap, ban_time)
             self.elements.add_each((a, left or 0) for a, left in kept.items())
 
-    def _resize_ban_sets(self) -> dict[str, float | None] | None:
-        """Drop ban sets whose size is not ours; their bans, or None if none was."""
-        sizes = {}
-        for name in ("ban4", "ban6"):
+    def _changed_sets(self) -> list[str]:
+        """Our sets whose declaration is not what `table_commands` makes."""
+        changed = []
+        for name in ("ban4", "ban6", "served_tcp", "served_udp"):
             try:
-                data = json.loads(self.nft.run(f"list set inet {self.table} {name}", as_json=True))
-            except NftError:
+                data = json.loads(self.nft.run(f"list set inet {self.table} {name}",
+                                               as_json=True, terse=True))
+            except (NftError, ValueError):
                 continue
             for item in data.get("nftables", []):
                 if "set" in item:
-                    sizes[name] = item["set"].get("size")
-        if not sizes or all(size == self.set_size for size in sizes.values()):
-            return None
-        kept = self.banned()
+                    declared = item["set"]
+                    ours = (declared.get("size") == self.set_size if name.startswith("ban")
+                            else "dynamic" in declared.get("flags", []))
+                    if not ours:
+                        changed.append(name)
+        return changed
+
+    def _drop_sets(self, names: list[str]) -> None:
+        """Our chains emptied (their rules may use the sets), then the sets
+        deleted; `_install` fills both anew at once."""
+        data = json.loads(self.nft.run(f"list table inet {self.table}", as_json=True,
+                                       terse=True))
+        chains = [i["chain"]["name"] for i in data.get("nftables", []) if "chain" in i]
         t = self.table
-        chains = ("prerouting", "input", "trap", "challenged", "hold")
         self.nft.run("".join(f"flush chain inet {t} {c}\n" for c in chains)
-                     + "".join(f"delete set inet {t} {n}\n" for n in sizes))
-        return kept
+                     + "".join(f"delete set inet {t} {n}\n" for n in names))
 
     def _install(self, trap: KernelTrap | None, ban_time: float) -> None:
         self.nft.run("\n".join(table_commands(self.table, self.set_size, trap, ban_time)) + "\n")

@@ -57,6 +57,7 @@ class KernelTrap:
     hold_queue: int = 0  # > 0: a stranger's first SYN to a served port waits on this queue
     hold_rate: int = 0  # with hold_queue: SYNs held per second at most (0: no limit)
     hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
+    service_memory: float = 0.0  # > 0: a served port a client's packet reached goes to served_*
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -128,9 +129,10 @@ def _sets(t: str, set_size: int) -> list[str]:
         f"add set inet {t} young6 {{ type ipv6_addr; {dynamic} size 65536; }}",
         f"add set inet {t} met4 {{ type ipv4_addr . inet_service; {dynamic} size 262144; }}",
         f"add set inet {t} met6 {{ type ipv6_addr . inet_service; {dynamic} size 262144; }}",
-        # ports a service used lately (SERVICE_MEMORY): a restarting service is no trap
-        f"add set inet {t} served_tcp {{ type inet_service; flags timeout; }}",
-        f"add set inet {t} served_udp {{ type inet_service; flags timeout; }}",
+        # ports a service used lately (SERVICE_MEMORY): a restarting service is no
+        # trap; the daemon's poll and the trap (a client's packet) fill them
+        f"add set inet {t} served_tcp {{ type inet_service; {dynamic} size 65536; }}",
+        f"add set inet {t} served_udp {{ type inet_service; {dynamic} size 65536; }}",
         # completed challenges, per connection: only its first ACK may ban
         f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; {dynamic} size 65536; }}",
         f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; {dynamic} size 65536; }}",
@@ -260,7 +262,7 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
                      "tcp dport @trap_tcp jump trap")
     if ban_udp:
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
-    rules += _hold(t, trap) + _spared(t)
+    rules += _hold(t, trap) + _spared(t, trap.service_memory)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
         rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
                   f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 return"]
@@ -291,7 +293,7 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
     if trap.contacts:
         rules.append(f"add rule inet {t} input {SYN_ONLY} jump contact")
-    rules += _hold(t, trap) + _spared(t)
+    rules += _hold(t, trap) + _spared(t, trap.service_memory)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
         rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 goto peer_hit",
                   f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 goto peer_hit"]
@@ -332,17 +334,25 @@ def _returns(t: str) -> list[str]:
     ]
 
 
-def _spared(t: str) -> list[str]:
+def _spared(t: str, service_memory: float) -> list[str]:
     """A trap port that a local socket serves (or served lately), or a reply
     to this host's own traffic, is no trap. `socket transparent` matches any
     socket the lookup finds (full, TIME_WAIT, SYN_RECV request); `socket
     wildcard` matches only full ones, so a client reusing its port into our
-    TIME_WAIT, or retransmitting its SYN to a half-open one, would be banned."""
-    return [f"add rule inet {t} trap socket transparent 0 return",
-            f"add rule inet {t} trap socket transparent 1 return",
-            f"add rule inet {t} trap tcp dport @served_tcp return",
-            f"add rule inet {t} trap udp dport @served_udp return",
-            f"add rule inet {t} trap ct direction reply return"]
+    TIME_WAIT, or retransmitting its SYN to a half-open one, would be banned.
+    A served port a client's packet reaches is remembered (SERVICE_MEMORY) at
+    once, in the kernel: a service that restarts before the daemon's poll saw
+    it is still no trap. `add` leaves a known port alone (a lookup, no write)."""
+    rules = [f"add rule inet {t} trap ct direction reply return"]
+    if service_memory > 0:
+        memory = max(1, int(service_memory))
+        rules += [f"add rule inet {t} trap meta l4proto {p} socket transparent {n} "
+                  f"add @served_{p} {{ {p} dport timeout {memory}s }} return"
+                  for p in ("tcp", "udp") for n in (0, 1)]
+    return rules + [f"add rule inet {t} trap socket transparent 0 return",
+                    f"add rule inet {t} trap socket transparent 1 return",
+                    f"add rule inet {t} trap tcp dport @served_tcp return",
+                    f"add rule inet {t} trap udp dport @served_udp return"]
 
 
 def _first_contact_delay(t: str) -> list[str]:

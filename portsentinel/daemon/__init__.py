@@ -4,8 +4,9 @@ Threads (docs/design.md has the picture):
 - main, the run loop (loop.py): owns the engine; selects on the sensors,
   hands each probe to the engine once (probes.py) and bans inline over
   netlink (no fork); runs what other threads post to the inbox; timers:
-  first-contact trials, firewall checks, housekeeping (once a second), reload.
-  Nothing is polled faster: idle, the daemon wakes once a second.
+  first-contact trials, firewall checks, housekeeping, reload. Housekeeping
+  runs a second after anything happened and while work is left, else every
+  10 s (the served ports' poll with it): idle, the daemon wakes every 10 s.
 - worker (worker.py): slow work in order: alert lines and names
   (alerts.py), the ledger's compatibility actions, files and state
   (ledger.py), firewall upkeep (firewall.py).
@@ -41,15 +42,16 @@ from .firewall import Firewall
 from .hold import Hold
 from .inbox import Inbox
 from .ledger import BanLedger
-from .loop import Every, RunLoop
+from .loop import RunLoop
 from .neverblock import NeverBlock
 from .probes import ProbePath
 from .restore import SLOW_SCANS, restore, slow_scans
 from .worker import Worker
 
-HOUSEKEEPING_EVERY = 1.0  # while anything happens; the served ports' poll always
-HOUSEKEEPING_IDLE = 10.0  # after QUIET seconds of nothing (a ban's expiry still on time)
-QUIET = 10.0
+HOUSEKEEPING_EVERY = 1.0  # after an event, and while work is left
+HOUSEKEEPING_IDLE = 10.0  # else (a ban's expiry still on time)
+SERVED_EVERY = 10.0  # the served ports' poll, on housekeeping's turns (the kernel
+                     # learns a port from its first client's packet at once)
 ADDRESSES_EVERY = 30.0
 STATE_SAVE_EVERY = 300.0
 KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
@@ -85,6 +87,8 @@ class Daemon:
         self._table_lock: socket.socket | None = None
         self._next_addresses = 0.0
         self._housekeeping_at = 0.0
+        self._housekept = float("-inf")  # monotonic time of the last housekeeping
+        self._next_served = 0.0
         self._next_state_save = time.monotonic() + STATE_SAVE_EVERY
 
     # -- start-up ---------------------------------------------------------
@@ -189,13 +193,10 @@ class Daemon:
         if self.firewall.open_watch() is not None:
             loop.add_reader(self.firewall.watch, lambda _: self.firewall.ruleset_event())
         survive = self.ctx.survive
-        served = Every(HOUSEKEEPING_EVERY,
-                       lambda: survive("served ports", self.firewall.push_served))
         loop.add_timer(self.probes.next_deferred,
                        lambda: survive("first-contact trials", self.probes.run_deferred))
         loop.add_timer(lambda: self.firewall.check_due or None, self.firewall.check_now)
         loop.add_timer(lambda: 0.0 if self.reload_requested else None, self._signalled_reload)
-        loop.add_timer(served.due, served)
         loop.add_timer(lambda: self._housekeeping_at,
                        lambda: survive("housekeeping", self._housekeeping))
         try:
@@ -211,6 +212,9 @@ class Daemon:
         ctx, ledger, firewall = self.ctx, self.ledger, self.firewall
         now, monotonic = time.time(), time.monotonic()
         self._housekeeping_at = monotonic + HOUSEKEEPING_EVERY  # if this fails
+        if monotonic >= self._next_served:
+            self._next_served = monotonic + SERVED_EVERY
+            ctx.survive("served ports", firewall.push_served)
         ctx.engine.expired(now)
         ledger.lift_later(ctx.store.expired(now), "expire")
         if ledger.unsaved or ledger.unremoved:
@@ -233,13 +237,15 @@ class Daemon:
         elif self.never_block.files_changed(ctx.config):
             self.refresh_never_block(force=True)
         self._housekeeping_at = monotonic + self._housekeeping_step(now, monotonic)
+        self._housekept = monotonic
 
     def _housekeeping_step(self, now: float, monotonic: float) -> float:
-        """Once a second while anything happens or is left to do; when all
-        is quiet, every HOUSEKEEPING_IDLE seconds, or at the next ban's expiry
-        if sooner: an idle daemon barely wakes."""
+        """A second after anything happened since the last turn, and while
+        anything is left to do; else every HOUSEKEEPING_IDLE seconds, or at
+        the next ban's expiry if sooner: a scan banned at its first probe costs
+        a turn or two, an idle daemon barely wakes."""
         ledger = self.ledger
-        if (monotonic - self.loop.last_event < QUIET or ledger.unsaved or ledger.unremoved
+        if (self.loop.last_event >= self._housekept or ledger.unsaved or ledger.unremoved
                 or ledger.pending or self.probes.repeat_lines.held
                 or self.ctx.engine.pending_hosts):
             return HOUSEKEEPING_EVERY

@@ -133,7 +133,8 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         first_contact_delay=config.first_contact_delay, log_group=log_group,
         sensor=armed.sensed, contacts=armed.sensed and slow_scans and TCP in stealth,
         hold_queue=config.hold_queue if holds(config, armed.trapped) else 0,
-        hold_rate=config.hold_rate, hold_seconds=config.first_contact_hold)
+        hold_rate=config.hold_rate, hold_seconds=config.first_contact_hold,
+        service_memory=config.service_memory)
 
 
 def holds(config: Config, trapped) -> bool:

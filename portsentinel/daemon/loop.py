@@ -15,20 +15,6 @@ from .inbox import Inbox
 IDLE_WAIT = 1.0
 
 
-class Every:
-    """A timer for `add_timer`: due every `seconds`, first at once."""
-
-    def __init__(self, seconds: float, job):
-        self.seconds, self.job, self.next = seconds, job, 0.0
-
-    def due(self) -> float:
-        return self.next
-
-    def __call__(self) -> None:
-        self.next = time.monotonic() + self.seconds
-        self.job()
-
-
 class RunLoop:
     def __init__(self, inbox: Inbox):
         self.inbox = inbox

@@ -109,7 +109,7 @@ def test_a_ruleset_flush_is_undone_within_a_second(lab, start_daemon):
     lab.exec("target", "nft", "flush", "chain", "inet", "portsentinel", "trap", check=True)
     time.sleep(1.0)
     assert "add @ban4" in lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
-                                   "trap").stdout
+                                   "trap").stdout, daemon.log_text()[-3000:]
 
 
 def test_sigkill_in_a_burst_of_bans_then_restart_loses_and_doubles_nothing(

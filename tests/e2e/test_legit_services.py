@@ -56,14 +56,17 @@ def short_service(lab, kind: str, port: int, seconds: float):
 
 def test_clients_of_a_restarting_service_are_not_banned(lab, start_daemon):
     """A service below 1024 restarts (systemctl restart sshd) while clients
-    reconnect: for SERVICE_MEMORY its port is no trap, for strangers and peers."""
+    reconnect: for SERVICE_MEMORY its port is no trap, for strangers and peers.
+    Both services live 3 s, less than the daemon's served-ports poll: the
+    kernel learned their ports from their first clients' packets."""
     daemon = start_daemon(ATCP)
     with_newcomers(lab)
     try:
         tcp = short_service(lab, "SOCK_STREAM", 444, 3.0)
         udp = short_service(lab, "SOCK_DGRAM", 514, 3.0)
-        time.sleep(1.5)  # the daemon has seen them served
+        time.sleep(1.5)
         assert connect(lab, CLIENT4, 444).startswith("ok")  # the client: a peer soon
+        udp_send(lab, CLIENT4, 514)  # a syslog client
         time.sleep(2.5)  # both services are down now (restarting)
         assert tcp.poll() is not None and udp.poll() is not None
         assert connect(lab, NEWCOMERS[0], 444).startswith("refused")  # a stranger

@@ -80,6 +80,40 @@ def test_restart_keeps_bans_and_reconciles_the_firewall(lab, start_daemon, tmp_p
     assert 80000 < timeouts[lost] <= 86400  # re-added with what was left, not a fresh day
 
 
+def test_a_table_left_by_an_older_version_is_taken_over_with_its_bans(lab, start_daemon):
+    """An upgrade: our table as an earlier portsentinel left it (served-port
+    sets that the kernel may not fill, ban sets of another BAN_SET_SIZE) must
+    not stop the daemon: those sets are made anew, their bans carried over;
+    then the kernel learns a served port from a client's packet, and a restart
+    finds the table as it made it."""
+    old = """
+    table inet portsentinel {
+        set ban4 { type ipv4_addr; flags dynamic, timeout; size 1000;
+                   elements = { 198.51.100.98 timeout 1h } }
+        set ban6 { type ipv6_addr; flags dynamic, timeout; size 1000; }
+        set served_tcp { type inet_service; flags timeout; }
+        set served_udp { type inet_service; flags timeout; }
+        chain prerouting { type filter hook prerouting priority raw; policy accept;
+            ip saddr @ban4 counter drop
+        }
+        chain trap {
+            tcp dport @served_tcp return
+        }
+    }"""
+    lab.exec("target", "nft", "flush", "ruleset", check=True)
+    lab.exec("target", "nft", "-f", "-", input=old, check=True)
+    daemon = start_daemon(ATCP, fresh=False)
+    assert 3000 < daemon.set_timeouts()["198.51.100.98"] <= 3600
+    assert can_connect(lab, extra4(27), TARGET4, 22)  # a client of sshd
+    served = lab.exec("target", "nft", "list", "set", "inet", "portsentinel",
+                      "served_tcp").stdout
+    assert "dynamic" in served, served
+    assert daemon.stop() == 0
+    daemon.start()
+    assert "198.51.100.98" in daemon.banned()
+    assert "ERROR" not in daemon.log_text(), daemon.log_text()[-2000:]
+
+
 def test_bans_expire(lab, start_daemon):
     daemon = start_daemon(ATCP + 'BAN_TIME="3s"\nBAN_TIME_INCREMENT="1"\n')
     source = extra4(14)

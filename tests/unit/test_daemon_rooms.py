@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from portsentinel import config as configuration, logs
-from portsentinel.daemon import Daemon
+from portsentinel.daemon import HOUSEKEEPING_IDLE, SERVED_EVERY, Daemon
 from portsentinel.daemon.inbox import Inbox
 from portsentinel.daemon.worker import Worker
 from portsentinel.metrics import Metrics
@@ -268,15 +268,33 @@ def test_a_kernel_log_batch_is_reported_as_one_job_and_each_report_on_its_own(da
 
 
 def test_housekeeping_slows_down_when_all_is_quiet_but_not_past_a_ban_end(daemon):
-    """An idle daemon barely wakes (issue 18); a ban still ends on time."""
+    """An idle daemon barely wakes (issue 18); a ban still ends on time. After
+    a burst of probes one more turn a second later, then quiet at once: not
+    ten wakes a second for a scan that is banned after its first probe."""
     def step() -> float:
         daemon._housekeeping()
         return daemon._housekeeping_at - time.monotonic()
 
     assert step() == pytest.approx(1.0, abs=0.1)  # just started: something happened
-    daemon.loop.last_event -= 60
-    assert step() == pytest.approx(10.0, abs=0.1)
+    assert step() == pytest.approx(10.0, abs=0.1)  # nothing since
     daemon.ctx.store.add_ban(BanRecord("198.51.100.8", time.time(), time.time() + 4))
     assert step() == pytest.approx(4.0, abs=0.2)
     daemon.loop.last_event = time.monotonic()  # a probe
     assert step() == pytest.approx(1.0, abs=0.1)
+    assert step() == pytest.approx(4.0, abs=0.2)  # quiet again: the ban's end
+
+
+def test_the_served_ports_are_polled_on_housekeepings_turns_every_ten_seconds(daemon):
+    """The kernel learns a served port from its first client's packet; the
+    poll (for ports no packet reached yet) shares housekeeping's wake-ups and
+    runs once in SERVED_EVERY, not once a second."""
+    pushes = []
+    daemon.firewall.push_served = lambda: pushes.append(time.monotonic())
+    daemon._housekeeping()
+    daemon.loop.last_event = time.monotonic()
+    daemon._housekeeping()
+    assert len(pushes) == 1
+    daemon._next_served -= SERVED_EVERY
+    daemon._housekeeping()
+    assert len(pushes) == 2
+    assert SERVED_EVERY <= HOUSEKEEPING_IDLE  # an idle daemon's one wake-up does both

@@ -4,6 +4,7 @@ soonest-expiring bans."""
 
 import ipaddress
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,28 @@ def test_trap_rules_spare_any_socket_replies_and_mapped_sources_and_log_each_ban
     assert rules.count(f'log group 7417 prefix "{LOG_PREFIX}" counter drop') == 2
     assert "size 1000;" in rules
     # the order matters: every exemption comes before the ban
-    assert rules.index("trap socket transparent 0") < rules.index("trap ct direction reply") \
+    assert rules.index("trap ct direction reply") < rules.index("trap socket transparent 0") \
         < rules.index("add @ban4")
+
+
+def test_the_trap_learns_a_served_port_from_its_traffic():
+    """A port a socket serves goes to served_* as soon as a client's packet
+    reaches it (SERVICE_MEMORY): a service that restarts before the daemon's
+    poll has seen it is still no trap. Only packets a client sent (not replies
+    to this host's own sockets) teach it; `add` leaves a known port's timeout
+    alone, so a busy port costs a lookup, no write."""
+    trap = KernelTrap(((1, 1023),), ((1, 1023),), log_group=7417, service_memory=3600)
+    for rules in ("\n".join(table_commands("t", 1000, trap, 3600)),
+                  "\n".join(table_commands("t", 1000, replace(trap, sensor=True), 3600))):
+        for protocol in ("tcp", "udp"):
+            for transparent in (0, 1):
+                assert (f"add rule inet t trap meta l4proto {protocol} socket transparent "
+                        f"{transparent} add @served_{protocol} {{ {protocol} dport timeout "
+                        "3600s } return") in rules
+        assert rules.index("trap ct direction reply return") < rules.index("add @served_tcp")
+        assert rules.index("add @served_udp") < rules.index("add @ban4")
+    without = "\n".join(table_commands("t", 1000, replace(trap, service_memory=0), 3600))
+    assert "add @served" not in without and "trap socket transparent 0 return" in without
 
 
 def test_soonest_expiring_never_offers_manual_or_permanent_bans(tmp_path: Path):
@@ -200,8 +221,8 @@ def test_the_sensed_trap_logs_only_what_userspace_must_judge():
     assert "meta l4proto udp meta nfproto ipv4 add @ban4" not in rules
     assert "add rule inet t trap goto hit" in rules
     # every exemption comes before any ban or log
-    assert rules.index("trap socket transparent 0 return") < rules.index("trap ct direction "
-                                                                         "reply return") \
+    assert rules.index("trap ct direction reply return") < rules.index("trap socket "
+                                                                        "transparent 0 return") \
         < rules.index("@peers4 ip saddr != @young4 goto peer_hit") \
         < rules.index("trap meta l4proto tcp meta nfproto ipv4 add @ban4")
     # hits: per source, a limited rate; contacts: each (source, port) once
