@@ -194,6 +194,27 @@ class SetElements:
                               (NFT_MSG_NEWSETELEM, by_set, int(timeout * 1000) or None)])
 
 
+NFT_MSG_GETGEN, NFTA_GEN_ID = 16, 1
+
+
+def generation() -> int:
+    """nf_tables' ruleset generation in this network namespace: every
+    committed change moves it (not the kernel's own set updates from packets,
+    nor timeouts). One round trip of a few microseconds."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NLM_F_REQUEST | NLM_F_ACK,
+                               1, socket.AF_UNSPEC, b""))
+        for data, start, end in answers(sock, 1, "nftables generation"):
+            found = attributes(data, start + NFGEN.size, end).get(NFTA_GEN_ID)
+            if found is not None and len(found) == 4:
+                return struct.unpack("!I", found)[0]
+        raise OSError("nftables generation: no answer")
+    finally:
+        sock.close()
+
+
 def dump_set(table: str, set_name: str) -> dict[str, float | None]:
     """Every element of one address set: address -> seconds left (None: no
     timeout). Its own socket, so a long dump never holds up the ban path."""

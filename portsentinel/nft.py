@@ -17,7 +17,7 @@ import json
 import threading
 
 from .addrset import AddressSet, canonical
-from .nfnetlink import SetElements, add_compat_queue_rule, dump_set
+from .nfnetlink import SetElements, add_compat_queue_rule, dump_set, generation
 from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -89,6 +89,7 @@ class NftBans:
         self.nft, self.table, self.set_size = nft, table, set_size
         self.elements = SetElements(table)  # the fast path for bans
         self.expected: str | None = None  # fingerprint() as last installed
+        self.checked_generation: int | None = None  # the ruleset's, when last found so
         self.queue_error: str | None = None  # why the hold has no queue statement
 
     def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
@@ -181,8 +182,20 @@ class NftBans:
 
     def intact(self) -> bool:
         """Is our table still as we installed it: rules, ban sets, trap ports,
-        never-block list? (Another program may flush or rewrite any of it.)"""
-        return self.expected is not None and self.fingerprint() == self.expected
+        never-block list? (Another program may flush or rewrite any of it.)
+        Listed only if a change was committed since it was last found so."""
+        if self.expected is None:
+            return False
+        try:
+            now = generation()  # before the listing: a change meanwhile moves it again
+        except OSError:
+            now = None
+        if now is not None and now == self.checked_generation:
+            return True
+        if self.fingerprint() != self.expected:
+            return False
+        self.checked_generation = now
+        return True
 
     def set_never_block(self, never: AddressSet) -> None:
         """Replace the never-block sets atomically."""

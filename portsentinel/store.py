@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 """
 MAX_EVENTS = 100_000
+_UNKNOWN = object()
 
 
 class StateCorrupt(Exception):
@@ -101,6 +102,8 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        self.writes = 0  # committed or attempted writes so far
+        self._count, self._soonest = None, _UNKNOWN  # known since the last write
         old_umask = os.umask(0o077)  # the database and its -wal/-shm files: root only
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -142,6 +145,9 @@ class Store:
                 if self._db.in_transaction:  # SQLite ends it itself on some errors (disk full)
                     self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self.writes += 1
+                self._count, self._soonest = None, _UNKNOWN
 
     def _write(self, statements) -> None:
         with self._transaction() as db:
@@ -191,7 +197,9 @@ class Store:
 
     def count(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM bans").fetchone()[0]
+            if self._count is None:
+                self._count = self._db.execute("SELECT COUNT(*) FROM bans").fetchone()[0]
+            return self._count
 
     def bans(self) -> list[BanRecord]:
         with self._lock:
@@ -206,9 +214,14 @@ class Store:
     def next_expiry(self) -> float | None:
         """When the soonest ban ends (epoch seconds), None if none ends."""
         with self._lock:
-            return self._db.execute("SELECT MIN(until) FROM bans").fetchone()[0]
+            if self._soonest is _UNKNOWN:
+                self._soonest = self._db.execute("SELECT MIN(until) FROM bans").fetchone()[0]
+            return self._soonest
 
     def expired(self, now: float) -> list[BanRecord]:
+        soonest = self.next_expiry()  # known without a query since the last write
+        if soonest is None or soonest > now:
+            return []
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM bans "
                                     "WHERE until IS NOT NULL AND until <= ?", (now,)).fetchall()

@@ -52,7 +52,9 @@ HOUSEKEEPING_EVERY = 1.0  # after an event, and while work is left
 HOUSEKEEPING_IDLE = 10.0  # else (a ban's expiry still on time)
 SERVED_EVERY = 10.0  # the served ports' poll, on housekeeping's turns (the kernel
                      # learns a port from its first client's packet at once)
-ADDRESSES_EVERY = 30.0
+ADDRESSES_EVERY = 30.0  # this host's addresses asked again, without route events
+ADDRESSES_WATCHED = 300.0  # with them (a lost event is reported too): a safety net
+PRUNE_EVERY = 30.0  # the events table cut to its size, if anything was written
 STATE_SAVE_EVERY = 300.0
 KEY_ATTRIBUTES = {k: configuration.KEYS[k][0] for k in configuration.KEYS}
 RESTART_KEYS = ("STATE_FILE", "CONTROL_SOCKET", "METRICS_ADDRESS", "NFT_TABLE")
@@ -86,6 +88,8 @@ class Daemon:
         self.reload_requested = False
         self._table_lock: socket.socket | None = None
         self._next_addresses = 0.0
+        self._pruned_at = -1  # the store's write count when events were last pruned
+        self._next_prune = 0.0
         self._housekeeping_at = 0.0
         self._housekept = float("-inf")  # monotonic time of the last housekeeping
         self._next_served = 0.0
@@ -228,9 +232,13 @@ class Daemon:
         if firewall.reconcile_due(active):
             ctx.worker.put(firewall.reconcile)
         if monotonic >= self._next_addresses:
-            self._next_addresses = monotonic + ADDRESSES_EVERY
+            self._next_addresses = monotonic + (ADDRESSES_EVERY if self.route_watch is None
+                                                else ADDRESSES_WATCHED)
             self.refresh_never_block(addresses=True)
+        if monotonic >= self._next_prune and ctx.store.writes != self._pruned_at:
+            self._next_prune = monotonic + PRUNE_EVERY
             ctx.store.prune_events()
+            self._pruned_at = ctx.store.writes
         if monotonic >= self._next_state_save:
             self._next_state_save = monotonic + STATE_SAVE_EVERY
             self._save_slow_scans()

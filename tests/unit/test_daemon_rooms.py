@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from portsentinel import config as configuration, logs
-from portsentinel.daemon import HOUSEKEEPING_IDLE, SERVED_EVERY, Daemon
+from portsentinel.daemon import (ADDRESSES_EVERY, ADDRESSES_WATCHED, HOUSEKEEPING_IDLE,
+                                 SERVED_EVERY, Daemon)
 from portsentinel.daemon.inbox import Inbox
 from portsentinel.daemon.worker import Worker
 from portsentinel.metrics import Metrics
@@ -298,3 +299,12 @@ def test_the_served_ports_are_polled_on_housekeepings_turns_every_ten_seconds(da
     daemon._housekeeping()
     assert len(pushes) == 2
     assert SERVED_EVERY <= HOUSEKEEPING_IDLE  # an idle daemon's one wake-up does both
+
+
+def test_addresses_are_polled_every_30_s_without_route_events_else_every_5_min(daemon):
+    daemon._housekeeping()
+    assert daemon._next_addresses - time.monotonic() == pytest.approx(ADDRESSES_EVERY, abs=1)
+    daemon.route_watch = object()  # rtnetlink tells of every change (or of lost ones)
+    daemon._next_addresses = 0.0
+    daemon._housekeeping()
+    assert daemon._next_addresses - time.monotonic() == pytest.approx(ADDRESSES_WATCHED, abs=1)

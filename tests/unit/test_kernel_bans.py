@@ -262,3 +262,24 @@ def test_a_kernel_logged_trap_hit_says_whether_its_source_is_a_peer():
     assert peer_logs and all(f'prefix "{PEER_HIT_PREFIX}"' in r for r in peer_logs)
     hit_logs = [r for r in rules if r.startswith("add rule inet t hit ") and "log" in r]
     assert hit_logs and all(f'prefix "{HIT_PREFIX}"' in r for r in hit_logs)
+
+
+def test_the_table_is_listed_again_only_when_the_ruleset_generation_moved(monkeypatch):
+    """Reconciliation checks our table every 30 s; listing it through
+    libnftables costs milliseconds. nf_tables counts every committed change
+    (its generation; not the kernel's own set updates from packets), so an
+    unchanged generation means an unchanged table."""
+    import portsentinel.nft as nft_module
+    bans = NftBans.__new__(NftBans)
+    generations = iter([7, 7, 8, 9, 9])
+    monkeypatch.setattr(nft_module, "generation", lambda: next(generations))
+    listed = []
+    table = ["as installed"]
+    bans.fingerprint = lambda: listed.append(1) or table[0]
+    bans.expected, bans.checked_generation = "as installed", None
+    assert bans.intact() and len(listed) == 1  # generation 7: not checked yet
+    assert bans.intact() and len(listed) == 1  # 7 again: nothing committed since
+    assert bans.intact() and len(listed) == 2  # 8: someone committed something
+    table[0] = "a chain flushed"
+    assert not bans.intact() and len(listed) == 3
+    assert not bans.intact() and len(listed) == 4  # found changed: never trusted again

@@ -122,3 +122,26 @@ def test_addresses_from_the_state_parse_as_the_slow_way_does():
                 from_stored(text)
             continue
         assert from_stored(text) == expected and type(from_stored(text)) is type(expected)
+
+
+def test_the_store_asks_sqlite_for_expiries_and_the_count_only_after_a_write(tmp_path: Path):
+    """Housekeeping asks for expired bans and the count on every turn; with
+    nothing written since, the answers are known without a query (an idle
+    daemon's wake-up stays cheap), and every write makes them fresh."""
+    store = Store(tmp_path / "state.db")
+    store.add_bans([BanRecord("198.51.100.1", 0, 100.0), BanRecord("198.51.100.2", 0, None)])
+    queries = []
+    store._db.set_trace_callback(queries.append)
+    assert store.expired(50.0) == [] and store.count() == 2
+    asked = len(queries)
+    for _ in range(3):
+        assert store.expired(99.0) == [] and store.count() == 2 and store.next_expiry() == 100.0
+    assert len(queries) == asked
+    assert [r.address for r in store.expired(100.0)] == ["198.51.100.1"]
+    store.add_ban(BanRecord("198.51.100.3", 0, 20.0))
+    assert [r.address for r in store.expired(50.0)] == ["198.51.100.3"] and store.count() == 3
+    store.remove_ban("198.51.100.3", "expire")
+    assert store.expired(50.0) == [] and store.count() == 2 and store.next_expiry() == 100.0
+    writes = store.writes
+    store.prune_events()
+    assert store.writes == writes + 1
