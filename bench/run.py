@@ -480,15 +480,17 @@ SENSOR_SCANS = [s for s in SCANS if s[0].split()[0] in ("SYN", "connect", "FIN",
                                                          "UDP", "all")]
 
 
-def sensor_compare(lab, work: Path) -> list[dict]:
-    """The scans issue 18 names, each against 1.2, the packet sensor (AF_PACKET,
-    KERNEL_SENSOR=0) and the kernel as the sensor, in turn, in one run."""
+def sensor_compare(lab, work: Path, only: list[str] | None = None) -> list[dict]:
+    """The scans issue 18 names (or those whose name starts with one of `only`),
+    each against 1.2, the packet sensor (AF_PACKET, KERNEL_SENSOR=0) and the
+    kernel as the sensor, in turn, in one run."""
     packet = Portsentinel(lab, work, True, 'KERNEL_SENSOR="0"\n')
     packet.name = "packet sensor (AF_PACKET)"
     kernel = Portsentinel(lab, work, True)
     kernel.name = "kernel as the sensor"
     return [run_scan(lab, contender, name, nmap_args, v6, host_timeout=60, cgroup=True)
             for name, nmap_args, v6 in SENSOR_SCANS
+            if not only or any(name.startswith(o) for o in only)
             for contender in (Portsentry12(lab, work), packet, kernel)]
 
 
@@ -742,6 +744,9 @@ def main() -> None:
     parser.add_argument("--sensor-compare", action="store_true",
                         help="only: CPU per scan of PortSentry 1.2, the packet sensor and the "
                              "kernel as the sensor (issue 18's scans); print the table")
+    parser.add_argument("--only", metavar="SCANS",
+                        help="with --sensor-compare: only these scans (comma-separated "
+                             "name prefixes, e.g. SYN,connect)")
     parser.add_argument("--restart-only", action="store_true",
                         help="only: start-up with 0, 10,000 and 100,000 stored bans; print "
                              "the table")
@@ -804,7 +809,8 @@ def main() -> None:
                           f"{r['cpu_pct']:.0f}", f"{r['rss_kb'] / 1024:.0f}"] for r in rows]))
             return
         if args.sensor_compare:
-            print(sensor_table(sensor_compare(lab, work)))
+            only = args.only.split(",") if args.only else None
+            print(sensor_table(sensor_compare(lab, work, only)))
             return
         if args.flood_only:
             spoofed_flood(lab, contenders[2], 100_000 if args.quick else 1_000_000, 50_000)
