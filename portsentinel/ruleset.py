@@ -344,14 +344,14 @@ def _spared(t: str, service_memory: float) -> list[str]:
     once, in the kernel: a service that restarts before the daemon's poll saw
     it is still no trap. `add` leaves a known port alone (a lookup, no write)."""
     rules = [f"add rule inet {t} trap ct direction reply return"]
-    if service_memory > 0:
+    if service_memory > 0:  # only TCP and UDP come here: these are the socket checks
         memory = max(1, int(service_memory))
         rules += [f"add rule inet {t} trap meta l4proto {p} socket transparent {n} "
                   f"add @served_{p} {{ {p} dport timeout {memory}s }} return"
                   for p in ("tcp", "udp") for n in (0, 1)]
-    return rules + [f"add rule inet {t} trap socket transparent 0 return",
-                    f"add rule inet {t} trap socket transparent 1 return",
-                    f"add rule inet {t} trap tcp dport @served_tcp return",
+    else:
+        rules += [f"add rule inet {t} trap socket transparent {n} return" for n in (0, 1)]
+    return rules + [f"add rule inet {t} trap tcp dport @served_tcp return",
                     f"add rule inet {t} trap udp dport @served_udp return"]
 
 
