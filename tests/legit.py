@@ -20,7 +20,8 @@ Client cases (every request is counted: ok / failed):
               answers after the socket is closed, like ntpdate; argument: the server's address
   mix         for N seconds (or until SIGTERM): port reuse, a burst of short connections
               and UDP queries, in turn (needs only tests/services.py; for the benchmark)
-Each case bounds its own count and time.
+Each case bounds its own count and time. Fixed source ports lie below the ephemeral range
+(32768-60999), so that one case's fixed port is never another concurrent case's ephemeral one.
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ def family(address: str) -> int:
 def http10(address: str, port: int = 80, source_port: int = 0, timeout: float = 3) -> bool:
     with socket.socket(family(address), socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        if source_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("", source_port))
         try:
+            if source_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", source_port))
             s.connect((address, port))
             s.sendall(HTTP10)
             return _read_all(s).startswith(b"HTTP/1.0 200")
@@ -91,7 +92,7 @@ def _read_all(s: socket.socket) -> bytes:
 def case_reuse(targets, n, counts):
     for i in range(n):
         for t, address in enumerate(targets):
-            port = 41000 + 2 * i + t
+            port = 21000 + 2 * i + t
             for round_ in range(4):
                 counts.add(http10(address, 80, port), f"{address} from :{port} #{round_}")
                 time.sleep(0.2)
@@ -134,7 +135,7 @@ def case_burst(targets, n, counts):
 def case_reset(targets, n, counts):
     for i in range(n):
         for t, address in enumerate(targets):
-            port = 43000 + 2 * i + t
+            port = 23000 + 2 * i + t
             for _ in range(2):
                 try:
                     with socket.socket(family(address), socket.SOCK_STREAM) as s:
@@ -152,7 +153,7 @@ def case_latefin(targets, n, counts):
     """A connection closes; then its FIN/ACK and a bare ACK arrive again, late."""
     for i in range(n):
         address = targets[0]  # raw IPv4 only
-        port = 44000 + i
+        port = 24000 + i
         counts.add(http10(address, 80, port), f"latefin first :{port}")
         me = _source_for(address)
         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
@@ -180,7 +181,7 @@ def _tcp(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
 def case_udp(targets, n, counts):
     for i in range(n):
         for t, address in enumerate(targets):
-            port = 45000 + 2 * i + t if i % 2 else 0
+            port = 25000 + 2 * i + t if i % 2 else 0
             counts.add(_udp_query(address, 53, port), f"{address} udp :{port}")
 
 
