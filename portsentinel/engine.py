@@ -45,6 +45,7 @@ import enum
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .addrset import Address, AddressSet
 from .trw import SequentialDetector, TrwParameters
@@ -194,7 +195,15 @@ class Policy:
         return tuple(a for a, on in ((NFTABLES, self.nftables), (HOSTS_DENY, self.hosts_deny),
                                      (KILL_ROUTE, self.kill_route)) if on)
 
+    @cached_property
+    def _actions(self) -> dict[str, tuple[str, ...]]:
+        return {TCP: self._actions_for(TCP), UDP: self._actions_for(UDP)}
+
     def actions_for(self, protocol: str) -> tuple[str, ...]:
+        """A scan's actions: asked for every ban, so worked out once (frozen)."""
+        return self._actions[protocol]
+
+    def _actions_for(self, protocol: str) -> tuple[str, ...]:
         level = self.block_tcp if protocol == TCP else self.block_udp
         if level == 2:
             return (RUN_CMD,) if self.run_cmd else ()

@@ -11,6 +11,7 @@ import os
 import syslog
 import threading
 import time
+from contextlib import contextmanager
 
 from .addrset import text as address_text
 from .engine import FIN, SYN, ACK, PSH, URG, RST, Kind, Probe
@@ -43,8 +44,9 @@ def scan_name(probe: Probe) -> str:
     return _SCAN_NAMES[probe.kind]
 
 
-def alert_line(probe: Probe, name: str | None = None) -> str:
-    host = host_label(address_text(probe.source), name)
+def alert_line(probe: Probe, name: str | None = None, source: str | None = None) -> str:
+    """`source`: the source's text, when the caller has it already."""
+    host = host_label(source or address_text(probe.source), name)
     proto = probe.protocol.upper()
     if probe.kind is Kind.CONNECT:
         return f"attackalert: Connect from host: {host} to {proto} port: {probe.port}"
@@ -83,10 +85,22 @@ def could_not_block_line(target: str) -> str:
 
 def history_line(epoch: float, target: str, name: str | None, port: int, protocol: str) -> str:
     """`942286729 - 11/10/1999 20:18:49 Host: 192.0.2.12/192.0.2.12 Port: 111 TCP Blocked`"""
-    t = time.localtime(epoch)
-    stamp = time.strftime("%m/%d/%Y %H:%M:%S", t)
+    stamp = _stamp("%m/%d/%Y %H:%M:%S", int(epoch))
     return (f"{int(epoch)} - {stamp} Host: {host_label(target, name)} "
             f"Port: {port} {protocol.upper()} Blocked")
+
+
+_stamps: dict[str, tuple[int, str]] = {}  # format -> (second, its text): a flood's lines
+
+
+def _stamp(form: str, second: int) -> str:
+    """Local time of `second` in `form`, worked out once a second."""
+    cached = _stamps.get(form)
+    if cached is not None and cached[0] == second:
+        return cached[1]
+    text = time.strftime(form, time.localtime(second))
+    _stamps[form] = (second, text)
+    return text
 
 
 FACILITIES = {name: getattr(syslog, f"LOG_{name.upper()}") for name in (
@@ -106,6 +120,7 @@ class Log:
         self.stream = stream
         self.ident = ident
         self._lock = threading.Lock()
+        self._job = threading.local()  # .lines: this thread's stream lines, held
         if to_syslog:
             syslog.openlog(ident, syslog.LOG_PID, FACILITIES[facility])
 
@@ -113,10 +128,32 @@ class Log:
         if self.to_syslog:
             syslog.syslog(priority, message)
         if self.stream is not None:
-            stamp = time.strftime("%b %d %H:%M:%S")
+            stamp = _stamp("%b %d %H:%M:%S", int(time.time()))
+            line = f"{stamp} {self.ident}[{os.getpid()}]: {message}\n"
+            held = getattr(self._job, "lines", None)
+            if held is not None:
+                held.append(line)
+                return
             with self._lock:
-                self.stream.write(f"{stamp} {self.ident}[{os.getpid()}]: {message}\n")
+                self.stream.write(line)
                 self.stream.flush()
+
+    @contextmanager
+    def grouped(self):
+        """This thread's stream lines until the end, written and flushed
+        together then (syslog lines go at once: each is its own message)."""
+        if self.stream is None or getattr(self._job, "lines", None) is not None:
+            yield
+            return
+        self._job.lines = []
+        try:
+            yield
+        finally:
+            held, self._job.lines = self._job.lines, None
+            if held:
+                with self._lock:
+                    self.stream.write("".join(held))
+                    self.stream.flush()
 
     def error(self, message: str) -> None:
         self(message, ERROR)

@@ -6,6 +6,7 @@ that reads these values, so a configuration without metrics never pays for it.""
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
@@ -35,8 +36,7 @@ class _Observations:
         self.total, self._lock = 0.0, threading.Lock()
 
     def observe(self, value: float) -> None:
-        index = next((i for i, edge in enumerate(self.buckets) if value <= edge),
-                     len(self.buckets))
+        index = bisect_left(self.buckets, value)  # the first edge >= value
         with self._lock:
             self.counts[index] += 1
             self.total += value
@@ -57,9 +57,9 @@ class Metric:
         return _Observations(self.buckets) if self.kind == "histogram" else _Value()
 
     def labels(self, *values):
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
+        child = self._children.get(values)  # label values are mostly str already
         if child is None:
+            key = tuple(str(v) for v in values)
             with self._lock:
                 child = self._children.setdefault(key, self._child())
         return child

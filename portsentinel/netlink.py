@@ -17,6 +17,18 @@ NLM_F_APPEND = 0x800
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
 
+SO_RCVBUFFORCE = 33  # socket.h: SO_RCVBUF past net.core.rmem_max (CAP_NET_ADMIN)
+
+
+def receive_buffer(sock: socket.socket, size: int) -> None:
+    """A receive buffer of `size` bytes: forced past the system's cap when we
+    may (the daemon runs as root), else as much as the cap allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (big endian)
 

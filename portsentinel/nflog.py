@@ -17,7 +17,7 @@ import time
 from . import packets
 from .engine import TCP, Kind, Probe, classify_tcp
 from .netlink import (NETLINK_NETFILTER, NFGEN, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr,
-                      attributes, error_code, message_end, messages, nfnl_message)
+                      attributes, error_code, message_end, messages, nfnl_message, receive_buffer)
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
@@ -25,6 +25,7 @@ NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_TIMESTAMP, NFULA_PAYLOAD, NFULA_PREFIX = 3, 9, 10
+KERNEL_LOG_BUFFER = 8 << 20  # ~10,000 messages: half a second of a 20,000/s flood
 COPY_RANGE = 4096  # IP, extension headers (248 bytes of options seen in tests) and TCP/UDP
 
 
@@ -47,7 +48,7 @@ class KernelBanLog:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             self.sock.bind((0, 0))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            receive_buffer(self.sock, KERNEL_LOG_BUFFER)
             self._configure(attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])))
             self._configure(attr(NFULA_CFG_MODE, struct.pack("!IBB", COPY_RANGE,
                                                              NFULNL_COPY_PACKET, 0))

@@ -14,7 +14,7 @@ import socket
 import struct
 
 from .netlink import (NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, answers, attr, attributes,
-                      message_end, messages, nfnl_message)
+                      message_end, messages, nfnl_message, receive_buffer)
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_CONFIG, NFQNL_MSG_VERDICT_BATCH = 0, 2, 3
@@ -81,7 +81,7 @@ class Queue:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             self.sock.bind((0, 0))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            receive_buffer(self.sock, 1 << 22)
             for seq, request in enumerate(bind_messages(number), 1):
                 self.sock.send(request)
                 answers(self.sock, seq, f"netfilter queue {number}")

@@ -16,7 +16,7 @@ import ipaddress
 import json
 import threading
 
-from .addrset import AddressSet, canonical
+from .addrset import AddressSet, canonical, text
 from .nfnetlink import SetElements, add_compat_queue_rule, dump_set, generation
 from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
@@ -226,7 +226,7 @@ class NftBans:
     def command(self, address, timeout: float) -> str:
         ip = canonical(address)  # never format anything but an address
         expiry = f" timeout {int(timeout)}s" if timeout > 0 else ""
-        return f"add element inet {self.table} {_set_for(ip)} {{ {ip}{expiry} }}"
+        return f"add element inet {self.table} {_set_for(ip)} {{ {text(ip)}{expiry} }}"
 
     def ban(self, address, timeout: float = 0, replace: bool = False) -> str:
         """Ban now (one netlink batch); returns the equivalent nft command for the log.
@@ -241,6 +241,17 @@ class NftBans:
                 raise SetFull(f"the ban set is full (BAN_SET_SIZE={self.set_size})") from None
             raise NftError(str(err)) from None
         return self.command(address, timeout)
+
+    def ban_each(self, pairs: list) -> list[str]:
+        """Ban (address, timeout) pairs in one transaction (all or none); the
+        command text of each."""
+        try:
+            self.elements.add_each(pairs)
+        except OSError as err:
+            if err.errno == errno.ENFILE:
+                raise SetFull(f"the ban set is full (BAN_SET_SIZE={self.set_size})") from None
+            raise NftError(str(err)) from None
+        return [self.command(address, timeout) for address, timeout in pairs]
 
     def unban(self, address) -> bool:
         """False when the address was not banned."""

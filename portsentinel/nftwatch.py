@@ -22,7 +22,8 @@ import socket
 import struct
 
 from . import bpf
-from .netlink import NETLINK_NETFILTER, NFGEN, attributes, message_end, messages
+from .netlink import (NETLINK_NETFILTER, NFGEN, attributes, message_end, messages,
+                      receive_buffer)
 from .nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 
 NFNLGRP_NFTABLES = 7
@@ -51,7 +52,7 @@ class RulesetWatch:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            receive_buffer(self.sock, 1 << 20)
             self.sock.setblocking(False)
             bpf.attach(self.sock, event_filter())
         except BaseException:

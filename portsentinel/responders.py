@@ -18,6 +18,8 @@ import fcntl
 import ipaddress
 import os
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import logs
@@ -209,17 +211,45 @@ class Records:
     def __init__(self, history_file: Path, blocked_file: Path, log: logs.Log):
         self.history_file, self.blocked_file, self.log = history_file, blocked_file, log
         self._made: set[Path] = set()  # folders known to exist
+        self._per_mode: dict[str, Path] = {}  # mode -> its blocked file
+        self._job = threading.local()  # .lines: path -> lines of the job being run
 
     def blocked(self, epoch: float, target: str, name: str | None, port: int,
                 protocol: str, mode: str) -> None:
         line = (logs.history_line(epoch, target, name, port, protocol) + "\n").encode()
-        for path in (self.history_file,
-                     self.blocked_file.with_name(f"{self.blocked_file.name}.{mode}")):
-            try:
-                self._append(path, line)
-            except OSError as err:  # a full disk must not stop blocking
-                self._made.discard(path.parent)
-                self.log.error(f"adminalert: ERROR: cannot write {path}: {err.strerror}")
+        blocked = self._per_mode.get(mode)
+        if blocked is None:
+            blocked = self._per_mode[mode] = self.blocked_file.with_name(
+                f"{self.blocked_file.name}.{mode}")
+        lines = getattr(self._job, "lines", None)
+        for path in (self.history_file, blocked):
+            if lines is not None:
+                lines.setdefault(path, []).append(line)
+            else:
+                self._write(path, line)
+
+    @contextmanager
+    def grouped(self):
+        """This thread's lines until the end, one write a file then (a kernel
+        log batch's bans: an open/write/close per line was the worker's
+        biggest cost under a flood)."""
+        if getattr(self._job, "lines", None) is not None:
+            yield
+            return
+        self._job.lines = {}
+        try:
+            yield
+        finally:
+            lines, self._job.lines = self._job.lines, None
+            for path, group in lines.items():
+                self._write(path, b"".join(group))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            self._append(path, data)
+        except OSError as err:  # a full disk must not stop blocking
+            self._made.discard(path.parent)
+            self.log.error(f"adminalert: ERROR: cannot write {path}: {err.strerror}")
 
     def _append(self, path: Path, line: bytes) -> None:
         """One O_APPEND write, opened each time (logrotate may move the file)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from . import bpf, packets
 from .addrset import AddressSet, canonical
 from .engine import TCP, UDP, Kind, Probe, classify_tcp
+from .netlink import receive_buffer
 
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = 35
@@ -105,7 +106,7 @@ class PacketSensor(_SocketSensor):
                 tcp_limit=(65536 if self.tcp_contacts else traps[TCP].limit) if TCP in traps else 0,
                 udp_limit=traps[UDP].limit if UDP in traps else 0))
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            receive_buffer(self.sock, 4 << 20)
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()

@@ -73,11 +73,11 @@ class Alerts:
                 f"{probe.protocol.upper()} port: {probe.port} ({decision.slow_scan} failed "
                 "first contacts, sequential test)")
         else:
-            log(logs.alert_line(probe, name))
+            log(logs.alert_line(probe, name, target))
         if probe.ip_options:
             log(logs.ip_options_line(probe, name))
         if decision.verdict is Verdict.BLOCK:
-            self._settle(decision, nft_result, origin, name)
+            self._settle(decision, nft_result, origin, name, target)
         else:
             self._not_blocked(decision)
 
@@ -103,10 +103,11 @@ class Alerts:
             self.ledger.json_event("alert", target, port=probe.port, protocol=probe.protocol,
                                    kind=probe.kind.value)
 
-    def _settle(self, decision: Decision, nft_result, origin: str, name: str | None) -> None:
+    def _settle(self, decision: Decision, nft_result, origin: str, name: str | None,
+                target: str) -> None:
         probe = decision.probe
         until = probe.time + decision.ban_seconds if decision.ban_seconds else None
-        record = BanRecord(address_text(probe.source), probe.time, until, probe.port, probe.protocol,
+        record = BanRecord(target, probe.time, until, probe.port, probe.protocol,
                            self.ctx.mode(probe.protocol), reason(decision), origin)
         if not self.ledger.settle(record, decision.actions, nft_result, name):
             self.ctx.log.error(logs.could_not_block_line(record.address))

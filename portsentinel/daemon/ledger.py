@@ -77,6 +77,15 @@ class BanLedger:
             self.set_full = self.set_full or isinstance(err, SetFull)
             return err
 
+    def ban_group(self, pairs: list) -> list:
+        """Many (address, seconds) bans in one transaction (owner thread): each
+        one's command text or error. A refused transaction changed nothing,
+        so its bans are made one by one, each with its own outcome."""
+        try:
+            return self.ctx.bans.ban_each(pairs)
+        except NftError:
+            return [self.ban_now(address, seconds, replace=False) for address, seconds in pairs]
+
     def kernel_made(self, address, seconds: float, escalated: bool) -> str | Exception:
         """A ban the kernel trap made: its command text, or the escalation's outcome."""
         if escalated:

@@ -18,6 +18,7 @@ from .ledger import BanLedger
 
 DEFERRED_TRIALS = 65536  # first contacts judged later; bounded under floods (oldest dropped)
 REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
+BAN_GROUP = 16  # a kernel log batch's bans go to the firewall this many a transaction
 KERNEL_BANNED = Facts(banned_by_kernel=True)
 
 
@@ -93,6 +94,7 @@ class ProbePath:
         self.deferred: deque = deque(maxlen=DEFERRED_TRIALS)  # (due, probe)
         self.repeat_lines = logs.LineBudget(REPEAT_LINES_PER_SECOND, REPEAT_LINES_PER_SECOND)
         self._reports: list | None = None  # reports of the kernel log batch being read
+        self._bans: list = []  # its bans not sent yet: (decision, index of its report)
 
     # -- sensors ----------------------------------------------------------
     def read(self, sensor) -> None:
@@ -128,17 +130,20 @@ class ProbePath:
             self.ctx.metrics.dropped.labels("sensor error").inc()
             self.ctx.report_error(f"kernel log: {err}")
         finally:
+            self._ban_group()
             reports, self._reports = self._reports, None
             if reports:
                 self.ctx.worker.put(lambda: self._run_reports(reports))
 
     def _run_reports(self, reports: list) -> None:
-        """Worker: each report on its own, so that one failure loses no other."""
-        for report in reports:
-            try:
-                report()
-            except Exception as err:  # noqa: BLE001 - as the worker does for a job
-                self.ctx.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
+        """Worker: each report on its own, so that one failure loses no other;
+        their lines written together at the end."""
+        with self.ledger.records.grouped(), self.ctx.log.grouped():
+            for report in reports:
+                try:
+                    report()
+                except Exception as err:  # noqa: BLE001 - as the worker does for a job
+                    self.ctx.log.error(f"adminalert: ERROR: reporting failed: {err!r}")
 
     def _kernel_logged(self, what: str, probe) -> None:
         if what == "ban":
@@ -212,19 +217,46 @@ class ProbePath:
         elif decision.verdict is Verdict.RATE_LIMITED:
             metrics.rate_limited.inc()
         if decision.verdict is Verdict.BLOCK and NFTABLES in decision.actions:
+            if self._reports is not None and not decision.escalated:
+                self._bans.append((decision, len(self._reports)))  # its report comes
+                self._reports.append(None)                          # with its group's ban
+                if len(self._bans) >= BAN_GROUP:
+                    self._ban_group()
+                return
             nft_result = self.ledger.ban_now(probe.source, decision.ban_seconds,
                                              decision.escalated)
             if not isinstance(nft_result, Exception):
                 metrics.ban_latency.observe(max(0.0, time.time() - probe.time))
         self._report(decision, nft_result, "local")
 
+    def _ban_group(self) -> None:
+        """The bans of a kernel log batch, one transaction for BAN_GROUP: a
+        flood's sources are banned a few at a time, a lone scan's at once
+        (the batch ends with it). Then their reports take their places."""
+        group, self._bans = self._bans, []
+        if not group:
+            return
+        try:
+            results = self.ledger.ban_group([(d.probe.source, d.ban_seconds) for d, _ in group])
+        except Exception as err:  # noqa: BLE001 - each report says so; none is lost
+            self.ctx.report_error(f"banning {len(group)} sources failed: {err!r}")
+            results = [err] * len(group)
+        now = time.time()
+        for (decision, at), result in zip(group, results):
+            if not isinstance(result, Exception):
+                self.ctx.metrics.ban_latency.observe(max(0.0, now - decision.probe.time))
+            self._reports[at] = self._report_job(decision, result, "local")
+
     def _report(self, decision: Decision, nft_result, origin: str) -> None:
-        lookup = self.alerts.look_up(decision.probe)
-        report = lambda: self.alerts.report(decision, nft_result, origin, lookup)  # noqa: E731
+        report = self._report_job(decision, nft_result, origin)
         if self._reports is not None:  # a kernel log batch: queued with it, in order
             self._reports.append(report)
         else:
             self.ctx.worker.put(report)
+
+    def _report_job(self, decision: Decision, nft_result, origin: str):
+        lookup = self.alerts.look_up(decision.probe)
+        return lambda: self.alerts.report(decision, nft_result, origin, lookup)
 
     def run_deferred(self) -> None:
         """First contacts whose time has come: judged again, NAT known by now."""

@@ -308,3 +308,75 @@ def test_addresses_are_polled_every_30_s_without_route_events_else_every_5_min(d
     daemon._next_addresses = 0.0
     daemon._housekeeping()
     assert daemon._next_addresses - time.monotonic() == pytest.approx(ADDRESSES_WATCHED, abs=1)
+
+
+class GroupedBans:
+    """A firewall that records its transactions (NftBans' interface)."""
+
+    def __init__(self, refuse: str = ""):
+        self.transactions: list[list[str]] = []
+        self.refuse = refuse
+
+    def command(self, address, seconds):
+        return f"add element {address}"
+
+    def _check(self, addresses):
+        from portsentinel.nft import SetFull
+        if self.refuse in addresses:
+            raise SetFull("the ban set is full")
+
+    def ban(self, address, seconds=0, replace=False):
+        self._check([str(address)])
+        self.transactions.append([str(address)])
+        return self.command(address, seconds)
+
+    def ban_each(self, pairs):
+        addresses = [str(a) for a, _ in pairs]
+        self._check(addresses)
+        self.transactions.append(addresses)
+        return [self.command(a, s) for a, s in pairs]
+
+
+def trap_hits(*last_bytes):
+    from portsentinel.engine import TCP, Kind, Probe
+
+    class Sensor:
+        kernel_log = True
+
+        def read(self):
+            for i in last_bytes:
+                yield "hit", Probe(ipaddress.ip_address(f"198.51.100.{i}"), 23, TCP, Kind.SYN,
+                                   time.time(), trap=True)
+    return Sensor()
+
+
+def test_the_bans_of_a_kernel_log_batch_are_one_transaction_in_groups(daemon):
+    """Userspace bans (KERNEL_TRAP="0") from one kernel log batch go to the
+    firewall together, BAN_GROUP at most (issue 18: a transaction per ban was
+    the packet thread's biggest cost); each report still has its own result,
+    in order."""
+    from portsentinel.daemon.probes import BAN_GROUP
+
+    daemon.ctx.bans = bans = GroupedBans()
+    reported = []
+    daemon.alerts.report = lambda decision, nft_result, *rest: reported.append(
+        (str(decision.probe.source), nft_result))
+    sources = list(range(1, BAN_GROUP + 4))
+    daemon.probes.read(trap_hits(*sources))
+    assert [len(t) for t in bans.transactions] == [BAN_GROUP, 3]
+    daemon.ctx.worker.jobs.get_nowait()()
+    assert reported == [(f"198.51.100.{i}", f"add element 198.51.100.{i}") for i in sources]
+
+
+def test_a_refused_group_is_banned_one_by_one_so_each_gets_its_own_result(daemon):
+    from portsentinel.nft import SetFull
+
+    daemon.ctx.bans = bans = GroupedBans(refuse="198.51.100.2")
+    reported = {}
+    daemon.alerts.report = lambda decision, nft_result, *rest: reported.__setitem__(
+        str(decision.probe.source), nft_result)
+    daemon.probes.read(trap_hits(1, 2, 3))
+    daemon.ctx.worker.jobs.get_nowait()()
+    assert bans.transactions == [["198.51.100.1"], ["198.51.100.3"]]
+    assert isinstance(reported.pop("198.51.100.2"), SetFull) and daemon.ledger.set_full
+    assert reported == {a: f"add element {a}" for a in ("198.51.100.1", "198.51.100.3")}

@@ -283,3 +283,21 @@ def test_the_table_is_listed_again_only_when_the_ruleset_generation_moved(monkey
     table[0] = "a chain flushed"
     assert not bans.intact() and len(listed) == 3
     assert not bans.intact() and len(listed) == 4  # found changed: never trusted again
+
+
+
+def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
+    """net.core.rmem_max is 208 KiB on a stock Debian: a plain SO_RCVBUF
+    would silently get 416 KiB there, about 500 kernel log messages (830
+    bytes each), 25 ms of a 20,000-a-second flood. The daemon (root) forces
+    its size past the cap."""
+    import socket
+    from portsentinel.nflog import KERNEL_LOG_BUFFER
+
+    cap = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    assert KERNEL_LOG_BUFFER > cap  # else this test could not fail
+    log = KernelBanLog(64999, "test")  # a group no rule logs to
+    try:
+        assert log.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * KERNEL_LOG_BUFFER
+    finally:
+        log.close()

@@ -1,8 +1,10 @@
 import io
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -132,3 +134,41 @@ def test_address_text_is_what_ipaddress_writes():
     for sample in samples + ["198.51.100.7", "0.0.0.0"]:
         address = ipaddress.ip_address(sample)
         assert text(address) == str(address), sample
+
+
+def test_records_of_one_job_are_written_once_a_file_in_order(tmp_path: Path, monkeypatch):
+    """A kernel log batch's bans (issue 18: capacity): one write a file at the
+    end of the job, not an open/write/close per line; the lines as written
+    one by one would be."""
+    records = Records(tmp_path / "history", tmp_path / "blocked",
+                      logs.Log(to_syslog=False, stream=io.StringIO()))
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
+    with records.grouped():
+        for i in range(5):
+            records.blocked(1_700_000_000 + i, f"198.51.100.{i}", None, i, TCP, "atcp")
+        assert not (tmp_path / "history").exists()
+    assert len(writes) == 2
+    history = (tmp_path / "history").read_text().splitlines()
+    assert [line.split()[0] for line in history] == [str(1_700_000_000 + i) for i in range(5)]
+    assert (tmp_path / "blocked.atcp").read_text().splitlines() == history
+    records.blocked(1, "198.51.100.9", None, 1, TCP, "atcp")  # outside a job: at once
+    assert len(writes) == 4
+
+
+def test_log_lines_of_one_job_are_flushed_once_and_other_threads_are_not_held():
+    out = io.StringIO()
+    flushes = []
+    out.flush = lambda: flushes.append(out.getvalue().count("\n"))
+    log = logs.Log(to_syslog=False, stream=out)
+    with log.grouped():
+        log("attackalert: one")
+        log("attackalert: two")
+        other = threading.Thread(target=log, args=("adminalert: from another thread",))
+        other.start()
+        other.join()
+        assert out.getvalue().count("\n") == 1  # the other thread's line, at once
+    assert flushes == [1, 3]
+    assert [line.split(": ", 1)[1] for line in out.getvalue().splitlines()] == [
+        "adminalert: from another thread", "attackalert: one", "attackalert: two"]
