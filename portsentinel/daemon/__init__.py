@@ -200,6 +200,7 @@ class Daemon:
         loop.add_timer(self.probes.next_deferred,
                        lambda: survive("first-contact trials", self.probes.run_deferred))
         loop.add_timer(lambda: self.firewall.check_due or None, self.firewall.check_now)
+        loop.add_timer(ctx.worker.wake_due, ctx.worker.wake)  # quiet reports (worker.py)
         loop.add_timer(lambda: 0.0 if self.reload_requested else None, self._signalled_reload)
         loop.add_timer(lambda: self._housekeeping_at,
                        lambda: survive("housekeeping", self._housekeeping))

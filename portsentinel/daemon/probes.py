@@ -132,8 +132,8 @@ class ProbePath:
         finally:
             self._ban_group()
             reports, self._reports = self._reports, None
-            if reports:
-                self.ctx.worker.put(lambda: self._run_reports(reports))
+            if reports:  # the worker looks within WAKE_WAIT: a flood's batches, one wake
+                self.ctx.worker.put_quietly(lambda: self._run_reports(reports))
 
     def _run_reports(self, reports: list) -> None:
         """Worker: each report on its own, so that one failure loses no other;

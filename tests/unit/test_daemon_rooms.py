@@ -139,6 +139,72 @@ def test_the_worker_calls_idle_when_its_queue_empties_and_at_stop():
     assert done == [0, 1, 2, 3] and idle[-1] == 4 and not errors
 
 
+def test_jobs_that_trickle_in_share_one_idle_turn_a_group_wait():
+    """A steady stream of sources (5,000 a second: one kernel log batch each)
+    must not cost a state transaction each (issue 18): idle waits GROUP_WAIT
+    after the first job it follows, then runs once for all of them."""
+    from portsentinel.daemon.worker import GROUP_WAIT
+
+    metrics, errors, done, idle = Metrics(), [], [], []
+    worker = Worker(metrics.dropped, errors.append, size=100)
+    worker.idle = lambda: idle.append(len(done))
+    worker.start()
+    for i in range(40):  # 200 ms of jobs 5 ms apart: the queue empties after each
+        worker.put(lambda i=i: done.append(i))
+        time.sleep(0.005)
+    deadline = time.monotonic() + 5
+    while (not idle or idle[-1] < 40) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop(meanwhile=lambda: None)
+    assert idle[-1] == 40 and not errors  # the last job was followed by idle
+    assert len(idle) <= 0.2 / GROUP_WAIT + 3, idle  # not one a job
+
+
+def test_a_job_queued_quietly_waits_for_a_wake_and_keeps_its_place():
+    """A kernel log batch's reports are queued without waking the worker (a
+    wake per batch cost more than the reports, issue 18); the owner's loop
+    wakes it by WAKE_WAIT, any other job's put wakes it at once, in order."""
+    from portsentinel.daemon.worker import WAKE_COUNT, WAKE_WAIT
+
+    metrics, errors, done = Metrics(), [], []
+    worker = Worker(metrics.dropped, errors.append, size=200)
+    worker.start()
+    time.sleep(0.05)  # asleep, nothing to do
+    assert worker.wake_due() is None
+    before = time.monotonic()
+    worker.put_quietly(lambda: done.append("quiet"))
+    time.sleep(0.1)
+    assert done == [] and before <= worker.wake_due() - WAKE_WAIT <= time.monotonic()
+    worker.wake()
+    assert worker.wake_due() is None
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert done == ["quiet"]
+    worker.put_quietly(lambda: done.append("quiet 2"))
+    worker.put(lambda: done.append("loud"))  # wakes it: both, in order
+    while len(done) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert done == ["quiet", "quiet 2", "loud"] and worker.wake_due() is None
+    for i in range(WAKE_COUNT):  # a flood's batches: woken once this many wait
+        worker.put_quietly(lambda i=i: done.append(i))
+    while len(done) < 3 + WAKE_COUNT and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert done[3:] == list(range(WAKE_COUNT))
+    worker.stop(meanwhile=lambda: None)
+    assert not errors
+
+
+def test_the_run_loop_wakes_the_worker_for_quiet_jobs(daemon):
+    timers = [job for due, job in daemon.loop._timers]
+    assert daemon.ctx.worker.wake not in timers  # the loop is set up by run()
+    daemon.loop.run = lambda: None
+    daemon._shutdown = lambda: None
+    daemon.run()
+    assert daemon.ctx.worker.wake in [job for due, job in daemon.loop._timers]
+    daemon.ctx.worker.stop(meanwhile=lambda: None)
+
+
 # -- found by review: each fails on the first version of the split ------------
 def test_an_expiry_queued_before_a_new_ban_never_lifts_the_new_one(daemon):
     store, ledger, engine = daemon.ctx.store, daemon.ledger, daemon.ctx.engine
