@@ -17,6 +17,7 @@ from .context import Context
 from .ledger import BanLedger
 
 CHECK_DELAY = 0.05  # after a deletion in our table: let a burst of events pass
+FOUND_LINES = 1000  # bans found in the firewall with a line each (the count is logged too)
 RECONCILE_PER_BAN = 0.001  # a dump costs ~10 us a ban, so at most ~1 % of a core
 SET_WARN, SET_EVICT, SET_EVICT_TO = 0.80, 0.95, 0.90  # of BAN_SET_SIZE
 
@@ -206,6 +207,11 @@ class Firewall:
                    for a, left in found.items()]
         self.ctx.store.add_bans(records, replace=False)
         self.ctx.inbox.post(self._engine_restore, records)
+        # no silent ban: each gets a line (one whose report a SIGKILL lost, say)
+        for address in sorted(found)[:FOUND_LINES]:
+            self.ctx.log(f"attackalert: Host {address} was found blocked in the firewall "
+                         "with no record (banned while the daemon was down, or just before "
+                         "it stopped); recorded", logs.NOTICE)
 
     def _engine_restore(self, records: list[BanRecord]) -> None:
         for r in records:

@@ -70,6 +70,9 @@ def test_restart_keeps_bans_and_reconciles_the_firewall(lab, start_daemon, tmp_p
     daemon.start()
     daemon.wait_log("restored 2 bans (re-asserted in the firewall)", after_last_start=True)
     daemon.wait_log("adopted 1 bans found only in the firewall", after_last_start=True)
+    # a line of its own, as each ban has (one made just before a SIGKILL, say)
+    daemon.wait_log("attackalert: Host 198.51.100.99 was found blocked in the firewall "
+                    "with no record", after_last_start=True)
     assert {kept, lost, "198.51.100.99"} <= daemon.banned()
     assert not can_connect(lab, lost, TARGET6, 80)
     listing = daemon.cli("list").stdout
