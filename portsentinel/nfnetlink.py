@@ -85,6 +85,34 @@ def batch(table: bytes, operations, seq: int) -> tuple[bytes, int, int]:
     return b"".join(parts), first, seq - 1
 
 
+STATIC_SETS = ("trap_tcp", "trap_udp", "never4", "never6")  # only we change them, by command
+
+
+class OwnCommits:
+    """The generation up to which every commit was one of ours that changed
+    only dynamic sets' elements (bans, served ports, the hold's releases),
+    counted from a generation at which our table was found intact: it is
+    intact there too, unlisted. A commit of anyone else's in between breaks
+    the chain (each commit moves the generation by one)."""
+
+    def __init__(self):
+        self.trusted: int | None = None
+        self._lock = threading.Lock()
+
+    def checked(self, generation: int | None) -> None:
+        with self._lock:
+            self.trusted = generation
+
+    def committed(self, sets: set[str], generation: int) -> None:
+        with self._lock:
+            if self.trusted is not None and generation == self.trusted + 1 \
+                    and sets.isdisjoint(STATIC_SETS):
+                self.trusted = generation
+
+
+OWN_COMMITS = OwnCommits()
+
+
 class SetElements:
     """Batch writer for the elements of one table's sets."""
 
@@ -105,6 +133,12 @@ class SetElements:
             self._seq = last + 1
             self._sock.send(data)
             self._wait_acks(first, last)
+            try:  # the generation it made, asked at once (a commit meanwhile breaks the chain)
+                self._seq += 1
+                OWN_COMMITS.committed({name for _, by_set, _ in operations for name in by_set},
+                                      _generation(self._sock, self._seq))
+            except OSError:
+                pass
 
     def _wait_acks(self, first: int, last: int) -> None:
         pending = set(range(first, last + 1))
@@ -204,15 +238,19 @@ def generation() -> int:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
-        sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NLM_F_REQUEST | NLM_F_ACK,
-                               1, socket.AF_UNSPEC, b""))
-        for data, start, end in answers(sock, 1, "nftables generation"):
-            found = attributes(data, start + NFGEN.size, end).get(NFTA_GEN_ID)
-            if found is not None and len(found) == 4:
-                return struct.unpack("!I", found)[0]
-        raise OSError("nftables generation: no answer")
+        return _generation(sock, 1)
     finally:
         sock.close()
+
+
+def _generation(sock: socket.socket, seq: int) -> int:
+    sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NLM_F_REQUEST | NLM_F_ACK,
+                           seq, socket.AF_UNSPEC, b""))
+    for data, start, end in answers(sock, seq, "nftables generation"):
+        found = attributes(data, start + NFGEN.size, end).get(NFTA_GEN_ID)
+        if found is not None and len(found) == 4:
+            return struct.unpack("!I", found)[0]
+    raise OSError("nftables generation: no answer")
 
 
 def dump_set(table: str, set_name: str) -> dict[str, float | None]:

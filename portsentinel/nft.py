@@ -17,13 +17,14 @@ import json
 import threading
 
 from .addrset import AddressSet, canonical, text
-from .nfnetlink import SetElements, add_compat_queue_rule, dump_set, generation
+from . import nfnetlink
+from .nfnetlink import (STATIC_SETS, SetElements, add_compat_queue_rule, dump_set,
+                        generation)
 from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 NFT_CTX_OUTPUT_TERSE = 1 << 11  # no set elements in listings
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
-STATIC_SETS = ("trap_tcp", "trap_udp", "never4", "never6")  # only we change them
 
 
 def _uncounted(expressions: list) -> list:
@@ -142,7 +143,7 @@ class NftBans:
         self.queue_error = None
         if trap is not None and trap.hold_queue:
             self.queue_error = self._add_queue_rule(trap.hold_queue)
-        self.expected = self.fingerprint()
+        self._expect()
 
     def _add_queue_rule(self, queue: int) -> str | None:
         """The hold chain's queue statement: nftables' own, or else the
@@ -180,6 +181,18 @@ class NftBans:
             return None
         return "\n".join(parts)
 
+    def _expect(self) -> None:
+        """The table as we made it just now: its fingerprint, and the
+        generation it was taken at (reconciliation need not list it again
+        until something else is committed)."""
+        try:
+            now = generation()
+        except OSError:
+            now = None
+        self.expected = self.fingerprint()
+        self.checked_generation = now
+        nfnetlink.OWN_COMMITS.checked(now)
+
     def intact(self) -> bool:
         """Is our table still as we installed it: rules, ban sets, trap ports,
         never-block list? (Another program may flush or rewrite any of it.)
@@ -190,11 +203,13 @@ class NftBans:
             now = generation()  # before the listing: a change meanwhile moves it again
         except OSError:
             now = None
-        if now is not None and now == self.checked_generation:
-            return True
+        if now is not None and self.checked_generation is not None \
+                and now in (self.checked_generation, nfnetlink.OWN_COMMITS.trusted):
+            return True  # nothing committed since, or only our own bans and the like
         if self.fingerprint() != self.expected:
             return False
         self.checked_generation = now
+        nfnetlink.OWN_COMMITS.checked(now)
         return True
 
     def set_never_block(self, never: AddressSet) -> None:
@@ -208,7 +223,7 @@ class NftBans:
                 commands.append(f"add element inet {t} {name} {{ "
                                 f"{elements(ranges, lambda v: str(cls(v)))} }}")
         self.nft.run("\n".join(commands) + "\n")
-        self.expected = self.fingerprint()
+        self._expect()
 
     def is_peer(self, address) -> bool:
         """A mature peer: a completed handshake within PEER_MEMORY, the first
@@ -221,7 +236,7 @@ class NftBans:
         """Stop trapping (daemon stopping); bans stay enforced."""
         self.nft.run(f"flush chain inet {self.table} input\n"
                      f"flush chain inet {self.table} prerouting_nat\n")
-        self.expected = self.fingerprint()
+        self._expect()
 
     def command(self, address, timeout: float) -> str:
         ip = canonical(address)  # never format anything but an address

@@ -286,6 +286,40 @@ def test_the_table_is_listed_again_only_when_the_ruleset_generation_moved(monkey
 
 
 
+def test_our_own_element_commits_do_not_make_the_table_listed_again(monkeypatch):
+    """Bans, the served ports' refresh and the hold's releases are commits
+    too: each moves the generation, and a scan that nmap drags to its 60 s
+    timeout paid a libnftables listing (~5 ms) at each reconciliation
+    (issue 18). A commit of ours that changed only dynamic sets' elements,
+    and was the only commit since the table was last found intact, keeps it
+    trusted; anything else in between (another program's commit, ours to a
+    static set such as trap_tcp) has it listed again."""
+    import portsentinel.nfnetlink as nfnetlink
+    import portsentinel.nft as nft_module
+    now = [7]
+    monkeypatch.setattr(nft_module, "generation", lambda: now[0])
+    monkeypatch.setattr(nfnetlink, "OWN_COMMITS", nfnetlink.OwnCommits())
+    bans = NftBans.__new__(NftBans)
+    listed = []
+    bans.fingerprint = lambda: listed.append(1) or "as installed"
+    bans.expected, bans.checked_generation = "as installed", None
+    assert bans.intact() and len(listed) == 1  # checked at 7
+
+    def ours(*sets):
+        now[0] += 1
+        nfnetlink.OWN_COMMITS.committed(set(sets), now[0])
+    ours("ban4")
+    ours("served_tcp", "clear6")
+    assert bans.intact() and len(listed) == 1  # 9: only our element commits since 7
+    now[0] += 1  # another program's commit
+    ours("ban6")
+    assert bans.intact() and len(listed) == 2  # listed: 11 is not all ours
+    ours("trap_tcp")  # ours, but to a set the listing covers
+    assert bans.intact() and len(listed) == 3
+    ours("ban4")
+    assert bans.intact() and len(listed) == 3
+
+
 def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
     """net.core.rmem_max is 208 KiB on a stock Debian: a plain SO_RCVBUF
     would silently get 416 KiB there, about 500 kernel log messages (830
