@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from operator import attrgetter
 import threading
 import time
 from contextlib import contextmanager
@@ -94,6 +95,7 @@ class BanRecord:
 _COLUMNS = ("address", "since", "until", "port", "protocol", "mode", "reason", "origin",
             "hosts_deny_line", "kill_route_command", "hosts_deny_file", "kill_route_undo")
 _ADDED_COLUMNS = ("hosts_deny_file", "kill_route_undo")  # state files made before them
+_ROW = attrgetter(*_COLUMNS)  # a record's values in column order
 _INTO_BANS = f"INTO bans ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -163,7 +165,7 @@ class Store:
         in one transaction: what `add_ban` does for each, in this order."""
         with self._transaction() as db:
             db.executemany(f"INSERT OR REPLACE {_INTO_BANS}",
-                           [tuple(getattr(b, c) for c in _COLUMNS) for b, _ in bans])
+                           [_ROW(b) for b, _ in bans])
             db.executemany("INSERT INTO events (time, kind, address, detail) "
                            "VALUES (?, 'block', ?, ?)", [(b.since, b.address, b.reason)
                                                          for b, _ in bans])
@@ -178,7 +180,7 @@ class Store:
         with self._transaction() as db:
             verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
             db.executemany(f"{verb} {_INTO_BANS}",
-                           [tuple(getattr(b, c) for c in _COLUMNS) for b in bans])
+                           [_ROW(b) for b in bans])
 
     def get_ban(self, address: str) -> BanRecord | None:
         with self._lock:
