@@ -19,6 +19,11 @@ from .ledger import BanLedger
 DEFERRED_TRIALS = 65536  # first contacts judged later; bounded under floods (oldest dropped)
 REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
 BAN_GROUP = 16  # a kernel log batch's bans go to the firewall this many a transaction
+# Under a flood each wake of the run loop cost more than a source's whole
+# handling (100 us and more on these machines): after a batch of COALESCE_FROM
+# reports or more, the next batch gathers for COALESCE first. A lone scan's
+# trap hit is a batch of one: read, decided and banned at once.
+COALESCE_FROM, COALESCE = 2, 0.001
 KERNEL_BANNED = Facts(banned_by_kernel=True)
 
 
@@ -134,6 +139,8 @@ class ProbePath:
             reports, self._reports = self._reports, None
             if reports:  # the worker looks within WAKE_WAIT: a flood's batches, one wake
                 self.ctx.worker.put_quietly(lambda: self._run_reports(reports))
+            if len(reports) >= COALESCE_FROM:  # busy: let the next ones gather first
+                time.sleep(COALESCE)
 
     def _run_reports(self, reports: list) -> None:
         """Worker: each report on its own, so that one failure loses no other;
