@@ -25,6 +25,15 @@ from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_command
 NFT_CTX_OUTPUT_JSON = 1 << 4
 NFT_CTX_OUTPUT_TERSE = 1 << 11  # no set elements in listings
 BAN_SET_SIZE = 262144  # per family; the kernel refuses additions beyond it
+CHAIN_KEYS = ("type", "hook", "prio", "policy")  # a chain as declared (its handle is not)
+RACE_TRIES = 3  # our table made again while other programs commit meanwhile
+
+
+def _generation() -> int | None:
+    try:
+        return generation()
+    except OSError:
+        return None
 
 
 def _uncounted(expressions: list) -> list:
@@ -139,11 +148,31 @@ class NftBans:
                      + "".join(f"delete set inet {t} {n}\n" for n in names))
 
     def _install(self, trap: KernelTrap | None, ban_time: float) -> None:
-        self.nft.run("\n".join(table_commands(self.table, self.set_size, trap, ban_time)) + "\n")
-        self.queue_error = None
-        if trap is not None and trap.hold_queue:
-            self.queue_error = self._add_queue_rule(trap.hold_queue)
-        self._expect()
+        def make() -> int:
+            commands = table_commands(self.table, self.set_size, trap, ban_time)
+            self.nft.run("\n".join(commands + self._foreign_chains(commands)) + "\n")
+            self.queue_error = None
+            if trap is not None and trap.hold_queue:
+                self.queue_error = self._add_queue_rule(trap.hold_queue)
+                return 1 + (self.queue_error is None)
+            return 1
+        self._made(make)
+
+    def _foreign_chains(self, commands: list[str]) -> list[str]:
+        """Chains in our table that `commands` does not make (another
+        program's, e.g. a hooked chain with policy drop): emptied, then
+        deleted, in the same transaction as ours are filled anew."""
+        prefix = f"add chain inet {self.table} "
+        ours = {c[len(prefix):].split()[0] for c in commands if c.startswith(prefix)}
+        try:
+            data = json.loads(self.nft.run("list chains inet", as_json=True))
+        except (NftError, ValueError):
+            return []  # no table yet
+        foreign = sorted({i["chain"]["name"] for i in data.get("nftables", [])
+                          if "chain" in i and i["chain"].get("table") == self.table
+                          and i["chain"]["name"] not in ours})
+        return ([f"flush chain inet {self.table} {name}" for name in foreign]
+                + [f"delete chain inet {self.table} {name}" for name in foreign])
 
     def _add_queue_rule(self, queue: int) -> str | None:
         """The hold chain's queue statement: nftables' own, or else the
@@ -167,8 +196,10 @@ class NftBans:
             data = json.loads(self.nft.run(f"list table inet {self.table}", as_json=True,
                                            terse=True))
             items = data.get("nftables", [])
-            parts = [json.dumps([i["rule"]["chain"], _uncounted(i["rule"]["expr"])])
-                     for i in items if "rule" in i]
+            parts = sorted(json.dumps([c["name"]] + [c.get(k) for k in CHAIN_KEYS])
+                           for c in (i["chain"] for i in items if "chain" in i))
+            parts += [json.dumps([i["rule"]["chain"], _uncounted(i["rule"]["expr"])])
+                      for i in items if "rule" in i]
             names = {i["set"]["name"] for i in items if "set" in i}
             if not {"ban4", "ban6"} <= names:
                 return None
@@ -181,17 +212,29 @@ class NftBans:
             return None
         return "\n".join(parts)
 
-    def _expect(self) -> None:
-        """The table as we made it just now: its fingerprint, and the
-        generation it was taken at (reconciliation need not list it again
-        until something else is committed)."""
-        try:
-            now = generation()
-        except OSError:
-            now = None
-        self.expected = self.fingerprint()
-        self.checked_generation = now
-        nfnetlink.OWN_COMMITS.checked(now)
+    def _run_once(self, commands: str) -> int:
+        """One transaction of ours (libnftables runs a buffer as one)."""
+        self.nft.run(commands)
+        return 1
+
+    def _made(self, make) -> None:
+        """Run `make` (our commits; it returns how many) and take the table as
+        it made it: its fingerprint, and the generation (reconciliation need
+        not list it again until something else is committed). Had another
+        program committed meanwhile (the generation moved more than ours), its
+        change could be in the listing and taken for ours: the table is made
+        again, RACE_TRIES times at most; failing that, the next check lists it."""
+        for _ in range(RACE_TRIES):
+            before = _generation()
+            commits = make()
+            now = _generation()
+            self.expected = self.fingerprint()
+            settled = None not in (before, now) and now == before + commits \
+                and _generation() == now
+            if settled or before is None:
+                break
+        self.checked_generation = now if settled else None
+        nfnetlink.OWN_COMMITS.checked(self.checked_generation)
 
     def intact(self) -> bool:
         """Is our table still as we installed it: rules, ban sets, trap ports,
@@ -199,10 +242,7 @@ class NftBans:
         Listed only if a change was committed since it was last found so."""
         if self.expected is None:
             return False
-        try:
-            now = generation()  # before the listing: a change meanwhile moves it again
-        except OSError:
-            now = None
+        now = _generation()  # before the listing: a change meanwhile moves it again
         if now is not None and self.checked_generation is not None \
                 and now in (self.checked_generation, nfnetlink.OWN_COMMITS.trusted):
             return True  # nothing committed since, or only our own bans and the like
@@ -222,8 +262,7 @@ class NftBans:
             if ranges:
                 commands.append(f"add element inet {t} {name} {{ "
                                 f"{elements(ranges, lambda v: str(cls(v)))} }}")
-        self.nft.run("\n".join(commands) + "\n")
-        self._expect()
+        self._made(lambda: self._run_once("\n".join(commands) + "\n"))
 
     def is_peer(self, address) -> bool:
         """A mature peer: a completed handshake within PEER_MEMORY, the first
@@ -234,9 +273,8 @@ class NftBans:
 
     def disarm_trap(self) -> None:
         """Stop trapping (daemon stopping); bans stay enforced."""
-        self.nft.run(f"flush chain inet {self.table} input\n"
-                     f"flush chain inet {self.table} prerouting_nat\n")
-        self._expect()
+        self._made(lambda: self._run_once(f"flush chain inet {self.table} input\n"
+                                          f"flush chain inet {self.table} prerouting_nat\n"))
 
     def command(self, address, timeout: float) -> str:
         ip = canonical(address)  # never format anything but an address

@@ -299,3 +299,48 @@ def test_quiet_changes_inside_our_table_are_undone(lab, start_daemon):
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
     trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
     assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
+
+
+def test_a_foreign_chain_or_policy_in_our_table_is_undone(lab, start_daemon):
+    """Found by an adversarial try: a hooked chain of another program's in our
+    table (policy drop: this host cut off) and our input chain's policy set
+    to drop were never seen (the check compared rules and sets only), and a
+    foreign chain with a rule was reported restored but kept."""
+    daemon = start_daemon(ATCP)
+
+    def table() -> str:
+        return lab.exec("target", "nft", "list", "table", "inet", "portsentinel").stdout
+    lab.exec("target", "nft", "add", "chain", "inet", "portsentinel", "evil",
+             "{ type filter hook input priority -400 ; policy drop ; }", check=True)
+    lab.exec("target", "nft", "add", "chain", "inet", "portsentinel", "evil2", check=True)
+    lab.exec("target", "nft", "add", "rule", "inet", "portsentinel", "evil2", "tcp", "dport",
+             "22", "accept", check=True)
+    lab.exec("target", "nft", "add", "chain", "inet", "portsentinel", "input",
+             "{ type filter hook input priority filter - 10 ; policy drop ; }", check=True)
+    daemon.cli("reconcile")
+    deadline = time.monotonic() + 5
+    while ("evil" in table() or "policy drop" in table()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "evil" not in table() and "policy drop" not in table(), table()
+    daemon.wait_log("our nftables table was changed by another program")
+    assert "policy accept" in lab.exec("target", "nft", "list", "chain", "inet",
+                                       "portsentinel", "input").stdout
+
+
+def test_a_change_made_while_our_table_is_being_restored_is_not_kept(lab, start_daemon):
+    """Found by an adversarial try: a foreign rule committed 50 ms after a
+    flush (CHECK_DELAY: while the daemon restored the table) was taken into
+    the table as installed and never undone. Every restore now takes the table
+    as its own only if nothing else was committed meanwhile."""
+    daemon = start_daemon(ATCP)
+    for attempt in range(3):
+        lab.exec("target", "sh", "-c",
+                 "nft flush chain inet portsentinel input; sleep 0.05; "
+                 "nft insert rule inet portsentinel input ip saddr 198.51.100.0/24 accept "
+                 "comment '\"foreign\"'", check=True)
+        time.sleep(1.0)
+        daemon.cli("reconcile")
+        time.sleep(0.5)
+        rules = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
+                         "input").stdout
+        assert "foreign" not in rules, (attempt, rules)

@@ -320,6 +320,39 @@ def test_our_own_element_commits_do_not_make_the_table_listed_again(monkeypatch)
     assert bans.intact() and len(listed) == 3
 
 
+def test_our_table_is_made_again_when_another_commit_lands_while_it_is_made(monkeypatch):
+    """The table as installed is what the listing right after our commits
+    shows; another program's commit in that window (a rule slipped in while
+    the daemon restored a flushed table) was taken for ours and never undone.
+    Now the listing counts as ours only if the generation moved by exactly our
+    commits; else the table is made again (RACE_TRIES at most)."""
+    import portsentinel.nft as nft_module
+    now = [10]
+    monkeypatch.setattr(nft_module, "generation", lambda: now[0])
+    bans = NftBans.__new__(NftBans)
+    bans.fingerprint = lambda: f"listed at {now[0]}"
+    made = []
+
+    def make(foreign: int):
+        def run() -> int:
+            made.append(now[0])
+            now[0] += 1 + (foreign if len(made) == 1 else 0)  # ours, and another's at first
+            return 1
+        return run
+    bans._made(make(foreign=1))
+    assert made == [10, 12] and bans.expected == "listed at 13"
+    assert bans.checked_generation == 13
+    made.clear()
+    bans._made(make(foreign=0))
+    assert made == [13] and bans.checked_generation == 14
+
+    def racing() -> int:
+        now[0] += 2  # someone commits every time
+        return 1
+    bans._made(racing)
+    assert bans.checked_generation is None  # never settled: the next check lists it
+
+
 def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
     """net.core.rmem_max is 208 KiB on a stock Debian: a plain SO_RCVBUF
     would silently get 416 KiB there, about 500 kernel log messages (830
