@@ -103,6 +103,27 @@ def _stamp(form: str, second: int) -> str:
     return text
 
 
+class Held(threading.local):
+    """A thread's lines held back until the end of a job (`holding`)."""
+
+    lines = None
+
+
+@contextmanager
+def holding(held: Held, empty, release):
+    """Hold this thread's lines in `held.lines` (first `empty`) until the
+    end, then `release(lines)`; a hold within a hold is the outer one's."""
+    if held.lines is not None:
+        yield
+        return
+    held.lines = empty
+    try:
+        yield
+    finally:
+        lines, held.lines = held.lines, None
+        release(lines)
+
+
 FACILITIES = {name: getattr(syslog, f"LOG_{name.upper()}") for name in (
     "daemon", "auth", "authpriv", "user", "local0", "local1", "local2", "local3",
     "local4", "local5", "local6", "local7")}
@@ -120,7 +141,7 @@ class Log:
         self.stream = stream
         self.ident = ident
         self._lock = threading.Lock()
-        self._job = threading.local()  # .lines: this thread's stream lines, held
+        self._job = Held()  # this thread's stream lines, while held
         if to_syslog:
             syslog.openlog(ident, syslog.LOG_PID, FACILITIES[facility])
 
@@ -130,7 +151,7 @@ class Log:
         if self.stream is not None:
             stamp = _stamp("%b %d %H:%M:%S", int(time.time()))
             line = f"{stamp} {self.ident}[{os.getpid()}]: {message}\n"
-            held = getattr(self._job, "lines", None)
+            held = self._job.lines
             if held is not None:
                 held.append(line)
                 return
@@ -138,22 +159,16 @@ class Log:
                 self.stream.write(line)
                 self.stream.flush()
 
-    @contextmanager
     def grouped(self):
         """This thread's stream lines until the end, written and flushed
         together then (syslog lines go at once: each is its own message)."""
-        if self.stream is None or getattr(self._job, "lines", None) is not None:
-            yield
-            return
-        self._job.lines = []
-        try:
-            yield
-        finally:
-            held, self._job.lines = self._job.lines, None
-            if held:
-                with self._lock:
-                    self.stream.write("".join(held))
-                    self.stream.flush()
+        return holding(self._job, [], self._write_held)
+
+    def _write_held(self, lines: list[str]) -> None:
+        if lines:
+            with self._lock:
+                self.stream.write("".join(lines))
+                self.stream.flush()
 
     def error(self, message: str) -> None:
         self(message, ERROR)

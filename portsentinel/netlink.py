@@ -29,6 +29,7 @@ def receive_buffer(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+_ATTRIBUTE = struct.Struct("=HH")  # nlattr: length, type
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (big endian)
 
@@ -58,15 +59,18 @@ def message_end(data: bytes, at: int) -> int:
     return at - HEADER.size + struct.unpack_from("=I", data, at - HEADER.size)[0]
 
 
-def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    """Netlink attributes in data[start:end], by type (nested flag cleared)."""
+def attributes(data: bytes, start: int, end: int, wanted=None) -> dict[int, bytes]:
+    """Netlink attributes in data[start:end], by type (nested flag cleared);
+    with `wanted` (a set of types), only those are copied out."""
     found = {}
     end = min(end, len(data))
     while start + 4 <= end:
-        size, kind = struct.unpack_from("=HH", data, start)
+        size, kind = _ATTRIBUTE.unpack_from(data, start)
         if size < 4:
             break
-        found[kind & 0x7FFF] = data[start + 4:start + size]
+        kind &= 0x7FFF
+        if wanted is None or kind in wanted:
+            found[kind] = data[start + 4:start + size]
         start += (size + 3) & ~3
     return found
 

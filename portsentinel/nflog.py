@@ -17,7 +17,7 @@ import time
 from . import packets
 from .engine import TCP, Kind, Probe, classify_tcp
 from .netlink import (NETLINK_NETFILTER, NFGEN, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr,
-                      error_code, message_end, messages, nfnl_message, receive_buffer)
+                      attributes, error_code, message_end, messages, nfnl_message, receive_buffer)
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
@@ -115,20 +115,9 @@ class KernelBanLog:
 
 
 _WANTED = frozenset((NFULA_TIMESTAMP, NFULA_PAYLOAD, NFULA_PREFIX))
-_ATTRIBUTE = struct.Struct("=HH")
 
 
 def _attributes(data: bytes, at: int) -> dict[int, bytes]:
     """The top-level attributes of one message that `to_logged` reads (its
     length bounds the walk): one message a probe, so only those are copied."""
-    end = min(message_end(data, at - NFGEN.size), len(data))
-    found = {}
-    while at + 4 <= end:
-        size, kind = _ATTRIBUTE.unpack_from(data, at)
-        if size < 4:
-            break
-        kind &= 0x7FFF
-        if kind in _WANTED:
-            found[kind] = data[at + 4:at + size]
-        at += (size + 3) & ~3
-    return found
+    return attributes(data, at, message_end(data, at - NFGEN.size), _WANTED)

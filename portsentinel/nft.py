@@ -29,7 +29,7 @@ CHAIN_KEYS = ("type", "hook", "prio", "policy")  # a chain as declared (its hand
 RACE_TRIES = 3  # our table made again while other programs commit meanwhile
 
 
-def _generation() -> int | None:
+def _generation_or_none() -> int | None:
     try:
         return generation()
     except OSError:
@@ -225,12 +225,12 @@ class NftBans:
         change could be in the listing and taken for ours: the table is made
         again, RACE_TRIES times at most; failing that, the next check lists it."""
         for _ in range(RACE_TRIES):
-            before = _generation()
+            before = _generation_or_none()
             commits = make()
-            now = _generation()
+            now = _generation_or_none()
             self.expected = self.fingerprint()
             settled = None not in (before, now) and now == before + commits \
-                and _generation() == now
+                and _generation_or_none() == now
             if settled or before is None:
                 break
         self.checked_generation = now if settled else None
@@ -242,7 +242,7 @@ class NftBans:
         Listed only if a change was committed since it was last found so."""
         if self.expected is None:
             return False
-        now = _generation()  # before the listing: a change meanwhile moves it again
+        now = _generation_or_none()  # before the listing: a change meanwhile moves it again
         if now is not None and self.checked_generation is not None \
                 and now in (self.checked_generation, nfnetlink.OWN_COMMITS.trusted):
             return True  # nothing committed since, or only our own bans and the like

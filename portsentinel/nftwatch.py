@@ -24,6 +24,7 @@ import struct
 from . import bpf
 from .netlink import (NETLINK_NETFILTER, NFGEN, attributes, message_end, messages,
                       receive_buffer)
+from . import nfnetlink
 from .nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 
 NFNLGRP_NFTABLES = 7
@@ -32,7 +33,7 @@ NFT_MSG_DELSET, NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN = 11, 12,
 CHANGES = {NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE,
            NFT_MSG_DELSET, NFT_MSG_DELSETELEM}
 TABLE_ATTRIBUTE, SET_ATTRIBUTE = 1, 2  # NFTA_*_TABLE alike; NFTA_SET_ELEM_LIST_SET
-STATIC_SETS = {b"trap_tcp", b"trap_udp", b"never4", b"never6"}  # bans come and go: not these
+STATIC_SETS = {n.encode() for n in nfnetlink.STATIC_SETS}  # bans come and go: not these
 
 
 def event_filter() -> list[bpf.Insn]:

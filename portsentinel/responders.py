@@ -18,8 +18,6 @@ import fcntl
 import ipaddress
 import os
 import subprocess
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import logs
@@ -212,7 +210,7 @@ class Records:
         self.history_file, self.blocked_file, self.log = history_file, blocked_file, log
         self._made: set[Path] = set()  # folders known to exist
         self._per_mode: dict[str, Path] = {}  # mode -> its blocked file
-        self._job = threading.local()  # .lines: path -> lines of the job being run
+        self._job = logs.Held()  # path -> lines, while this thread's job holds them
 
     def blocked(self, epoch: float, target: str, name: str | None, port: int,
                 protocol: str, mode: str) -> None:
@@ -221,28 +219,22 @@ class Records:
         if blocked is None:
             blocked = self._per_mode[mode] = self.blocked_file.with_name(
                 f"{self.blocked_file.name}.{mode}")
-        lines = getattr(self._job, "lines", None)
+        lines = self._job.lines
         for path in (self.history_file, blocked):
             if lines is not None:
                 lines.setdefault(path, []).append(line)
             else:
                 self._write(path, line)
 
-    @contextmanager
     def grouped(self):
         """This thread's lines until the end, one write a file then (a kernel
         log batch's bans: an open/write/close per line was the worker's
         biggest cost under a flood)."""
-        if getattr(self._job, "lines", None) is not None:
-            yield
-            return
-        self._job.lines = {}
-        try:
-            yield
-        finally:
-            lines, self._job.lines = self._job.lines, None
-            for path, group in lines.items():
-                self._write(path, b"".join(group))
+        return logs.holding(self._job, {}, self._write_held)
+
+    def _write_held(self, lines: dict[Path, list[bytes]]) -> None:
+        for path, group in lines.items():
+            self._write(path, b"".join(group))
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
