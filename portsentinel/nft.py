@@ -36,6 +36,18 @@ def _generation_or_none() -> int | None:
         return None
 
 
+def never_commands(t: str, never: AddressSet) -> list[str]:
+    """The never-block sets emptied and filled with `never`."""
+    commands = [f"flush set inet {t} never4", f"flush set inet {t} never6"]
+    for version, name in ((4, "never4"), (6, "never6")):
+        cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+        ranges = never.ranges(version)
+        if ranges:
+            commands.append(f"add element inet {t} {name} {{ "
+                            f"{elements(ranges, lambda v: str(cls(v)))} }}")
+    return commands
+
+
 def _uncounted(expressions: list) -> list:
     return [e for e in expressions if not (isinstance(e, dict) and "counter" in e)]
 
@@ -101,13 +113,24 @@ class NftBans:
         self.expected: str | None = None  # fingerprint() as last installed
         self.checked_generation: int | None = None  # the ruleset's, when last found so
         self.queue_error: str | None = None  # why the hold has no queue statement
+        self._trap: KernelTrap | None = None  # the table as last made: its trap,
+        self._ban_time = 0.0  # ban expiry and never-block sets
+        self._never = never_commands(table, AddressSet())
 
-    def install(self, trap: KernelTrap | None = None, ban_time: float = 0) -> None:
-        """Create or refresh the table in one transaction; bans already in
-        the sets are kept (restart), rules are replaced (never duplicated).
+    def install(self, trap: KernelTrap | None = None, ban_time: float = 0,
+                never: AddressSet | None = None) -> None:
+        """Create or refresh the table in one transaction, never-block sets
+        included (`never`; else as last set); bans already in the sets are
+        kept (restart), rules are replaced (never duplicated). Every change
+        of ours is such a whole make: a partial one (only the never-block
+        sets) would be listed as ours with whatever another program committed
+        since the last whole make.
         A set made otherwise than ours (a ban set of another BAN_SET_SIZE, an
         earlier version's served-port sets that the kernel could not fill) is
         made anew, its bans carried over with the time they have left."""
+        self._trap, self._ban_time = trap, ban_time
+        if never is not None:
+            self._never = never_commands(self.table, never)
         try:
             self._install(trap, ban_time)
         except NftError:
@@ -149,7 +172,7 @@ class NftBans:
 
     def _install(self, trap: KernelTrap | None, ban_time: float) -> None:
         def make() -> int:
-            commands = table_commands(self.table, self.set_size, trap, ban_time)
+            commands = table_commands(self.table, self.set_size, trap, ban_time) + self._never
             self.nft.run("\n".join(commands + self._foreign_chains(commands)) + "\n")
             self.queue_error = None
             if trap is not None and trap.hold_queue:
@@ -212,11 +235,6 @@ class NftBans:
             return None
         return "\n".join(parts)
 
-    def _run_once(self, commands: str) -> int:
-        """One transaction of ours (libnftables runs a buffer as one)."""
-        self.nft.run(commands)
-        return 1
-
     def _made(self, make) -> None:
         """Run `make` (our commits; it returns how many) and take the table as
         it made it: its fingerprint, and the generation (reconciliation need
@@ -233,6 +251,7 @@ class NftBans:
                 and _generation_or_none() == now
             if settled or before is None:
                 break
+        import time as _t; print(_t.time(), 'MADE', before, now, commits, settled, 'foreign' in (self.expected or ''), file=open('/tmp/made.log','a'))
         self.checked_generation = now if settled else None
         nfnetlink.OWN_COMMITS.checked(self.checked_generation)
 
@@ -245,24 +264,20 @@ class NftBans:
         now = _generation_or_none()  # before the listing: a change meanwhile moves it again
         if now is not None and self.checked_generation is not None \
                 and now in (self.checked_generation, nfnetlink.OWN_COMMITS.trusted):
+            import time as _t; print(_t.time(), 'TRUST', now, self.checked_generation, nfnetlink.OWN_COMMITS.trusted, file=open('/tmp/made.log','a'))
             return True  # nothing committed since, or only our own bans and the like
-        if self.fingerprint() != self.expected:
+        fp = self.fingerprint()
+        import time as _t; print(_t.time(), 'LIST', now, fp == self.expected, 'foreign' in (fp or ''), file=open('/tmp/made.log','a'))
+        if fp != self.expected:
             return False
         self.checked_generation = now
         nfnetlink.OWN_COMMITS.checked(now)
         return True
 
     def set_never_block(self, never: AddressSet) -> None:
-        """Replace the never-block sets atomically."""
-        t = self.table
-        commands = [f"flush set inet {t} never4", f"flush set inet {t} never6"]
-        for version, name in ((4, "never4"), (6, "never6")):
-            cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-            ranges = never.ranges(version)
-            if ranges:
-                commands.append(f"add element inet {t} {name} {{ "
-                                f"{elements(ranges, lambda v: str(cls(v)))} }}")
-        self._made(lambda: self._run_once("\n".join(commands) + "\n"))
+        """Replace the never-block sets atomically (the table made whole)."""
+        if never_commands(self.table, never) != self._never:
+            self.install(self._trap, self._ban_time, never)
 
     def is_peer(self, address) -> bool:
         """A mature peer: a completed handshake within PEER_MEMORY, the first
@@ -273,8 +288,7 @@ class NftBans:
 
     def disarm_trap(self) -> None:
         """Stop trapping (daemon stopping); bans stay enforced."""
-        self._made(lambda: self._run_once(f"flush chain inet {self.table} input\n"
-                                          f"flush chain inet {self.table} prerouting_nat\n"))
+        self.install(None, self._ban_time)
 
     def command(self, address, timeout: float) -> str:
         ip = canonical(address)  # never format anything but an address

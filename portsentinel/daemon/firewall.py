@@ -37,8 +37,7 @@ class Firewall:
     def install(self, kernel_trap, trapped) -> None:
         """The table, its kernel trap and never-block sets (start, reload)."""
         self.kernel_trap = kernel_trap
-        self.ctx.bans.install(kernel_trap, self.ctx.config.ban_time)
-        self.ctx.bans.set_never_block(self.never_block)
+        self.ctx.bans.install(kernel_trap, self.ctx.config.ban_time, self.never_block)
         self.reset_served()
         for protocol in trapped:
             self.ctx.log(f"adminalert: kernel trap armed for {protocol.upper()}: the first "
@@ -141,8 +140,7 @@ class Firewall:
         self.ctx.log.error("adminalert: WARNING: our nftables table was changed by another "
                            "program (a ruleset flush?); restoring it, the kernel trap and "
                            "every ban")
-        bans.install(self.kernel_trap, self.ctx.config.ban_time)
-        bans.set_never_block(self.never_block)
+        bans.install(self.kernel_trap, self.ctx.config.ban_time, self.never_block)
         self.ctx.inbox.post(self.reset_served)
         now = time.time()
         records = self.ledger.in_force(now)

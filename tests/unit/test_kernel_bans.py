@@ -135,7 +135,7 @@ class _RecordingNft:
 def test_trap_rules_spare_any_socket_replies_and_mapped_sources_and_log_each_ban():
     nft = _RecordingNft()
     bans = NftBans.__new__(NftBans)
-    bans.nft, bans.table, bans.set_size = nft, "t", 1000
+    bans.nft, bans.table, bans.set_size, bans._never = nft, "t", 1000, []
     bans._install(KernelTrap(((1, 1023),), ((1, 1023),), log_group=7417), 3600)
     rules = nft.batches[-1]
     assert "socket wildcard le 1 return" not in rules  # breaks on TIME_WAIT / SYN_RECV sockets
@@ -200,7 +200,7 @@ def test_a_challenge_bans_once_per_connection_and_spares_served_ports():
     retransmitted) must not ban again; a port served lately is never a trap."""
     nft = _RecordingNft()
     bans = NftBans.__new__(NftBans)
-    bans.nft, bans.table, bans.set_size = nft, "t", 1000
+    bans.nft, bans.table, bans.set_size, bans._never = nft, "t", 1000, []
     bans._install(KernelTrap(((1, 1023),), ((1, 1023),), peer_memory=600, challenge_port=4000,
                              log_group=7417), 3600)
     rules = nft.batches[-1]
@@ -351,6 +351,51 @@ def test_our_table_is_made_again_when_another_commit_lands_while_it_is_made(monk
         return 1
     bans._made(racing)
     assert bans.checked_generation is None  # never settled: the next check lists it
+
+
+class _Kernel:
+    """Our table as commits leave it: ours (a complete make replaces every
+    rule) and, after our `foreign_after`-th commit, another program's rule."""
+
+    def __init__(self, foreign_after: int):
+        self.generation, self.ours, self.foreign_after = 1, 0, foreign_after
+        self.rules: set[str] = set()
+
+    def run(self, commands: str, as_json: bool = False, terse: bool = False) -> str:
+        if commands.startswith("list"):
+            return '{"nftables": []}'
+        self.generation += 1
+        if f"flush chain inet {TABLE} input" in commands:
+            self.rules = {"ours"}
+        self.ours += 1
+        if self.ours == self.foreign_after:
+            self.generation += 1
+            self.rules.add("foreign")
+        return ""
+
+
+TABLE = "portsentinel"
+
+
+@pytest.mark.parametrize("foreign_after", [1, 2, 3])
+def test_a_rule_another_program_adds_between_our_commits_is_never_taken_as_ours(
+        monkeypatch, foreign_after):
+    """CI found it: a foreign rule committed between the restored table and
+    its never-block sets (two transactions, the second listed as "as
+    installed") was taken for ours and kept. Whenever another program's
+    commit lands, the table we take as ours holds no rule of its own."""
+    import portsentinel.nft as nft_module
+    kernel = _Kernel(foreign_after)
+    monkeypatch.setattr(nft_module, "generation", lambda: kernel.generation)
+    bans = NftBans.__new__(NftBans)
+    bans.nft, bans.table, bans.set_size = kernel, TABLE, 1024
+    bans.expected = bans.checked_generation = bans.queue_error = None
+    bans._trap, bans._ban_time, bans._never = None, 0, []
+    bans.fingerprint = lambda: repr(sorted(kernel.rules))
+    never = AddressSet(["198.51.100.1"])
+    bans.install(None, 0, never)
+    bans.set_never_block(AddressSet(["198.51.100.2"]))
+    assert not ("foreign" in kernel.rules and bans.intact()), kernel.rules
 
 
 def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
