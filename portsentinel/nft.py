@@ -212,8 +212,8 @@ class NftBans:
                 return f"no queue in this kernel: {native}; xtables NFQUEUE: {compat}"
 
     def fingerprint(self) -> str | None:
-        """Our rules (without their counters) and the static sets (trap ports,
-        never-block) as they are now; None when the table is gone. Listed
+        """Our chains, rules (without their counters), table flags and static
+        sets (trap ports, never-block) as they are now; None when the table is gone. Listed
         without the dynamic sets' elements: milliseconds, whatever the bans."""
         try:
             data = json.loads(self.nft.run(f"list table inet {self.table}", as_json=True,
@@ -223,6 +223,9 @@ class NftBans:
                            for c in (i["chain"] for i in items if "chain" in i))
             parts += [json.dumps([i["rule"]["chain"], _uncounted(i["rule"]["expr"])])
                       for i in items if "rule" in i]
+            # any table flag (dormant: every rule off; nft 1.0.6 garbles its name)
+            parts += [json.dumps(["table flags", "flags" in i["table"]])
+                      for i in items if "table" in i]
             names = {i["set"]["name"] for i in items if "set" in i}
             if not {"ban4", "ban6"} <= names:
                 return None

@@ -327,6 +327,22 @@ def test_a_foreign_chain_or_policy_in_our_table_is_undone(lab, start_daemon):
                                        "portsentinel", "input").stdout
 
 
+def test_our_table_set_dormant_by_another_program_is_woken(lab, start_daemon):
+    """A dormant table's rules do nothing: every ban and the kernel trap off,
+    with nothing deleted for the ruleset watch to see. Reconciliation finds
+    it (the table is listed: the generation moved) and makes it again."""
+    daemon = start_daemon(ATCP)
+    lab.exec("target", "nft", "add", "table", "inet", "portsentinel", "{ flags dormant ; }",
+             check=True)
+    daemon.cli("reconcile")
+    listed = lab.exec("target", "nft", "list", "table", "inet", "portsentinel").stdout
+    assert "dormant" not in listed, listed[:200]
+    daemon.wait_log("our nftables table was changed by another program")
+    source = extra4(28)
+    nmap(lab, "-sS", source, TARGET4, "20-25")
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+
+
 def test_a_change_made_while_our_table_is_being_restored_is_not_kept(lab, start_daemon):
     """Found by an adversarial try: a foreign rule committed 50 ms after a
     flush (CHECK_DELAY: while the daemon restored the table) was taken into
