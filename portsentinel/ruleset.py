@@ -167,6 +167,7 @@ def _chains(t: str) -> list[str]:
         f"add chain inet {t} input {{ type filter hook input priority filter - 10; "
         "policy accept; }",
         f"add chain inet {t} trap",
+        f"add chain inet {t} trapped",
         f"add chain inet {t} prerouting_nat {{ type nat hook prerouting priority dstnat - 10; "
         "policy accept; }",
         f"add chain inet {t} challenge",
@@ -175,7 +176,8 @@ def _chains(t: str) -> list[str]:
         f"add chain inet {t} {STRANGER_CHAIN}",
         f"add chain inet {t} {HOLD_CHAIN}",
         *(f"flush chain inet {t} {chain}" for chain in (
-            "prerouting_nat", "challenge", "challenged", "prerouting", "input", "trap", "hold",
+            "prerouting_nat", "challenge", "challenged", "prerouting", "input", "trap", "trapped",
+            "hold",
             STRANGER_CHAIN, HOLD_CHAIN)),
         f"flush set inet {t} trap_tcp",
         f"flush set inet {t} trap_udp",
@@ -258,17 +260,18 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
     if ban_tcp and trap.first_contact_delay:
         rules += _first_contact_delay(t)
     if ban_tcp:
+        rules += _bogus(t)
         rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
                      "tcp dport @trap_tcp jump trap")
     if ban_udp:
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
     rules += _hold(t, trap) + _spared(t, trap.service_memory)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
-        rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 return",
-                  f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 return"]
+        rules += [f"add rule inet {t} trapped ip saddr @peers4 ip saddr != @young4 return",
+                  f"add rule inet {t} trapped ip6 saddr @peers6 ip6 saddr != @young6 return"]
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
-        rules.append(f"add rule inet {t} trap limit rate over {limit(trap.ban_rate)} return")
-    rules += [f"add rule inet {t} trap meta nfproto {family} "
+        rules.append(f"add rule inet {t} trapped limit rate over {limit(trap.ban_rate)} return")
+    rules += [f"add rule inet {t} trapped meta nfproto {family} "
               f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
               for v, family, field in FAMILIES]
     return rules
@@ -287,6 +290,7 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
     if ban_tcp and trap.first_contact_delay:
         rules += _first_contact_delay(t)
     if trap.tcp:
+        rules += _bogus(t)
         rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
                      "tcp dport @trap_tcp jump trap")
     if trap.udp:
@@ -295,17 +299,18 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules.append(f"add rule inet {t} input {SYN_ONLY} jump contact")
     rules += _hold(t, trap) + _spared(t, trap.service_memory)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
-        rules += [f"add rule inet {t} trap ip saddr @peers4 ip saddr != @young4 goto peer_hit",
-                  f"add rule inet {t} trap ip6 saddr @peers6 ip6 saddr != @young6 goto peer_hit"]
+        rules += [f"add rule inet {t} trapped ip saddr @peers4 ip saddr != @young4 goto peer_hit",
+                  f"add rule inet {t} trapped ip6 saddr @peers6 ip6 saddr != @young6 "
+                  "goto peer_hit"]
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
-        rules.append(f"add rule inet {t} trap limit rate over {limit(trap.ban_rate)} "
+        rules.append(f"add rule inet {t} trapped limit rate over {limit(trap.ban_rate)} "
                      f'log group {group} prefix "{HIT_PREFIX}" accept')
     for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp)):
         if bans:
-            rules += [f"add rule inet {t} trap meta l4proto {protocol} meta nfproto {family} "
+            rules += [f"add rule inet {t} trapped meta l4proto {protocol} meta nfproto {family} "
                       f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
                       for v, family, field in FAMILIES]
-    rules.append(f"add rule inet {t} trap goto hit")  # no kernel ban: userspace decides
+    rules.append(f"add rule inet {t} trapped goto hit")  # no kernel ban: userspace decides
     for chain, prefix in (("hit", HIT_PREFIX), ("peer_hit", PEER_HIT_PREFIX)):
         rules += [rule + " accept" for rule in _hit_log(t, trap, chain, prefix)]
         rules.append(f"add rule inet {t} {chain} accept")  # past its rate: seen enough
@@ -319,6 +324,28 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
               f"add rule inet {t} contact_new socket transparent 1 {served}",
               f"add rule inet {t} contact_new tcp dport @served_tcp {served}",
               f'add rule inet {t} contact_new log group {group} prefix "{CONTACT_PREFIX}"']
+    return rules
+
+
+BOGUS_FLAGS = (  # what no TCP stack sends: nmap's NULL/FIN/XMAS scans and OS probes
+    "tcp flags & (syn | ack | rst) == 0",  # NULL, FIN, XMAS: after the SYN, all carry ACK
+    "tcp flags & (syn | fin) == syn | fin",
+    "tcp flags & (syn | rst) == syn | rst",
+)
+
+
+def _bogus(t: str) -> list[str]:
+    """A TCP packet with flags no stack sends is a probe to a served port
+    too (nmap -O sends them to open ports): banned like a trap hit. A port
+    neither trapped nor served (excluded, or past the trap's range) is left
+    alone, as before; so is a reply to this host's own traffic."""
+    rules = [f"add chain inet {t} bogus", f"flush chain inet {t} bogus"]
+    rules += [f"add rule inet {t} input {flags} jump bogus" for flags in BOGUS_FLAGS]
+    rules += [f"add rule inet {t} bogus ct direction reply return",
+              f"add rule inet {t} bogus tcp dport @trap_tcp goto trapped",
+              f"add rule inet {t} bogus socket transparent 0 goto trapped",
+              f"add rule inet {t} bogus socket transparent 1 goto trapped",
+              f"add rule inet {t} bogus tcp dport @served_tcp goto trapped"]
     return rules
 
 
@@ -352,7 +379,8 @@ def _spared(t: str, service_memory: float) -> list[str]:
     else:
         rules += [f"add rule inet {t} trap socket transparent {n} return" for n in (0, 1)]
     return rules + [f"add rule inet {t} trap tcp dport @served_tcp return",
-                    f"add rule inet {t} trap udp dport @served_udp return"]
+                    f"add rule inet {t} trap udp dport @served_udp return",
+                    f"add rule inet {t} trap goto trapped"]  # a hit: judged there
 
 
 def _first_contact_delay(t: str) -> list[str]:

@@ -1,7 +1,7 @@
 """A throw-away network of namespaces for end-to-end tests and benchmarks.
 
     target 198.51.100.1 / 2001:db8::1
-    attacker 198.51.100.2 / 2001:db8::2 (plus .10-.29 / ::10-::29 as extra sources)
+    attacker 198.51.100.2 / 2001:db8::2 (plus .10-.39 / ::10-::39 as extra sources)
     client 198.51.100.3 / 2001:db8::3
 
 all joined by a bridge in a fourth namespace. Traffic never leaves these
@@ -25,7 +25,7 @@ TARGET6, ATTACKER6, CLIENT6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
 # on the bridge itself (in the lan namespace) for shared services such as Redis
 MORE_TARGETS = {"target2": ("198.51.100.4", "2001:db8::4"), "target3": ("198.51.100.5", "2001:db8::5")}
 HUB4 = f"{NET4}.250"
-EXTRA_SOURCES = range(10, 30)
+EXTRA_SOURCES = range(10, 40)  # the client adds .40 and up
 
 
 def extra4(i: int) -> str:

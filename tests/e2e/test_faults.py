@@ -103,13 +103,13 @@ def test_a_ruleset_flush_is_undone_within_a_second(lab, start_daemon):
     source = extra4(26)  # the trap is armed again
     nmap(lab, "-sS", source, TARGET4, "20-25")
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
-    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trapped").stdout
     assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
     # a chain flushed by hand is noticed too
     lab.exec("target", "nft", "flush", "chain", "inet", "portsentinel", "trap", check=True)
     time.sleep(1.0)
-    assert "add @ban4" in lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
-                                   "trap").stdout
+    assert "goto trapped" in lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
+                                      "trap").stdout
 
 
 def test_a_change_the_watch_cannot_see_is_found_by_reconciliation(lab, start_daemon):
@@ -297,7 +297,7 @@ def test_quiet_changes_inside_our_table_are_undone(lab, start_daemon):
     source = extra4(27)
     nmap(lab, "-sS", source, TARGET4, "20-25")  # the trap bans in the kernel again
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
-    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trapped").stdout
     assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
 
 

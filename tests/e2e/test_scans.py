@@ -68,16 +68,47 @@ def test_advanced_modes_detect_and_block_every_scan_type(lab, start_daemon):
         ports = UDP_SCAN_PORTS if scan == "-sU" else TCP_SCAN_PORTS
         nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4, ports)
         port = assert_blocked(daemon, lab, source, alert, proto)
-        assert port not in REAL_TCP | {53}, "a real service's port was taken for a trap"
+        if scan not in ("-sF", "-sN", "-sX"):  # flags no stack sends: a probe to any port
+            assert port not in REAL_TCP | {53}, "a real service's port was taken for a trap"
     assert_client_untouched(daemon, client.finish())
     log = daemon.log_text()
     assert "Ignored TCP port: 22" in log and "Ignored UDP port: 53" in log
-    assert not re.search(r"to TCP port: (22|80|443)$", log, re.M)
+    assert not re.search(r"(SYN/Normal scan|Connect) from .* to TCP port: (22|80|443)$", log,
+                         re.M)
     if shutil.which("fail2ban-regex"):  # fail2ban's stock filter reads our history file
         done = subprocess.run(["fail2ban-regex", str(daemon.history),
                                "/etc/fail2ban/filter.d/portsentry.conf"],
                               capture_output=True, text=True)
         assert f"Failregex: {len(ADVANCED)} total" in done.stdout, done.stdout
+
+
+# flag combinations no TCP stack sends (nmap's OS fingerprint sends them to open ports)
+BOGUS = [
+    ("-sN", extra4(30), "attackalert:  TCP NULL scan"),
+    ("-sX", extra4(31), "attackalert: TCP XMAS scan"),
+    ("-sS --scanflags SYNFIN", extra4(32),
+     "attackalert: Unknown Type: TCP Packet Flags: SYN: 1 FIN: 1 ACK: 0 PSH: 0 URG: 0 RST: 0"),
+    ("-sS --scanflags SYNRST", extra6(33),
+     "attackalert: Unknown Type: TCP Packet Flags: SYN: 1 FIN: 0 ACK: 0 PSH: 0 URG: 0 RST: 1"),
+    ("-sF", extra6(34), "attackalert: TCP FIN scan"),
+]
+
+
+def test_flags_no_tcp_stack_sends_are_probes_even_to_served_ports(lab, start_daemon):
+    """Issue 19: a served port was never a trap, so NULL, XMAS, FIN and
+    SYN+FIN probes to real services (nmap -O's T2/T3) went unseen. No real
+    stack sends them: banned in the kernel like a trap hit, while the
+    legitimate client keeps using those very ports."""
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
+    client = Client(lab)
+    for scan, source, alert in BOGUS:
+        nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4, "22,80,443")
+        port = assert_blocked(daemon, lab, source, re.escape(alert))
+        assert port in REAL_TCP, port
+    source = extra4(35)
+    nmap(lab, "-O", source, TARGET4, "22,80")
+    assert_blocked(daemon, lab, source, "attackalert: .*")
+    assert_client_untouched(daemon, client.finish())
 
 
 def test_excluded_ports_and_ip_options(lab, start_daemon):

@@ -45,7 +45,7 @@ def test_a_scanner_that_just_connected_gets_no_grace(lab, start_daemon):
     assert "443/tcp  open" not in done.stdout, done.stdout
     assert source in daemon.banned()
     # and it was the kernel trap that banned it, not a later, slower path
-    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trapped").stdout
     assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
 
 

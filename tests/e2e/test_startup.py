@@ -159,7 +159,7 @@ def test_systemd_readiness_protocol(lab, tmp_path):
             if messages[-1].startswith(b"READY=1"):
                 assert "PortSentry is now active and listening." in log.read_text()
                 trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel",
-                                "trap").stdout
+                                "trapped").stdout
                 assert "@ban4" in trap, trap
         assert messages == [b"READY=1\nMAINPID=%d\nSTATUS=modes: tcp=atcp udp=audp"
                             % daemon.pid], messages

@@ -71,7 +71,7 @@ def test_unblock_and_reconciliation_know_bans_made_behind_our_back(lab, start_da
     source = extra4(14)
     nmap(lab, "-sS", source, TARGET4, "20-25")  # and the trap is armed again
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
-    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trap").stdout
+    trap = lab.exec("target", "nft", "list", "chain", "inet", "portsentinel", "trapped").stdout
     assert re.search(r"add @ban4 .* counter packets [1-9]", trap), trap
 
 

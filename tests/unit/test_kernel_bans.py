@@ -150,6 +150,35 @@ def test_trap_rules_spare_any_socket_replies_and_mapped_sources_and_log_each_ban
         < rules.index("add @ban4")
 
 
+@pytest.mark.parametrize("sensor", [False, True])
+def test_flags_no_stack_sends_are_trap_hits_even_to_served_ports(sensor):
+    """Issue 19: NULL, FIN, XMAS, SYN+FIN and SYN+RST (nmap -O's probes to
+    open ports) go to the trap's verdict (peers, rate, ban) whether a socket
+    serves the port or not; only replies and ports neither trapped nor served
+    are left alone. Nothing a real stack sends matches."""
+    trap = KernelTrap(((1, 1023),), (), 600, (20.0, 40), log_group=7417, sensor=sensor)
+    rules = table_commands("t", 1000, trap, 3600)
+    bogus = [r for r in rules if r.startswith("add rule inet t bogus ")]
+    assert bogus[0] == "add rule inet t bogus ct direction reply return"
+    assert all(r.endswith("goto trapped") for r in bogus[1:]), bogus
+    assert "add rule inet t bogus socket transparent 0 goto trapped" in bogus
+    assert "add rule inet t bogus tcp dport @served_tcp goto trapped" in bogus
+    jumps = [r for r in rules if r.endswith("jump bogus")]
+    assert len(jumps) == 3
+    from portsentinel.engine import ACK, FIN, PSH, RST, URG
+
+    def matches(flags: int) -> bool:  # the three jumps' tests, as the kernel applies them
+        return (flags & (SYN | ACK | RST) == 0 or flags & (SYN | FIN) == SYN | FIN
+                or flags & (SYN | RST) == SYN | RST)
+    assert "tcp flags & (syn | ack | rst) == 0 jump bogus" in jumps[0]
+    for bogus_flags in (0, FIN, FIN | PSH | URG, SYN | FIN, SYN | FIN | PSH | URG, SYN | RST):
+        assert matches(bogus_flags)
+    for real in (SYN, SYN | ACK, ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, SYN | 0x40 | 0x80):
+        assert not matches(real), real  # (SYN with ECE and CWR: an ECN set-up)
+    no_ban = table_commands("t", 1000, replace(trap, ban_tcp=False, sensor=False), 0)
+    assert not any("bogus" in r for r in no_ban)  # BLOCK_TCP=0 beside the packet sensor
+
+
 def test_the_trap_learns_a_served_port_from_its_traffic():
     """A port a socket serves goes to served_* as soon as a client's packet
     reaches it (SERVICE_MEMORY): a service that restarts before the daemon's
@@ -217,14 +246,15 @@ def test_the_sensed_trap_logs_only_what_userspace_must_judge():
                       contacts=True)
     rules = "\n".join(table_commands("t", 1000, trap, 3600))
     # a stranger's TCP trap hit is banned in the kernel; UDP (no kernel ban) goes up
-    assert "trap meta l4proto tcp meta nfproto ipv4 add @ban4" in rules
+    assert "trapped meta l4proto tcp meta nfproto ipv4 add @ban4" in rules
     assert "meta l4proto udp meta nfproto ipv4 add @ban4" not in rules
-    assert "add rule inet t trap goto hit" in rules
+    assert "add rule inet t trap goto trapped" in rules
+    assert "add rule inet t trapped goto hit" in rules
     # every exemption comes before any ban or log
     assert rules.index("trap ct direction reply return") < rules.index("trap socket "
                                                                         "transparent 0 return") \
         < rules.index("@peers4 ip saddr != @young4 goto peer_hit") \
-        < rules.index("trap meta l4proto tcp meta nfproto ipv4 add @ban4")
+        < rules.index("trapped meta l4proto tcp meta nfproto ipv4 add @ban4")
     # hits: per source, a limited rate; contacts: each (source, port) once
     assert "update @hits4 { ip saddr timeout 10s limit rate 20/second burst 40 packets }" \
         in rules
@@ -257,7 +287,7 @@ def test_a_kernel_logged_trap_hit_says_whether_its_source_is_a_peer():
         KernelFacts(NoLookups(), probe, True).peer  # a first contact: asked
     rules = table_commands("t", 1024, KernelTrap(((1, 1023),), (), 600, log_group=5,
                                                  sensor=True), 60)
-    assert "add rule inet t trap ip saddr @peers4 ip saddr != @young4 goto peer_hit" in rules
+    assert "add rule inet t trapped ip saddr @peers4 ip saddr != @young4 goto peer_hit" in rules
     peer_logs = [r for r in rules if r.startswith("add rule inet t peer_hit ") and "log" in r]
     assert peer_logs and all(f'prefix "{PEER_HIT_PREFIX}"' in r for r in peer_logs)
     hit_logs = [r for r in rules if r.startswith("add rule inet t hit ") and "log" in r]
