@@ -254,7 +254,6 @@ class NftBans:
                 and _generation_or_none() == now
             if settled or before is None:
                 break
-        import time as _t; print(_t.time(), 'MADE', before, now, commits, settled, 'foreign' in (self.expected or ''), file=open('/tmp/made.log','a'))
         self.checked_generation = now if settled else None
         nfnetlink.OWN_COMMITS.checked(self.checked_generation)
 
@@ -267,11 +266,8 @@ class NftBans:
         now = _generation_or_none()  # before the listing: a change meanwhile moves it again
         if now is not None and self.checked_generation is not None \
                 and now in (self.checked_generation, nfnetlink.OWN_COMMITS.trusted):
-            import time as _t; print(_t.time(), 'TRUST', now, self.checked_generation, nfnetlink.OWN_COMMITS.trusted, file=open('/tmp/made.log','a'))
             return True  # nothing committed since, or only our own bans and the like
-        fp = self.fingerprint()
-        import time as _t; print(_t.time(), 'LIST', now, fp == self.expected, 'foreign' in (fp or ''), file=open('/tmp/made.log','a'))
-        if fp != self.expected:
+        if self.fingerprint() != self.expected:
             return False
         self.checked_generation = now
         nfnetlink.OWN_COMMITS.checked(now)

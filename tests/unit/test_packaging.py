@@ -25,3 +25,16 @@ def test_unit_grants_only_the_network_capabilities():
     assert "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n" in unit
     assert "ProtectSystem=strict" in unit and "Restart=on-failure" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+
+
+def test_no_debugging_output_is_left_in_the_daemon():
+    """Found by an adversarial try: a debugging print to /tmp/made.log was
+    committed in nft.py (root appending to a fixed, shared path on every
+    check). Only the CLI prints; nothing in the package names /tmp."""
+    import re
+    package = Path(__file__).resolve().parents[2] / "portsentinel"
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "/tmp" not in text, path
+        if path.name != "cli.py":
+            assert not re.search(r"(?<![\w.])print\(", text), path
