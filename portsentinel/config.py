@@ -60,6 +60,8 @@ class Config:
     tcp_mode: str | None = None
     udp_mode: str | None = None
     scan_window: float = 300.0
+    ack_scan_trigger: int = 5  # ACK-family probes: distinct ports that make a scan; 0 = off
+    ack_scan_window: float = 60.0
     ban_time: float = 86400.0
     block_nftables: str = "auto"  # auto and 1: on (KILL_ROUTE runs in addition); 0: off
     kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
@@ -309,6 +311,8 @@ KEYS = {
     "TCP_MODE": ("tcp_mode", _optional(_choice(*TCP_MODES))),
     "UDP_MODE": ("udp_mode", _optional(_choice(*UDP_MODES))),
     "SCAN_WINDOW": ("scan_window", _seconds),
+    "ACK_SCAN_TRIGGER": ("ack_scan_trigger", _count),
+    "ACK_SCAN_WINDOW": ("ack_scan_window", _seconds),
     "BAN_TIME": ("ban_time", _seconds),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
     "KERNEL_TRAP": ("kernel_trap", _choice("auto", "0")),

@@ -64,6 +64,7 @@ class Kind(enum.Enum):
     NULL = "null"
     XMAS = "xmas"
     OTHER = "other"  # any other flag mix without ACK/RST
+    ACK = "ack"  # ACK without SYN/RST that matches no connection (nmap -sA, -sW, -sM)
     FRAGMENT = "fragment"  # a TCP header split across fragments (nmap -f): flags unseen
     UDP = "udp"  # a datagram seen by the packet sensor
 
@@ -79,6 +80,8 @@ def classify_tcp(flags: int) -> Kind:
         return Kind.NULL
     if significant == FIN | URG | PSH:
         return Kind.XMAS
+    if significant & (ACK | SYN | RST) == ACK:
+        return Kind.ACK
     return Kind.OTHER
 
 
@@ -183,6 +186,8 @@ class Policy:
     ban_rate: float = 0.0  # new bans per second at most; 0 = unlimited
     ban_burst: int = 1
     trial_delay: float = 0.05  # a failed first contact is judged this much later
+    ack_scan_trigger: int = 5  # distinct ports an ACK-family scan must touch; 0 = off
+    ack_scan_window: float = 60.0  # ... within this many seconds
 
     def ban_seconds(self, earlier_bans: int) -> float:
         if self.ban_time <= 0:
@@ -267,6 +272,7 @@ class Engine:
         self.sequential = None if trw is None else SequentialDetector(trw)  # slow scans
         # key -> {(protocol, port): last seen}
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
+        self._acks: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
         self._offences: OrderedDict[bytes, int] = OrderedDict()  # earlier bans per host
         self._decoys: OrderedDict[bytes, float] = OrderedDict()  # host -> last reported
@@ -290,6 +296,8 @@ class Engine:
         decision = self._check(probe)
         if decision is not None:
             return decision
+        if probe.kind is Kind.ACK:
+            return self._ack_scan(probe, facts)
         stateless = probe.kind is not Kind.CONNECT
         counted = None
         if probe.trap and not facts.served:
@@ -324,6 +332,21 @@ class Engine:
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
         return self._decide(key, probe, peer)
+
+    def _ack_scan(self, probe: Probe, facts) -> Decision:
+        """An ACK that matches no connection, to a port nothing serves. Late
+        ACKs after connection tracking forgot a connection are normal, so one
+        never bans: only ack_scan_trigger distinct ports within
+        ack_scan_window do, and never a peer's (a spoofable, stateless probe)."""
+        trigger = self.policy.ack_scan_trigger
+        if not trigger or facts.served:
+            return Decision(Verdict.PENDING, probe, report=False)
+        key = _key(probe.source)
+        if not self._distinct(self._acks, key, probe, trigger, self.policy.ack_scan_window):
+            return Decision(Verdict.PENDING, probe, report=False)
+        if facts.peer:
+            return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
+        return self._decide(key, probe, False)
 
     def _kernel_ban(self, probe: Probe) -> Decision:
         """The kernel trap banned `probe.source` by itself: BLOCK (record it, with
@@ -388,20 +411,26 @@ class Engine:
         threshold = max(1, self.policy.scan_trigger)
         if threshold == 1:
             return True
-        ports = self._pending.get(key)
+        return self._distinct(self._pending, key, probe, threshold, self.policy.scan_window)
+
+    def _distinct(self, table: OrderedDict, key: bytes, probe: Probe, threshold: int,
+                  window: float) -> bool:
+        """Has the source touched `threshold` distinct ports within `window`
+        (counting this probe)? Then it is forgotten in `table` (an LRU table)."""
+        ports = table.get(key)
         if ports is None:
-            ports = self._pending[key] = {}
-            if len(self._pending) > self.policy.host_capacity:
-                self._pending.popitem(last=False)
+            ports = table[key] = {}
+            if len(table) > self.policy.host_capacity:
+                table.popitem(last=False)
         else:
-            self._pending.move_to_end(key)
-        horizon = probe.time - self.policy.scan_window
+            table.move_to_end(key)
+        horizon = probe.time - window
         for seen_key in [k for k, t in ports.items() if t < horizon]:
             del ports[seen_key]
         ports[(probe.protocol, probe.port)] = probe.time
         if len(ports) < threshold:
             return False
-        del self._pending[key]
+        del table[key]
         return True
 
     # -- bans asked for: an admin, a fleet member ---------------------------

@@ -21,6 +21,7 @@ _SCAN_NAMES = {
     Kind.FIN: "TCP FIN scan",
     Kind.NULL: " TCP NULL scan",  # 1.2 prints two spaces here; filters may rely on it
     Kind.XMAS: "TCP XMAS scan",
+    Kind.ACK: "TCP ACK scan",
     Kind.UDP: "UDP scan",
     Kind.FRAGMENT: "TCP fragmented scan",
 }

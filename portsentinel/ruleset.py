@@ -28,6 +28,8 @@ HIT_PREFIX = "portsentinel hit"  # a stranger's trap hit userspace decides (no k
 PEER_HIT_PREFIX = "portsentinel peer"  # a mature peer's trap hit (maybe a decoy's)
 CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
 SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
+ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved trap port
+ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
 HIT_RATE = "20/second burst 40 packets"
 HOLD_CHAIN = "held"  # its one rule, the queue statement, is added apart (nft.py)
 HOLD_ON_KEY = 6  # the element of `alive` (an inet_proto set): the daemon holds
@@ -56,6 +58,7 @@ class KernelTrap:
     contacts: bool = False  # with `sensor`: first SYNs too (the slow-scan test)
     hold_queue: int = 0  # > 0: a stranger's first SYN to a served port waits on this queue
     hold_rate: int = 0  # with hold_queue: SYNs held per second at most (0: no limit)
+    ack_window: float = 0  # > 0, with `sensor`: ACK-family probes logged, each (source, port) once in this long
     hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
     service_memory: float = 0.0  # > 0: a served port a client's packet reached goes to served_*
 
@@ -291,6 +294,8 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules += _first_contact_delay(t)
     if trap.tcp:
         rules += _bogus(t)
+        if trap.ack_window > 0:
+            rules += _ack_scans(t, trap)
         rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
                      "tcp dport @trap_tcp jump trap")
     if trap.udp:
@@ -346,6 +351,32 @@ def _bogus(t: str) -> list[str]:
               f"add rule inet {t} bogus socket transparent 0 goto trapped",
               f"add rule inet {t} bogus socket transparent 1 goto trapped",
               f"add rule inet {t} bogus tcp dport @served_tcp goto trapped"]
+    return rules
+
+
+def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
+    """nmap -sA, -sW, -sM: an ACK (or FIN/ACK) that no connection expects
+    (connection tracking says new or invalid) to a trap port nothing serves
+    goes to userspace, each (source, port) once per window: a scan shows as
+    distinct ports there (late ACKs are normal; one never bans). A reply to
+    this host's own traffic, and a port a socket serves, are left alone."""
+    window = f"{max(1, int(trap.ack_window))}s"
+    rules = [f"add chain inet {t} ack", f"flush chain inet {t} ack"]
+    rules += [f"add set inet {t} acked{v} {{ type {kind} . inet_service; flags dynamic, "
+              "timeout; size 262144; }"
+              for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
+    rules += [f"add rule inet {t} input ct state new,invalid tcp flags & (syn | rst | ack) == ack "
+              "tcp dport @trap_tcp jump ack",
+              f"add rule inet {t} ack ct direction reply return",
+              f"add rule inet {t} ack socket transparent 0 return",
+              f"add rule inet {t} ack socket transparent 1 return",
+              f"add rule inet {t} ack tcp dport @served_tcp return"]
+    rules += [f"add rule inet {t} ack {field} . tcp dport @acked{v} return"
+              for v, _, field in FAMILIES]
+    rules.append(f"add rule inet {t} ack limit rate over {ACK_RATE} return")
+    rules += [f"add rule inet {t} ack meta nfproto {family} add @acked{v} {{ {field} . tcp dport "
+              f'timeout {window} }} log group {int(trap.log_group)} prefix "{ACK_PREFIX}"'
+              for v, family, field in FAMILIES]
     return rules
 
 

@@ -12,8 +12,8 @@ from ..command_templates import kill_route_for, undo_command
 from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
-from ..ruleset import (CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX, SERVED_PREFIX,
-                       KernelTrap, port_ranges)
+from ..ruleset import (ACK_PREFIX, CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX,
+                       SERVED_PREFIX, KernelTrap, port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 
@@ -40,7 +40,8 @@ def policy_for(config: Config, never_block: AddressSet) -> Policy:
         ban_time_increment=config.ban_time_increment, ban_time_max=config.ban_time_max,
         host_capacity=config.host_capacity, never_block=never_block,
         decoy_grace=config.decoy_grace, ban_rate=config.ban_rate_limit[0],
-        ban_burst=max(1, config.ban_rate_limit[1]))
+        ban_burst=max(1, config.ban_rate_limit[1]),
+        ack_scan_trigger=config.ack_scan_trigger, ack_scan_window=config.ack_scan_window)
 
 
 def kernel_trap_armed(config: Config, protocol: str, mode: str | None) -> bool:
@@ -134,7 +135,8 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         sensor=armed.sensed, contacts=armed.sensed and slow_scans and TCP in stealth,
         hold_queue=config.hold_queue if holds(config, armed.trapped) else 0,
         hold_rate=config.hold_rate, hold_seconds=config.first_contact_hold,
-        service_memory=config.service_memory)
+        service_memory=config.service_memory,
+        ack_window=config.ack_scan_window if armed.sensed and config.ack_scan_trigger else 0)
 
 
 def holds(config: Config, trapped) -> bool:
@@ -152,7 +154,7 @@ def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
     prefixes = {LOG_PREFIX: "ban"}
     if sensing:
         prefixes |= {HIT_PREFIX: "hit", PEER_HIT_PREFIX: "peer hit", CONTACT_PREFIX: "contact",
-                     SERVED_PREFIX: "served"}
+                     SERVED_PREFIX: "served", ACK_PREFIX: "ack"}
     try:
         armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:

@@ -263,3 +263,60 @@ def test_first_contact_delay_leaves_nothing_to_learn(lab, start_daemon):
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) >= 0.5  # one retransmission later
     assert newcomer not in daemon.banned()
+
+
+IDLE_ECHO = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 515)); s.listen(); print("up", flush=True)
+s.settimeout(60)
+conns = [s.accept()[0] for _ in range(2)]
+for c in conns:
+    c.settimeout(30)
+for _ in range(3):
+    for c in conns:
+        c.sendall(c.recv(100))
+"""
+IDLE_CLIENT = """
+import socket, sys, time
+conns = [socket.create_connection((t, 515), 5) for t in sys.argv[1:]]
+for c in conns:
+    c.settimeout(5)
+for i in range(3):
+    for c in conns:
+        c.sendall(b"ping"); assert c.recv(100) == b"ping"
+    time.sleep(4)  # connection tracking forgets the connection meanwhile
+print("ok")
+"""
+
+
+def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_daemon):
+    """Issue 19: nmap -sA/-sW/-sM went unseen. An ACK no connection expects,
+    to ACK_SCAN_TRIGGER distinct unserved trap ports, is a scan. A keep-alive
+    client whose connection tracking entry expired (its next ACKs look new,
+    to a served port), and a peer's own ACK scan (a spoofable probe), are
+    never banned."""
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
+    timeout = "net.netfilter.nf_conntrack_tcp_timeout_established"
+    old = lab.exec("target", "sysctl", "-n", timeout, check=True).stdout.strip()
+    lab.exec("target", "sysctl", "-qw", f"{timeout}=2", check=True)
+    echo = lab.start("target", "python3", "-c", IDLE_ECHO, stdout=subprocess.PIPE)
+    try:
+        assert echo.stdout.readline().strip() == b"up"
+        idle = lab.start("client", "python3", "-c", IDLE_CLIENT, TARGET4, TARGET6,
+                         stdout=subprocess.PIPE)
+        for scan, source in (("-sA", extra4(36)), ("-sW", extra6(36)), ("-sM", extra4(37))):
+            nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4, "20-25,79-81,111")
+            assert_blocked(daemon, lab, source, "attackalert: TCP ACK scan")
+        peer = lab.exec("client", "nmap", "-sA", "-Pn", "-n", "--max-retries", "0",
+                        "-p", "20-25,79-81,111", TARGET4, timeout=60)
+        assert peer.returncode == 0, peer.stderr
+        assert idle.wait(timeout=30) == 0 and idle.stdout.read().strip() == b"ok"
+        daemon.wait_log(f"attackalert: Host {netlab.CLIENT4} completed a TCP handshake")
+        banned = daemon.banned()
+        assert netlab.CLIENT4 not in banned and netlab.CLIENT6 not in banned, banned
+    finally:
+        lab.exec("target", "sysctl", "-qw", f"{timeout}={old}")
+        lab.stop(echo)

@@ -426,3 +426,28 @@ def test_reconfigure_keeps_bans_and_counts_and_the_slow_scan_state():
     assert engine.sequential is not sequential
     engine.reconfigure(Policy(), None)
     assert engine.sequential is None
+
+
+def test_ack_probes_ban_only_as_a_scan_of_distinct_ports_and_never_a_peer():
+    """Issue 19: nmap -sA/-sW/-sM send ACKs (or FIN/ACKs) that match no
+    connection. Late ACKs after connection tracking forgot a connection are
+    normal, so one never bans, nor do repeats to one port, nor ports spread
+    beyond the window; ack_scan_trigger distinct ports within it do, with the
+    "TCP ACK scan" kind. A peer's (spoofable) ACKs never ban."""
+    from portsentinel.engine import ACK, FIN, PSH, classify_tcp
+    assert classify_tcp(ACK) is classify_tcp(FIN | ACK) is classify_tcp(ACK | PSH) is Kind.ACK
+    engine = Engine(Policy(ack_scan_trigger=3, ack_scan_window=60))
+    ack = lambda port, t, src="198.51.100.2": probe(src, port, t=t, kind=Kind.ACK)
+    assert engine.handle(ack(80, 0.0)).verdict is Verdict.PENDING
+    assert engine.handle(ack(80, 1.0)).verdict is Verdict.PENDING  # the same port again
+    assert engine.handle(ack(81, 70.0)).verdict is Verdict.PENDING  # port 80's is too old
+    assert engine.handle(ack(82, 71.0)).verdict is Verdict.PENDING
+    assert engine.handle(ack(83, 72.0, "198.51.100.3"), Facts(served=True)).verdict \
+        is Verdict.PENDING
+    decision = engine.handle(ack(83, 72.0))
+    assert decision.verdict is Verdict.BLOCK and decision.probe.kind is Kind.ACK
+    peer = "198.51.100.4"
+    verdicts = [engine.handle(ack(p, 1.0, peer), Facts(peer=True)).verdict for p in range(1, 9)]
+    assert Verdict.BLOCK not in verdicts and Verdict.DECOY in verdicts
+    off = Engine(Policy(ack_scan_trigger=0))
+    assert {off.handle(ack(p, 0.0)).verdict for p in range(1, 20)} == {Verdict.PENDING}
