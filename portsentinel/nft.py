@@ -56,6 +56,21 @@ class NftError(Exception):
     pass
 
 
+def _readable(errors: str, most: int = 3) -> str:
+    """libnftables' error text for a whole batch: each error once, without
+    the echoed input and caret lines (they point into the batch, not at the
+    command), the first `most` of them."""
+    seen: list[str] = []
+    for line in errors.splitlines():
+        line = line.strip()
+        if line.startswith("Error:") and line not in seen:
+            seen.append(line)
+    if not seen:
+        return errors.strip()
+    more = f" (and {len(seen) - most} more)" if len(seen) > most else ""
+    return "; ".join(seen[:most]) + more
+
+
 class SetFull(NftError):
     pass
 
@@ -91,7 +106,7 @@ class Nft:
             out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
             err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
         if rc != 0:
-            raise NftError(err.strip() or f"nft failed ({rc})")
+            raise NftError(_readable(err) or f"nft failed ({rc})")
         return out
 
     def close(self) -> None:
@@ -113,6 +128,8 @@ class NftBans:
         self.expected: str | None = None  # fingerprint() as last installed
         self.checked_generation: int | None = None  # the ruleset's, when last found so
         self.queue_error: str | None = None  # why the hold has no queue statement
+        self.made_anew: str | None = None  # why the last install deleted the table first
+        self._clean: tuple | None = None  # (what was made, its fingerprint) when last settled
         self._trap: KernelTrap | None = None  # the table as last made: its trap,
         self._ban_time = 0.0  # ban expiry and never-block sets
         self._never = never_commands(table, AddressSet())
@@ -131,16 +148,35 @@ class NftBans:
         self._trap, self._ban_time = trap, ban_time
         if never is not None:
             self._never = never_commands(self.table, never)
+        self.made_anew = None
         try:
             self._install(trap, ban_time)
+        except NftError as err:
+            self._make_anew(trap, ban_time, err)
+
+    def _make_anew(self, trap: KernelTrap | None, ban_time: float, err: NftError) -> None:
+        """Our table as it is cannot be refilled: a set of ours declared
+        otherwise is made anew; failing that (a table of our name that another
+        program made: dormant, its sets of other types), the whole table.
+        The bans are carried over with the time they have left."""
+        try:
+            kept = self.banned()
         except NftError:
-            changed = self._changed_sets()
-            if not changed:
-                raise
-            kept = self.banned() if {"ban4", "ban6"} & set(changed) else {}
-            self._drop_sets(changed)
-            self._install(trap, ban_time)
-            self.elements.add_each((a, left or 0) for a, left in kept.items())
+            kept = {}
+        changed = self._changed_sets()
+        if changed:
+            try:
+                self._drop_sets(changed)
+                self._install(trap, ban_time)
+                if {"ban4", "ban6"} & set(changed):
+                    self.elements.add_each((a, left or 0) for a, left in kept.items())
+                return
+            except NftError:
+                pass
+        self.nft.run(f"delete table inet {self.table}\n")
+        self._install(trap, ban_time)
+        self.elements.add_each((a, left or 0) for a, left in kept.items())
+        self.made_anew = str(err)
 
     def _changed_sets(self) -> list[str]:
         """Our sets whose declaration is not what `table_commands` makes."""
@@ -171,15 +207,23 @@ class NftBans:
                      + "".join(f"delete set inet {t} {n}\n" for n in names))
 
     def _install(self, trap: KernelTrap | None, ban_time: float) -> None:
+        commands = table_commands(self.table, self.set_size, trap, ban_time) + self._never
+
         def make() -> int:
-            commands = table_commands(self.table, self.set_size, trap, ban_time) + self._never
             self.nft.run("\n".join(commands + self._foreign_chains(commands)) + "\n")
             self.queue_error = None
             if trap is not None and trap.hold_queue:
                 self.queue_error = self._add_queue_rule(trap.hold_queue)
                 return 1 + (self.queue_error is None)
             return 1
-        self._made(make)
+        settled = self._made(make)
+        made = (tuple(commands), self.queue_error)
+        if settled:
+            self._clean = (made, self.expected)
+        elif self._clean is not None and self._clean[0] == made:
+            self.expected = self._clean[1]  # the same table as last settled: that is ours
+        else:
+            self.expected = None  # cannot tell ours from theirs: the next check makes it again
 
     def _foreign_chains(self, commands: list[str]) -> list[str]:
         """Chains in our table that `commands` does not make (another
@@ -238,13 +282,14 @@ class NftBans:
             return None
         return "\n".join(parts)
 
-    def _made(self, make) -> None:
+    def _made(self, make) -> bool:
         """Run `make` (our commits; it returns how many) and take the table as
         it made it: its fingerprint, and the generation (reconciliation need
         not list it again until something else is committed). Had another
         program committed meanwhile (the generation moved more than ours), its
         change could be in the listing and taken for ours: the table is made
-        again, RACE_TRIES times at most; failing that, the next check lists it."""
+        again, RACE_TRIES times at most. Settled (the listing is ours)? Also
+        True where the generation cannot be read (nothing to tell by)."""
         for _ in range(RACE_TRIES):
             before = _generation_or_none()
             commits = make()
@@ -256,6 +301,7 @@ class NftBans:
                 break
         self.checked_generation = now if settled else None
         nfnetlink.OWN_COMMITS.checked(self.checked_generation)
+        return settled or before is None
 
     def intact(self) -> bool:
         """Is our table still as we installed it: rules, ban sets, trap ports,

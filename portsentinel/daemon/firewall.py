@@ -37,11 +37,19 @@ class Firewall:
     def install(self, kernel_trap, trapped) -> None:
         """The table, its kernel trap and never-block sets (start, reload)."""
         self.kernel_trap = kernel_trap
-        self.ctx.bans.install(kernel_trap, self.ctx.config.ban_time, self.never_block)
+        self._install_table()
         self.reset_served()
         for protocol in trapped:
             self.ctx.log(f"adminalert: kernel trap armed for {protocol.upper()}: the first "
                          "probe to a trap port is banned inside the kernel", logs.INFO)
+
+    def _install_table(self) -> None:
+        bans = self.ctx.bans
+        bans.install(self.kernel_trap, self.ctx.config.ban_time, self.never_block)
+        if bans.made_anew:
+            self.ctx.log.error(f"adminalert: WARNING: our nftables table could not be refilled "
+                               f"({bans.made_anew}); it was deleted and made anew, its bans "
+                               "kept")
 
     def kernel_decides(self, protocol: str) -> bool:
         """Is the kernel trap armed for `protocol`, with its bans reported to us?"""
@@ -140,7 +148,7 @@ class Firewall:
         self.ctx.log.error("adminalert: WARNING: our nftables table was changed by another "
                            "program (a ruleset flush?); restoring it, the kernel trap and "
                            "every ban")
-        bans.install(self.kernel_trap, self.ctx.config.ban_time, self.never_block)
+        self._install_table()
         self.ctx.inbox.post(self.reset_served)
         now = time.time()
         records = self.ledger.in_force(now)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nmap
+from conftest import can_connect, nmap
 from netlab import CLIENT4, TARGET4, TARGET6, extra4
 
 PROBES = str(Path(__file__).resolve().parents[2] / "bench" / "probes.py")
@@ -341,6 +341,39 @@ def test_our_table_set_dormant_by_another_program_is_woken(lab, start_daemon):
     source = extra4(28)
     nmap(lab, "-sS", source, TARGET4, "20-25")
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+
+
+@pytest.mark.parametrize("replacement", [
+    "add table inet portsentinel { flags dormant ; }",
+    "add table inet portsentinel\nadd set inet portsentinel never4 { type ipv4_addr ; }\n"
+    "add set inet portsentinel trap_tcp { type ipv4_addr ; }",
+])
+def test_a_table_of_our_name_that_cannot_be_refilled_is_made_anew(lab, start_daemon,
+                                                                  replacement):
+    """Found by an adversarial try: our table replaced by an empty dormant one,
+    or by one whose never-block and trap sets are declared otherwise, failed
+    every restore (EINVAL) for good: no ban, no trap, and a status saying all
+    was armed. Such a table is deleted and made anew, with every ban."""
+    daemon = start_daemon(ATCP)
+    banned = extra4(29)
+    daemon.cli("block", banned)
+    lab.exec("target", "nft", "-f", "-", input="delete table inet portsentinel\n"
+             + replacement + "\n", check=True)
+    daemon.cli("reconcile")
+    daemon.wait_log("firewall restored: table, kernel trap and 1 bans")
+    assert banned in daemon.banned()
+    assert not can_connect(lab, banned, TARGET4, 80)
+    daemon.wait_log("our nftables table could not be refilled")
+    source = extra4(28)
+    nmap(lab, "-sS", source, TARGET4, "20-25")
+    daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+    daemon.stop()  # and a start finds such a table
+    lab.exec("target", "nft", "-f", "-", input="delete table inet portsentinel\n"
+             + replacement + "\n", check=True)
+    daemon.start()
+    daemon.wait_log("our nftables table could not be refilled", after_last_start=True)
+    daemon.wait_log("PortSentry is now active and listening.", after_last_start=True)
+    assert banned in daemon.banned() and source in daemon.banned()
 
 
 def test_a_change_made_while_our_table_is_being_restored_is_not_kept(lab, start_daemon):

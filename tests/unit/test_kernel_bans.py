@@ -22,6 +22,15 @@ from test_packets import ipv4, ipv6, tcp, udp
 A = ipaddress.ip_address
 
 
+def _bare_bans(nft, table: str, size: int) -> NftBans:
+    """An NftBans on a fake libnftables, without the netlink socket."""
+    bans = NftBans.__new__(NftBans)
+    bans.nft, bans.table, bans.set_size = nft, table, size
+    bans.expected = bans.checked_generation = bans.queue_error = bans.made_anew = None
+    bans._trap, bans._ban_time, bans._never, bans._clean = None, 0.0, [], None
+    return bans
+
+
 @pytest.mark.parametrize("text, expected", [
     ("::ffff:198.51.100.7", "198.51.100.7"),
     ("198.51.100.7", "198.51.100.7"),
@@ -134,8 +143,7 @@ class _RecordingNft:
 
 def test_trap_rules_spare_any_socket_replies_and_mapped_sources_and_log_each_ban():
     nft = _RecordingNft()
-    bans = NftBans.__new__(NftBans)
-    bans.nft, bans.table, bans.set_size, bans._never = nft, "t", 1000, []
+    bans = _bare_bans(nft, "t", 1000)
     bans._install(KernelTrap(((1, 1023),), ((1, 1023),), log_group=7417), 3600)
     rules = nft.batches[-1]
     assert "socket wildcard le 1 return" not in rules  # breaks on TIME_WAIT / SYN_RECV sockets
@@ -228,8 +236,7 @@ def test_a_challenge_bans_once_per_connection_and_spares_served_ports():
     """After an unblock, a challenged connection's later packets (a FIN
     retransmitted) must not ban again; a port served lately is never a trap."""
     nft = _RecordingNft()
-    bans = NftBans.__new__(NftBans)
-    bans.nft, bans.table, bans.set_size, bans._never = nft, "t", 1000, []
+    bans = _bare_bans(nft, "t", 1000)
     bans._install(KernelTrap(((1, 1023),), ((1, 1023),), peer_memory=600, challenge_port=4000,
                              log_group=7417), 3600)
     rules = nft.batches[-1]
@@ -417,15 +424,41 @@ def test_a_rule_another_program_adds_between_our_commits_is_never_taken_as_ours(
     import portsentinel.nft as nft_module
     kernel = _Kernel(foreign_after)
     monkeypatch.setattr(nft_module, "generation", lambda: kernel.generation)
-    bans = NftBans.__new__(NftBans)
-    bans.nft, bans.table, bans.set_size = kernel, TABLE, 1024
-    bans.expected = bans.checked_generation = bans.queue_error = None
-    bans._trap, bans._ban_time, bans._never = None, 0, []
+    bans = _bare_bans(kernel, TABLE, 1024)
     bans.fingerprint = lambda: repr(sorted(kernel.rules))
     never = AddressSet(["198.51.100.1"])
     bans.install(None, 0, never)
     bans.set_never_block(AddressSet(["198.51.100.2"]))
     assert not ("foreign" in kernel.rules and bans.intact()), kernel.rules
+
+
+def test_a_stream_of_foreign_commits_while_the_table_is_made_is_never_taken_as_ours(
+        monkeypatch):
+    """Found by an adversarial try: another program committing to our table
+    every few milliseconds during a restore defeated the three tries, and the
+    listing (with its change) became the table "as installed". A make that
+    never settles takes the fingerprint of the same commands' last settled
+    make; with none, no fingerprint: the next check makes the table again."""
+    import portsentinel.nft as nft_module
+    kernel = _Kernel(foreign_after=0)
+    monkeypatch.setattr(nft_module, "generation", lambda: kernel.generation)
+    bans = _bare_bans(kernel, TABLE, 1024)
+    bans.fingerprint = lambda: repr(sorted(kernel.rules))
+    bans.install(None, 0, AddressSet(["198.51.100.1"]))
+    assert bans.intact()
+    racing = kernel.run
+
+    def run(commands: str, **kw) -> str:
+        out = racing(commands, **kw)
+        if not commands.startswith("list"):  # another commit after each of ours
+            kernel.generation += 1
+            kernel.rules.add("foreign")
+        return out
+    kernel.run = run
+    bans.install(None, 0)  # the same table: its settled fingerprint stands
+    assert "foreign" in kernel.rules and not bans.intact()
+    bans.install(None, 0, AddressSet(["198.51.100.2"]))  # a new one, never settled
+    assert bans.expected is None and not bans.intact()
 
 
 def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
