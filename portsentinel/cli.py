@@ -522,7 +522,10 @@ def control(args) -> int:
         print(f"blocked {reply['address']} until {_when(reply['until'])}")
     elif args.command == "reconcile":
         kernel_only, state_only = reply["kernel_only"], reply["state_only"]
-        if not kernel_only and not state_only:
+        if reply.get("table_restored"):
+            print("our table had been changed by another program: made again, every ban "
+                  "put back")
+        elif not kernel_only and not state_only:
             print("firewall and state agree")
         for address in kernel_only:
             print(f"{address}: in the firewall only; now recorded")

@@ -137,12 +137,12 @@ class Firewall:
         self.ctx.worker.put(self.verify)
 
     # -- worker -------------------------------------------------------------
-    def verify(self) -> None:
+    def verify(self) -> bool:
         """Another program deleted something of our table: if anything is
-        missing, install the table again and put back every ban."""
+        missing, install the table again and put back every ban. Was it?"""
         bans = self.ctx.bans
         if bans is None or bans.intact():
-            return
+            return False
         started = time.perf_counter()
         self.ctx.metrics.drift.labels("table").inc()
         self.ctx.log.error("adminalert: WARNING: our nftables table was changed by another "
@@ -155,19 +155,20 @@ class Firewall:
         bans.elements.add_each((r.address, r.remaining(now) or 0) for r in records)
         self.ctx.log(f"adminalert: firewall restored: table, kernel trap and {len(records)} "
                      f"bans, in {1000 * (time.perf_counter() - started):.0f} ms", logs.NOTICE)
+        return True
 
     def reconcile(self) -> dict:
         """Kernel sets against the state: each difference is logged, counted and
         fixed (a ban only in the kernel is recorded; one only in the state is put
         back). A missing or changed table is installed anew first (verify)."""
         self.ledger.flush()  # the state as complete on disk as the sets compared with it
-        self.verify()  # the table, its rules and static sets (a lost event?)
+        restored = self.verify()  # the table, its rules and static sets (a lost event?)
         now = time.time()
         try:
             kernel = self.ctx.bans.banned()
         except NftError as err:
             self.ctx.report_error(f"reconciliation: cannot list the ban sets: {err}")
-            return {"kernel_only": [], "state_only": []}
+            return {"kernel_only": [], "state_only": [], "table_restored": restored}
         stored = {r.address: r for r in self.ledger.in_force(now + 1)}
         unknown = {a: left for a, left in kernel.items()
                    if a not in stored and a not in self.ledger.expiring}
@@ -188,7 +189,8 @@ class Firewall:
             self.ctx.log.error(f"adminalert: WARNING: {len(state_only)} bans were missing "
                                f"from the firewall and are back: "
                                f"{_some(r.address for r in state_only)}")
-        return {"kernel_only": sorted(kernel_only), "state_only": [r.address for r in state_only]}
+        return {"kernel_only": sorted(kernel_only), "state_only": [r.address for r in state_only],
+                "table_restored": restored}
 
     def _engine_holds(self, addresses: list[str]) -> set[str]:
         engine = self.ctx.engine

@@ -334,7 +334,8 @@ def test_our_table_set_dormant_by_another_program_is_woken(lab, start_daemon):
     daemon = start_daemon(ATCP)
     lab.exec("target", "nft", "add", "table", "inet", "portsentinel", "{ flags dormant ; }",
              check=True)
-    daemon.cli("reconcile")
+    said = daemon.cli("reconcile").stdout  # not "agree": it was just made again
+    assert "changed by another program: made again" in said, said
     listed = lab.exec("target", "nft", "list", "table", "inet", "portsentinel").stdout
     assert "dormant" not in listed, listed[:200]
     daemon.wait_log("our nftables table was changed by another program")
