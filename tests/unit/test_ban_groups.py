@@ -208,7 +208,8 @@ def test_reconciliation_writes_what_is_pending_first(daemon):
 
     daemon.ctx.bans = Sets()
     settle(daemon, ban(A))
-    assert daemon.firewall.reconcile() == {"kernel_only": [], "state_only": []}
+    assert daemon.firewall.reconcile() == {"kernel_only": [], "state_only": [],
+                                           "table_restored": False}
     assert daemon.ctx.store.get_ban(A).reason == "TCP SYN/Normal scan"  # not "found"
 
 
