@@ -343,6 +343,17 @@ def parse_nmap(text: str) -> tuple[dict[int, str], bool, bool]:
     return states, closed, "host timeout" in text
 
 
+def answered(text: str) -> int:
+    """Ports nmap got any answer from (listed or summed in "Not shown"): what
+    the scan learned, whatever the state (`unfiltered` for an ACK scan)."""
+    listed = sum(not m[1].startswith("filtered")
+                 for m in re.finditer(r"^\d+/(?:tcp|udp)\s+(\S+)", text, re.M))
+    hidden = sum(int(m[1]) for line in re.findall(r"^Not shown: (.*)$", text, re.M)
+                 for m in re.finditer(r"(\d+) (\S+) (?:tcp|udp) ports", line)
+                 if not m[2].startswith("filtered"))
+    return listed + hidden
+
+
 def revealed(states: dict[int, str], closed_seen: bool, real: set[int]) -> set[int]:
     """Real ports the scanner can tell apart: `open`, or `open|filtered` next to closed ones."""
     return {p for p, s in states.items() if p in real
@@ -393,6 +404,7 @@ def run_scan(lab, contender, name, args, v6, host_timeout: int = 300,
     result = {
         "contender": contender.name, "scan": name, "detected": contender.blocked(source),
         "revealed": len(revealed(states, closed, real)), "real": len(real),
+        "answered": answered(done.stdout),
         "arrived": counts.get("arrived", 0), "passed": counts.get("passed", 0),
         "cpu": cpu1 - cpu0, "rss_kb": rss, "nmap_s": seconds, "timeout": timed_out,
         "legit_failed": legit.get("failed", -1),
@@ -497,6 +509,40 @@ def spoofed_flood(lab, contender, sources: int, rate: int) -> dict:
     contender.stop()
     print(json.dumps(row), flush=True)
     return row
+
+
+RECON_SCANS = [  # issue 19: probes the trap did not see (to every port, or to served ones)
+    ("ACK -sA", ["-sA"], False),
+    ("Window -sW", ["-sW"], False),
+    ("Maimon -sM", ["-sM"], False),
+    ("NULL to served ports -sN -p 22,80,443,8080", ["-sN", "-p", "22,80,443,8080"], False),
+    ("SYN+FIN to served ports --scanflags SYNFIN -p 22,80,443,8080",
+     ["-sS", "--scanflags", "SYNFIN", "-p", "22,80,443,8080"], False),
+    ("OS detection -O -p 22,80", ["-O", "-p", "22,80"], False),
+    ("IPv6 ACK -sA", ["-sA"], True),
+]
+
+
+def recon_compare(lab, work: Path) -> list[dict]:
+    """RECON_SCANS against 1.2 and portsentinel's defaults, in turn, one run."""
+    return [run_scan(lab, contender, name, nmap_args, v6, host_timeout=60, cgroup=True)
+            for name, nmap_args, v6 in RECON_SCANS
+            for contender in (Portsentry12(lab, work), Portsentinel(lab, work, True))]
+
+
+def recon_table(results: list[dict]) -> str:
+    names = list(dict.fromkeys(r["contender"] for r in results))
+    rows = []
+    for scan in dict.fromkeys(r["scan"] for r in results):
+        cells = {r["contender"]: r for r in results if r["scan"] == scan}
+        row = [scan]
+        for name in names:
+            r = cells[name]
+            row.append(f"{'banned' if r['detected'] else '**not banned**'}; "
+                       f"{r['answered']} ports answered; {1000 * r['cpu']:.1f} ms CPU; "
+                       f"legit {r['legit_failed']} failed; nmap {r['nmap_s']:.1f} s")
+        rows.append(row)
+    return table(["scan", *names], rows)
 
 
 SENSOR_SCANS = [s for s in SCANS if s[0].split()[0] in ("SYN", "connect", "FIN", "NULL", "XMAS",
@@ -764,6 +810,10 @@ def main() -> None:
     parser.add_argument("--scans-only", action="store_true",
                         help="only the scans and the first-probe-to-block trials, every "
                              "contender in one run; print the tables")
+    parser.add_argument("--recon-only", action="store_true",
+                        help="only: the reconnaissance scans of issue 19 (ACK, Window, "
+                             "Maimon, flags no stack sends, -O) against 1.2 and the defaults; "
+                             "print the table")
     parser.add_argument("--sensor-compare", action="store_true",
                         help="only: CPU per scan of PortSentry 1.2, the packet sensor and the "
                              "kernel as the sensor (issue 18's scans); print the table")
@@ -836,6 +886,9 @@ def main() -> None:
                           f"{r['cpu_pct']:.0f}",
                           f"{r['cpu_pct'] / 100 * r['wall'] * 1e6 / max(1, r['handled']):.0f}",
                           f"{r['rss_kb'] / 1024:.0f}"] for r in rows]))
+            return
+        if args.recon_only:
+            print(recon_table(recon_compare(lab, work)))
             return
         if args.sensor_compare:
             only = args.only.split(",") if args.only else None

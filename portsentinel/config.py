@@ -155,6 +155,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _ack_trigger(text: str) -> int:
+    count = _count(text)
+    if count == 1:
+        raise ValueError("one late ACK is normal and never bans: 0 (off) or at least 2")
+    return count
+
+
 def _seconds(text: str) -> float:
     """`3600`, or with a unit: `20ms`, `90s`, `30m`, `12h`, `7d`."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|[smhd]?)", text.strip())
@@ -311,7 +318,7 @@ KEYS = {
     "TCP_MODE": ("tcp_mode", _optional(_choice(*TCP_MODES))),
     "UDP_MODE": ("udp_mode", _optional(_choice(*UDP_MODES))),
     "SCAN_WINDOW": ("scan_window", _seconds),
-    "ACK_SCAN_TRIGGER": ("ack_scan_trigger", _count),
+    "ACK_SCAN_TRIGGER": ("ack_scan_trigger", _ack_trigger),
     "ACK_SCAN_WINDOW": ("ack_scan_window", _seconds),
     "BAN_TIME": ("ban_time", _seconds),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),

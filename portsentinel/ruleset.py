@@ -59,6 +59,7 @@ class KernelTrap:
     hold_queue: int = 0  # > 0: a stranger's first SYN to a served port waits on this queue
     hold_rate: int = 0  # with hold_queue: SYNs held per second at most (0: no limit)
     ack_window: float = 0  # > 0, with `sensor`: ACK-family probes logged, each (source, port) once in this long
+    ack_trigger: int = 0  # >= 2, with ack_window and ban_tcp: this many distinct ports ban in the kernel
     hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
     service_memory: float = 0.0  # > 0: a served port a client's packet reached goes to served_*
 
@@ -377,6 +378,14 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
     rules += [f"add rule inet {t} ack meta nfproto {family} add @acked{v} {{ {field} . tcp dport "
               f'timeout {window} }} log group {int(trap.log_group)} prefix "{ACK_PREFIX}"'
               for v, family, field in FAMILIES]
+    if trap.ban_tcp and trap.ack_trigger >= 2:  # the trigger-th distinct port: banned here
+        under = trap.ack_trigger - 1
+        rate = limit((under / max(1.0, trap.ack_window), under))
+        rules += [f"add set inet {t} ackers{v} {{ type {kind}; flags dynamic, timeout; "
+                  "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
+        rules += [f"add rule inet {t} ack meta nfproto {family} update @ackers{v} {{ {field} "
+                  f"timeout {window} limit rate over {rate} }} goto trapped"
+                  for v, family, field in FAMILIES]
     return rules
 
 

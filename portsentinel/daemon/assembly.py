@@ -136,7 +136,8 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         hold_queue=config.hold_queue if holds(config, armed.trapped) else 0,
         hold_rate=config.hold_rate, hold_seconds=config.first_contact_hold,
         service_memory=config.service_memory,
-        ack_window=config.ack_scan_window if armed.sensed and config.ack_scan_trigger else 0)
+        ack_window=config.ack_scan_window if armed.sensed and config.ack_scan_trigger else 0,
+        ack_trigger=config.ack_scan_trigger)
 
 
 def holds(config: Config, trapped) -> bool:

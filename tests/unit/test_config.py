@@ -219,3 +219,12 @@ def test_control_commands_find_the_socket_in_the_config_given(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert f"{tmp_path}/elsewhere.sock" in done.stderr
+
+
+def test_an_ack_scan_needs_two_ports_at_least():
+    """One late ACK is normal (connection tracking forgot the connection):
+    ACK_SCAN_TRIGGER is 0 (off) or at least 2, never 1."""
+    with pytest.raises(ConfigError, match="ACK_SCAN_TRIGGER.*never bans"):
+        parse('ACK_SCAN_TRIGGER="1"\n', "test")
+    assert parse('ACK_SCAN_TRIGGER="0"\n', "test").ack_scan_trigger == 0
+    assert parse("", "test").ack_scan_trigger == 5

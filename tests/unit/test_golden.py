@@ -64,7 +64,8 @@ TRAPS = {
     "sensor_hold": (KernelTrap(((1, 21), (23, 1023)), ((1, 1023),), 600, (20.0, 40),
                                challenge_port=41234, log_group=7417, sensor=True,
                                contacts=True, hold_queue=7417, hold_rate=5000,
-                               hold_seconds=0.02, service_memory=3600, ack_window=60), 86400),
+                               hold_seconds=0.02, service_memory=3600, ack_window=60,
+                               ack_trigger=5), 86400),
     "sets_only": (KernelTrap(((1, 1023),), ((7, 7),), 600, ban_tcp=False, ban_udp=False,
                              challenge_port=40000), 60),
 }
