@@ -174,7 +174,12 @@ class NftBans:
             except NftError:
                 pass
         self.nft.run(f"delete table inet {self.table}\n")
-        self._install(trap, ban_time)
+        try:
+            self._install(trap, ban_time)
+        except NftError:  # not the table's fault after all (the kernel lacks something)
+            self._install(None, ban_time)  # the bans at least stay enforced
+            self.elements.add_each((a, left or 0) for a, left in kept.items())
+            raise
         self.elements.add_each((a, left or 0) for a, left in kept.items())
         self.made_anew = str(err)
 

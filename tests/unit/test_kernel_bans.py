@@ -461,6 +461,37 @@ def test_a_stream_of_foreign_commits_while_the_table_is_made_is_never_taken_as_o
     assert bans.expected is None and not bans.intact()
 
 
+def test_a_table_the_kernel_cannot_take_is_deleted_only_to_keep_its_bans_enforced(
+        monkeypatch):
+    """A table that cannot be refilled is deleted and made anew; when even
+    the new one fails (the kernel lacks a statement: not the table's fault),
+    the bans must not go with the deleted table: a table of the ban sets and
+    their drop rules is made, the bans put back, and the error raised."""
+    from types import SimpleNamespace
+
+    import portsentinel.nft as nft_module
+    from portsentinel.nft import NftError
+    monkeypatch.setattr(nft_module, "generation", lambda: 1)
+
+    class Kernel(_RecordingNft):
+        def run(self, commands, as_json=False, terse=False):
+            if "jump trap" in commands:
+                raise NftError("Error: Could not process rule: Operation not supported")
+            if commands.startswith("list set"):
+                raise NftError("Error: No such file or directory")
+            return super().run(commands, as_json, terse)
+    kernel = Kernel()
+    bans = _bare_bans(kernel, "t", 1000)
+    bans.banned = lambda: {"198.51.100.9": 100.0}
+    put_back = []
+    bans.elements = SimpleNamespace(add_each=lambda pairs: put_back.extend(pairs))
+    with pytest.raises(NftError, match="not supported"):
+        bans.install(KernelTrap(((1, 1023),), (), log_group=7417), 3600)
+    assert kernel.batches[0] == "delete table inet t\n"
+    assert "add rule inet t prerouting ip saddr @ban4 counter drop" in kernel.batches[-1]
+    assert put_back == [("198.51.100.9", 100.0)]
+
+
 def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
     """net.core.rmem_max is 208 KiB on a stock Debian: a plain SO_RCVBUF
     would silently get 416 KiB there, about 500 kernel log messages (830
