@@ -459,6 +459,8 @@ def print_status(status: dict) -> None:
     print(f"config: {status['config']}")
     print(f"modes: tcp={modes['tcp'] or 'off'} udp={modes['udp'] or 'off'}; "
           f"firewall: {status['firewall']}; kernel trap: {', '.join(status['kernel_trap']) or 'off'}")
+    if status.get("firewall_trouble"):
+        print(f"firewall NOT IN FORCE: {status['firewall_trouble']}")
     print(f"first-contact hold: {status.get('first_contact_hold') or 'off'}")
     print(f"bans in force: {status['active_bans']}; hosts being counted: {status['pending_hosts']}; "
           f"report queue: {status['report_queue']}")

@@ -87,6 +87,7 @@ class Commands:
                 "modes": {"tcp": ctx.modes[TCP], "udp": ctx.modes[UDP]},
                 "config": config.source,
                 "firewall": f"nftables inet {config.nft_table}" if ctx.bans else "none",
+                "firewall_trouble": self.firewall.trouble,
                 "kernel_trap": [p for p in (TCP, UDP)
                                 if kernel_trap_armed(config, p, ctx.modes[p])],
                 "first_contact_hold": ctx.hold,

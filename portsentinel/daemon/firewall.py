@@ -17,6 +17,7 @@ from .context import Context
 from .ledger import BanLedger
 
 CHECK_DELAY = 0.05  # after a deletion in our table: let a burst of events pass
+TROUBLE_RETRY = 2.0  # s between tries while our table cannot be restored
 FOUND_LINES = 1000  # bans found in the firewall with a line each (the count is logged too)
 RECONCILE_PER_BAN = 0.001  # a dump costs ~10 us a ban, so at most ~1 % of a core
 SET_WARN, SET_EVICT, SET_EVICT_TO = 0.80, 0.95, 0.90  # of BAN_SET_SIZE
@@ -32,6 +33,7 @@ class Firewall:
         self.next_reconcile = time.monotonic() + RECONCILE_EVERY
         self._served_pushed: dict[str, dict[int, float]] = {TCP: {}, UDP: {}}
         self._set_warned = False
+        self.trouble: str | None = None  # why our table could not be restored, while so
 
     # -- owner thread ------------------------------------------------------
     def install(self, kernel_trap, trapped) -> None:
@@ -131,6 +133,12 @@ class Firewall:
         if self.watch.touched() and not self.check_due:
             self.check_due = time.monotonic() + CHECK_DELAY
 
+    def _retry(self) -> None:
+        """Owner thread: check again soon (a table that cannot be restored
+        may go without an event, e.g. with the process that owned it)."""
+        if not self.check_due:
+            self.check_due = time.monotonic() + TROUBLE_RETRY
+
     def check_now(self) -> None:
         """Owner thread: the check after ruleset events, on the worker."""
         self.check_due = 0.0
@@ -144,11 +152,22 @@ class Firewall:
         if bans is None or bans.intact():
             return False
         started = time.perf_counter()
-        self.ctx.metrics.drift.labels("table").inc()
-        self.ctx.log.error("adminalert: WARNING: our nftables table was changed by another "
-                           "program (a ruleset flush?); restoring it, the kernel trap and "
-                           "every ban")
-        self._install_table()
+        if self.trouble is None:  # said once; while it lasts, each failed try says why
+            self.ctx.metrics.drift.labels("table").inc()
+            self.ctx.log.error("adminalert: WARNING: our nftables table was changed by another "
+                               "program (a ruleset flush?); restoring it, the kernel trap and "
+                               "every ban")
+        try:
+            self._install_table()
+        except NftError as err:
+            trouble = f"our nftables table could not be restored ({err})"
+            if trouble != self.trouble:  # said once; `status` says it while it lasts
+                self.ctx.log.error(f"adminalert: ERROR: {trouble}: bans and the kernel trap "
+                                   f"may not be in force; tried again every {TROUBLE_RETRY:g} s")
+            self.trouble = trouble
+            self.ctx.inbox.post(self._retry)
+            return True
+        self.trouble = None
         self.ctx.inbox.post(self.reset_served)
         now = time.time()
         records = self.ledger.in_force(now)

@@ -377,6 +377,28 @@ def test_a_table_of_our_name_that_cannot_be_refilled_is_made_anew(lab, start_dae
     assert banned in daemon.banned() and source in daemon.banned()
 
 
+def test_a_restore_that_keeps_failing_is_said_in_the_log_and_the_status(lab, start_daemon):
+    """Found by an adversarial try: when the table could not be put back
+    (here another program holds a table of our name with the owner flag: no
+    one else may change or delete it), every check failed with an opaque
+    "reporting failed" line, and `status` still said all was armed. The
+    failure is said plainly, `status` shows it, and once the other program
+    lets go the table is back with its bans."""
+    daemon = start_daemon(ATCP)
+    banned = extra4(29)
+    daemon.cli("block", banned)
+    holder = lab.start("target", "sh", "-c", "{ printf 'delete table inet portsentinel\\n"
+                       "add table inet portsentinel { flags owner ; }\\n'; sleep 6; } | nft -i")
+    daemon.wait_log("adminalert: ERROR: our nftables table could not be restored")
+    status = daemon.cli("status").stdout
+    assert "NOT IN FORCE" in status, status
+    assert "reporting failed" not in daemon.log_text()
+    holder.wait(timeout=20)  # it lets go: the table of our name goes with it
+    daemon.wait_log("firewall restored: table, kernel trap and 1 bans", timeout=15)
+    assert "NOT IN FORCE" not in daemon.cli("status").stdout
+    assert banned in daemon.banned()
+
+
 def test_a_change_made_while_our_table_is_being_restored_is_not_kept(lab, start_daemon):
     """Found by an adversarial try: a foreign rule committed 50 ms after a
     flush (CHECK_DELAY: while the daemon restored the table) was taken into
