@@ -64,7 +64,7 @@ class Kind(enum.Enum):
     NULL = "null"
     XMAS = "xmas"
     OTHER = "other"  # any other flag mix without ACK/RST
-    ACK = "ack"  # ACK without SYN/RST that matches no connection (nmap -sA, -sW, -sM)
+    ACK = "ack"  # ACK without RST that matches no connection (nmap -sA, -sW, -sM)
     FRAGMENT = "fragment"  # a TCP header split across fragments (nmap -f): flags unseen
     UDP = "udp"  # a datagram seen by the packet sensor
 
@@ -80,7 +80,7 @@ def classify_tcp(flags: int) -> Kind:
         return Kind.NULL
     if significant == FIN | URG | PSH:
         return Kind.XMAS
-    if significant & (ACK | SYN | RST) == ACK:
+    if significant & (ACK | RST) == ACK:  # SYN+ACK too: unsolicited, it is the same probe
         return Kind.ACK
     return Kind.OTHER
 
@@ -523,8 +523,10 @@ class Engine:
         `pardon`: an admin says it was a mistake, so the next ban is a first one.
         `since`: only the ban that started then (a newer one stays)."""
         key = _key(address)
-        if pardon:
+        if pardon:  # and what counted toward its ban counts no more
             self._offences.pop(key, None)
+            self._acks.pop(key, None)
+            self._pending.pop(key, None)
         ban = self._bans.get(key)
         if ban is None or (since is not None and ban.since != since):
             return False

@@ -371,12 +371,18 @@ class NftBans:
         return [self.command(address, timeout) for address, timeout in pairs]
 
     def unban(self, address) -> bool:
-        """False when the address was not banned."""
+        """False when the address was not banned. Its ACK-scan count in the
+        kernel goes too: a pardoned host's next late ACK must not ban again."""
         try:
             self.elements.delete([address])
-            return True
         except OSError:
             return False
+        ip = canonical(address)
+        try:
+            self.elements.delete_keys(f"ackers{ip.version}", [ip.packed])
+        except OSError:
+            pass  # none counted (or no ACK-scan rules)
+        return True
 
     def banned(self) -> dict[str, float | None]:
         """Address -> seconds left (None when the ban has no timeout). A dump

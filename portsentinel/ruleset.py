@@ -337,6 +337,7 @@ BOGUS_FLAGS = (  # what no TCP stack sends: nmap's NULL/FIN/XMAS scans and OS pr
     "tcp flags & (syn | ack | rst) == 0",  # NULL, FIN, XMAS: after the SYN, all carry ACK
     "tcp flags & (syn | fin) == syn | fin",
     "tcp flags & (syn | rst) == syn | rst",
+    "tcp flags & (fin | rst | ack) == fin | rst",  # without ACK only: conservative
 )
 
 
@@ -366,7 +367,7 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
     rules += [f"add set inet {t} acked{v} {{ type {kind} . inet_service; flags dynamic, "
               "timeout; size 262144; }"
               for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
-    rules += [f"add rule inet {t} input ct state new,invalid tcp flags & (syn | rst | ack) == ack "
+    rules += [f"add rule inet {t} input ct state new,invalid tcp flags & (rst | ack) == ack "
               "tcp dport @trap_tcp jump ack",
               f"add rule inet {t} ack ct direction reply return",
               f"add rule inet {t} ack socket transparent 0 return",
@@ -375,17 +376,19 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
     rules += [f"add rule inet {t} ack {field} . tcp dport @acked{v} return"
               for v, _, field in FAMILIES]
     rules.append(f"add rule inet {t} ack limit rate over {ACK_RATE} return")
-    rules += [f"add rule inet {t} ack meta nfproto {family} add @acked{v} {{ {field} . tcp dport "
-              f'timeout {window} }} log group {int(trap.log_group)} prefix "{ACK_PREFIX}"'
-              for v, family, field in FAMILIES]
-    if trap.ban_tcp and trap.ack_trigger >= 2:  # the trigger-th distinct port: banned here
-        under = trap.ack_trigger - 1
+    remember = [f"add @acked{v} {{ {field} . tcp dport timeout {window} }}"
+                for v, _, field in FAMILIES]
+    if trap.ban_tcp and trap.ack_trigger >= 2:  # the trigger-th distinct port: banned here,
+        under = trap.ack_trigger - 1            # reported as the kernel's ban (not as "ack")
         rate = limit((under / max(1.0, trap.ack_window), under))
         rules += [f"add set inet {t} ackers{v} {{ type {kind}; flags dynamic, timeout; "
                   "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
         rules += [f"add rule inet {t} ack meta nfproto {family} update @ackers{v} {{ {field} "
-                  f"timeout {window} limit rate over {rate} }} goto trapped"
-                  for v, family, field in FAMILIES]
+                  f"timeout {window} limit rate over {rate} }} {add} goto trapped"
+                  for (v, family, field), add in zip(FAMILIES, remember)]
+    rules += [f"add rule inet {t} ack meta nfproto {family} {add} log group "
+              f'{int(trap.log_group)} prefix "{ACK_PREFIX}"'
+              for (v, family, field), add in zip(FAMILIES, remember)]
     return rules
 
 

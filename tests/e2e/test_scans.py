@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -91,6 +92,8 @@ BOGUS = [
     ("-sS --scanflags SYNRST", extra6(33),
      "attackalert: Unknown Type: TCP Packet Flags: SYN: 1 FIN: 0 ACK: 0 PSH: 0 URG: 0 RST: 1"),
     ("-sF", extra6(34), "attackalert: TCP FIN scan"),
+    ("-sS --scanflags FINRST", extra6(35),
+     "attackalert: Unknown Type: TCP Packet Flags: SYN: 0 FIN: 1 ACK: 0 PSH: 0 URG: 0 RST: 1"),
 ]
 
 
@@ -307,7 +310,8 @@ def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_
         assert echo.stdout.readline().strip() == b"up"
         idle = lab.start("client", "python3", "-c", IDLE_CLIENT, TARGET4, TARGET6,
                          stdout=subprocess.PIPE)
-        for scan, source in (("-sA", extra4(36)), ("-sW", extra6(36)), ("-sM", extra4(37))):
+        for scan, source in (("-sA", extra4(36)), ("-sW", extra6(36)), ("-sM", extra4(37)),
+                             ("-sS --scanflags SYNACK", extra6(37))):
             done = nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4,
                         "20-25,79-81,111")
             assert_blocked(daemon, lab, source, "attackalert: TCP ACK scan")
@@ -316,6 +320,13 @@ def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_
             answered = {int(p) for p in re.findall(r"(\d+)/(?:unfiltered|closed|open)/tcp",
                                                    done.stdout)} - REAL_TCP
             assert len(answered) <= 4, done.stdout
+        listed = daemon.cli("list").stdout
+        assert re.search(rf"^{re.escape(extra4(37))} .*kernel", listed, re.M), listed
+        # pardoned: its next late ACK is one ACK again, not the rest of a scan
+        daemon.cli("unblock", extra4(36))
+        nmap(lab, "-sA", extra4(36), TARGET4, "30")
+        time.sleep(0.5)
+        assert extra4(36) not in daemon.banned()
         peer = lab.exec("client", "nmap", "-sA", "-Pn", "-n", "--max-retries", "0",
                         "-p", "20-25,79-81,111", TARGET4, timeout=60)
         assert peer.returncode == 0, peer.stderr

@@ -173,7 +173,7 @@ def test_classify_tcp(flags, kind):
 
 
 def test_ack_and_rst_are_not_classified_as_stealth_kinds():
-    assert classify_tcp(SYN | ACK) is Kind.OTHER
+    assert classify_tcp(SYN | ACK) is Kind.ACK  # unsolicited: the ACK family, counted apart
     assert classify_tcp(RST) is Kind.OTHER
 
 
@@ -451,3 +451,16 @@ def test_ack_probes_ban_only_as_a_scan_of_distinct_ports_and_never_a_peer():
     assert Verdict.BLOCK not in verdicts and Verdict.DECOY in verdicts
     off = Engine(Policy(ack_scan_trigger=0))
     assert {off.handle(ack(p, 0.0)).verdict for p in range(1, 20)} == {Verdict.PENDING}
+
+
+def test_a_pardoned_host_starts_counting_afresh():
+    """Found by an adversarial try: the ACKs counted before the kernel's ban
+    still counted after `unblock`, so one late ACK banned the host again."""
+    engine = Engine(Policy(ack_scan_trigger=5))
+    for port in range(1, 5):
+        assert engine.handle(probe(port=port, kind=Kind.ACK)).verdict is Verdict.PENDING
+    source = A("198.51.100.2")
+    assert engine.handle(probe(port=5, kind=Kind.SYN), Facts(banned_by_kernel=True)).verdict \
+        is Verdict.BLOCK
+    engine.lift(source, pardon=True)
+    assert engine.handle(probe(port=6, t=1.0, kind=Kind.ACK)).verdict is Verdict.PENDING

@@ -172,16 +172,18 @@ def test_flags_no_stack_sends_are_trap_hits_even_to_served_ports(sensor):
     assert "add rule inet t bogus socket transparent 0 goto trapped" in bogus
     assert "add rule inet t bogus tcp dport @served_tcp goto trapped" in bogus
     jumps = [r for r in rules if r.endswith("jump bogus")]
-    assert len(jumps) == 3
+    assert len(jumps) == 4
     from portsentinel.engine import ACK, FIN, PSH, RST, URG
 
     def matches(flags: int) -> bool:  # the three jumps' tests, as the kernel applies them
         return (flags & (SYN | ACK | RST) == 0 or flags & (SYN | FIN) == SYN | FIN
-                or flags & (SYN | RST) == SYN | RST)
+                or flags & (SYN | RST) == SYN | RST or flags & (FIN | RST | ACK) == FIN | RST)
     assert "tcp flags & (syn | ack | rst) == 0 jump bogus" in jumps[0]
-    for bogus_flags in (0, FIN, FIN | PSH | URG, SYN | FIN, SYN | FIN | PSH | URG, SYN | RST):
+    for bogus_flags in (0, FIN, FIN | PSH | URG, SYN | FIN, SYN | FIN | PSH | URG, SYN | RST,
+                        FIN | RST):
         assert matches(bogus_flags)
-    for real in (SYN, SYN | ACK, ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, SYN | 0x40 | 0x80):
+    for real in (SYN, SYN | ACK, ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, SYN | 0x40 | 0x80,
+                 FIN | RST | ACK):
         assert not matches(real), real  # (SYN with ECE and CWR: an ECN set-up)
     no_ban = table_commands("t", 1000, replace(trap, ban_tcp=False, sensor=False), 0)
     assert not any("bogus" in r for r in no_ban)  # BLOCK_TCP=0 beside the packet sensor
