@@ -515,9 +515,12 @@ RECON_SCANS = [  # issue 19: probes the trap did not see (to every port, or to s
     ("ACK -sA", ["-sA"], False),
     ("Window -sW", ["-sW"], False),
     ("Maimon -sM", ["-sM"], False),
+    ("SYN/ACK --scanflags SYNACK", ["-sS", "--scanflags", "SYNACK"], False),
     ("NULL to served ports -sN -p 22,80,443,8080", ["-sN", "-p", "22,80,443,8080"], False),
     ("SYN+FIN to served ports --scanflags SYNFIN -p 22,80,443,8080",
      ["-sS", "--scanflags", "SYNFIN", "-p", "22,80,443,8080"], False),
+    ("FIN+RST to served ports --scanflags FINRST -p 22,80,443,8080",
+     ["-sS", "--scanflags", "FINRST", "-p", "22,80,443,8080"], False),
     ("OS detection -O -p 22,80", ["-O", "-p", "22,80"], False),
     ("IPv6 ACK -sA", ["-sA"], True),
 ]

@@ -357,11 +357,12 @@ def _bogus(t: str) -> list[str]:
 
 
 def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
-    """nmap -sA, -sW, -sM: an ACK (or FIN/ACK) that no connection expects
-    (connection tracking says new or invalid) to a trap port nothing serves
-    goes to userspace, each (source, port) once per window: a scan shows as
-    distinct ports there (late ACKs are normal; one never bans). A reply to
-    this host's own traffic, and a port a socket serves, are left alone."""
+    """nmap -sA, -sW, -sM: an ACK (FIN/ACK, SYN/ACK) that no connection
+    expects (connection tracking says new or invalid) to a trap port nothing
+    serves goes to userspace, each (source, port) once per window: a scan
+    shows as distinct ports (late ACKs are normal; one never bans), and the
+    trigger-th within the window is banned here. A reply to this host's own
+    traffic, and a port a socket serves, are left alone."""
     window = f"{max(1, int(trap.ack_window))}s"
     rules = [f"add chain inet {t} ack", f"flush chain inet {t} ack"]
     rules += [f"add set inet {t} acked{v} {{ type {kind} . inet_service; flags dynamic, "
