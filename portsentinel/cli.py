@@ -524,7 +524,9 @@ def control(args) -> int:
         print(f"blocked {reply['address']} until {_when(reply['until'])}")
     elif args.command == "reconcile":
         kernel_only, state_only = reply["kernel_only"], reply["state_only"]
-        if reply.get("table_restored"):
+        if reply.get("firewall_trouble"):
+            print(f"firewall NOT IN FORCE: {reply['firewall_trouble']}")
+        elif reply.get("table_restored"):
             print("our table had been changed by another program: made again, every ban "
                   "put back")
         elif not kernel_only and not state_only:

@@ -256,6 +256,19 @@ def _generation(sock: socket.socket, seq: int) -> int:
 def dump_set(table: str, set_name: str) -> dict[str, float | None]:
     """Every element of one address set: address -> seconds left (None: no
     timeout). Its own socket, so a long dump never holds up the ban path."""
+    found: dict[str, float | None] = {}
+    for key, left in _dump(table, set_name):
+        if len(key) in (4, 16):
+            found[str(ipaddress.ip_address(key))] = left
+    return found
+
+
+def dump_keys(table: str, set_name: str) -> list[bytes]:
+    """The raw keys of one set's elements (a concatenation's too)."""
+    return [key for key, _ in _dump(table, set_name)]
+
+
+def _dump(table: str, set_name: str) -> list[tuple[bytes, float | None]]:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
@@ -264,7 +277,7 @@ def dump_set(table: str, set_name: str) -> dict[str, float | None]:
                 + attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
         sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
                                NLM_F_REQUEST | NLM_F_DUMP, 1, NFPROTO_INET, body))
-        found: dict[str, float | None] = {}
+        found: list[tuple[bytes, float | None]] = []
         while True:
             data = sock.recv(1 << 20)
             for kind, _, at in messages(data):
@@ -278,7 +291,7 @@ def dump_set(table: str, set_name: str) -> dict[str, float | None]:
         sock.close()
 
 
-def _elements_into(found: dict, data: bytes, start: int, end: int) -> None:
+def _elements_into(found: list, data: bytes, start: int, end: int) -> None:
     listed = attributes(data, start, end).get(SET_ELEM_LIST_ELEMENTS, b"")
     at, size = 0, len(listed)
     while at + 4 <= size:
@@ -287,10 +300,9 @@ def _elements_into(found: dict, data: bytes, start: int, end: int) -> None:
             break
         element = attributes(listed, at + 4, at + length)
         key = attributes(element.get(SET_ELEM_KEY, b""), 0, 64).get(DATA_VALUE)
-        if key is not None and len(key) in (4, 16):
+        if key is not None:
             expires = element.get(SET_ELEM_EXPIRATION)
-            found[str(ipaddress.ip_address(key))] = (
-                struct.unpack("!Q", expires)[0] / 1000 if expires else None)
+            found.append((key, struct.unpack("!Q", expires)[0] / 1000 if expires else None))
         at += (length + 3) & ~3
 
 

@@ -18,7 +18,7 @@ import threading
 
 from .addrset import AddressSet, canonical, text
 from . import nfnetlink
-from .nfnetlink import (STATIC_SETS, SetElements, add_compat_queue_rule, dump_set,
+from .nfnetlink import (STATIC_SETS, SetElements, add_compat_queue_rule, dump_keys, dump_set,
                         generation)
 from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
@@ -377,12 +377,23 @@ class NftBans:
             self.elements.delete([address])
         except OSError:
             return False
-        ip = canonical(address)
-        try:
-            self.elements.delete_keys(f"ackers{ip.version}", [ip.packed])
-        except OSError:
-            pass  # none counted (or no ACK-scan rules)
+        self._forget_acks(canonical(address))
         return True
+
+    def _forget_acks(self, ip) -> None:
+        """A pardoned host's ACK-scan count in the kernel: its token bucket
+        and the (source, port) pairs seen, so that a port probed again counts."""
+        v = ip.version
+        try:
+            seen = [k for k in dump_keys(self.table, f"acked{v}") if k.startswith(ip.packed)]
+        except OSError:
+            return  # no ACK-scan rules
+        for name, keys in ((f"ackers{v}", [ip.packed]), (f"acked{v}", seen)):
+            try:
+                if keys:
+                    self.elements.delete_keys(name, keys)
+            except OSError:
+                pass  # none counted (or expired meanwhile)
 
     def banned(self) -> dict[str, float | None]:
         """Address -> seconds left (None when the ban has no timeout). A dump

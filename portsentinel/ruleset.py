@@ -381,7 +381,9 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
                 for v, _, field in FAMILIES]
     if trap.ban_tcp and trap.ack_trigger >= 2:  # the trigger-th distinct port: banned here,
         under = trap.ack_trigger - 1            # reported as the kernel's ban (not as "ack")
-        rate = limit((under / max(1.0, trap.ack_window), under))
+        # trigger-1 at once, then one more a window: the trigger-th within a window
+        # is always over (stricter than a sliding count only for sustained probing)
+        rate = limit((1 / max(1.0, trap.ack_window), under))
         rules += [f"add set inet {t} ackers{v} {{ type {kind}; flags dynamic, timeout; "
                   "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
         rules += [f"add rule inet {t} ack meta nfproto {family} update @ackers{v} {{ {field} "

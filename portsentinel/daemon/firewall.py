@@ -147,7 +147,8 @@ class Firewall:
     # -- worker -------------------------------------------------------------
     def verify(self) -> bool:
         """Another program deleted something of our table: if anything is
-        missing, install the table again and put back every ban. Was it?"""
+        missing, install the table again and put back every ban. Was it put
+        back (False too when it could not be: then `trouble` says why)?"""
         bans = self.ctx.bans
         if bans is None or bans.intact():
             return False
@@ -166,7 +167,7 @@ class Firewall:
                                    f"may not be in force; tried again every {TROUBLE_RETRY:g} s")
             self.trouble = trouble
             self.ctx.inbox.post(self._retry)
-            return True
+            return False
         self.trouble = None
         self.ctx.inbox.post(self.reset_served)
         now = time.time()
@@ -182,6 +183,9 @@ class Firewall:
         back). A missing or changed table is installed anew first (verify)."""
         self.ledger.flush()  # the state as complete on disk as the sets compared with it
         restored = self.verify()  # the table, its rules and static sets (a lost event?)
+        if self.trouble:  # nothing to compare with: said, and tried again meanwhile
+            return {"kernel_only": [], "state_only": [], "table_restored": False,
+                    "firewall_trouble": self.trouble}
         now = time.time()
         try:
             kernel = self.ctx.bans.banned()

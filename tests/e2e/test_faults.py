@@ -392,6 +392,8 @@ def test_a_restore_that_keeps_failing_is_said_in_the_log_and_the_status(lab, sta
     daemon.wait_log("adminalert: ERROR: our nftables table could not be restored")
     status = daemon.cli("status").stdout
     assert "NOT IN FORCE" in status, status
+    said = daemon.cli("reconcile").stdout  # not "made again", nor "agree"
+    assert "NOT IN FORCE" in said and "made again" not in said, said
     assert "reporting failed" not in daemon.log_text()
     holder.wait(timeout=20)  # it lets go: the table of our name goes with it
     daemon.wait_log("firewall restored: table, kernel trap and 1 bans", timeout=15)

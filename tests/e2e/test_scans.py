@@ -322,11 +322,24 @@ def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_
             assert len(answered) <= 4, done.stdout
         listed = daemon.cli("list").stdout
         assert re.search(rf"^{re.escape(extra4(37))} .*kernel", listed, re.M), listed
-        # pardoned: its next late ACK is one ACK again, not the rest of a scan
+        # pardoned: its next late ACK is one ACK again, not the rest of a scan; the
+        # ports it probed before count again
         daemon.cli("unblock", extra4(36))
         nmap(lab, "-sA", extra4(36), TARGET4, "30")
         time.sleep(0.5)
         assert extra4(36) not in daemon.banned()
+        done = nmap(lab, "-sA", extra4(36), TARGET4, "20-25,79-81,111")
+        assert extra4(36) in daemon.banned(), done.stdout
+        # four ports, then a fifth within the window but after a pause: the kernel's
+        # count bans it too (the fifth port learns nothing)
+        slow = extra4(38)
+        nmap(lab, "-sA", slow, TARGET4, "20,21,23,24")
+        time.sleep(16)
+        done = nmap(lab, "-sA", slow, TARGET4, "25")
+        assert "25/unfiltered" not in done.stdout, done.stdout
+        daemon.wait_log(f"attackalert: TCP ACK scan from host: {slow}/{slow}")
+        listed = daemon.cli("list").stdout
+        assert re.search(rf"^{re.escape(slow)} .*kernel", listed, re.M), listed
         peer = lab.exec("client", "nmap", "-sA", "-Pn", "-n", "--max-retries", "0",
                         "-p", "20-25,79-81,111", TARGET4, timeout=60)
         assert peer.returncode == 0, peer.stderr
