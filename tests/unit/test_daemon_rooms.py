@@ -164,7 +164,7 @@ def test_a_job_queued_quietly_waits_for_a_wake_and_keeps_its_place():
     """A kernel log batch's reports are queued without waking the worker (a
     wake per batch cost more than the reports, issue 18); the owner's loop
     wakes it by WAKE_WAIT, any other job's put wakes it at once, in order."""
-    from portsentinel.daemon.worker import WAKE_COUNT, WAKE_WAIT
+    from portsentinel.daemon.worker import GROUP_WAIT, WAKE_COUNT, WAKE_WAIT
 
     metrics, errors, done = Metrics(), [], []
     worker = Worker(metrics.dropped, errors.append, size=200)
@@ -186,6 +186,7 @@ def test_a_job_queued_quietly_waits_for_a_wake_and_keeps_its_place():
     while len(done) < 3 and time.monotonic() < deadline:
         time.sleep(0.005)
     assert done == ["quiet", "quiet 2", "loud"] and worker.wake_due() is None
+    time.sleep(2 * GROUP_WAIT)  # idle has run: asleep again (its timed wait would take some)
     for i in range(WAKE_COUNT):  # a flood's batches: woken once this many wait
         worker.put_quietly(lambda i=i: done.append(i))
     while len(done) < 3 + WAKE_COUNT and time.monotonic() < deadline:
