@@ -523,6 +523,8 @@ RECON_SCANS = [  # issue 19: probes the trap did not see (to every port, or to s
      ["-sS", "--scanflags", "FINRST", "-p", "22,80,443,8080"], False),
     ("OS detection -O -p 22,80", ["-O", "-p", "22,80"], False),
     ("IPv6 ACK -sA", ["-sA"], True),
+    ("IP protocols -sO", ["-sO"], False),
+    ("IPv6 IP protocols -sO", ["-sO"], True),
 ]
 
 

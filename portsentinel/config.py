@@ -62,6 +62,8 @@ class Config:
     scan_window: float = 300.0
     ack_scan_trigger: int = 5  # ACK-family probes: distinct ports that make a scan; 0 = off
     ack_scan_window: float = 60.0
+    proto_scan_trigger: int = 4  # IP protocol scans: distinct protocols that make one; 0 = off
+    proto_scan_window: float = 60.0
     ban_time: float = 86400.0
     block_nftables: str = "auto"  # auto and 1: on (KILL_ROUTE runs in addition); 0: off
     kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
@@ -159,6 +161,14 @@ def _ack_trigger(text: str) -> int:
     count = _count(text)
     if count == 1:
         raise ValueError("one late ACK is normal and never bans: 0 (off) or at least 2")
+    return count
+
+
+def _proto_trigger(text: str) -> int:
+    count = _count(text)
+    if count == 1:
+        raise ValueError("one tunnel's protocol (GRE, ESP) is normal and never bans: "
+                         "0 (off) or at least 2")
     return count
 
 
@@ -320,6 +330,8 @@ KEYS = {
     "SCAN_WINDOW": ("scan_window", _seconds),
     "ACK_SCAN_TRIGGER": ("ack_scan_trigger", _ack_trigger),
     "ACK_SCAN_WINDOW": ("ack_scan_window", _seconds),
+    "PROTO_SCAN_TRIGGER": ("proto_scan_trigger", _proto_trigger),
+    "PROTO_SCAN_WINDOW": ("proto_scan_window", _seconds),
     "BAN_TIME": ("ban_time", _seconds),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
     "KERNEL_TRAP": ("kernel_trap", _choice("auto", "0")),

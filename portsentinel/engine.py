@@ -52,6 +52,7 @@ from .trw import SequentialDetector, TrwParameters
 
 TCP = "tcp"
 UDP = "udp"
+IP = "ip"  # any other IP protocol (a probe's port is then the protocol number)
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -65,6 +66,7 @@ class Kind(enum.Enum):
     XMAS = "xmas"
     OTHER = "other"  # any other flag mix without ACK/RST
     ACK = "ack"  # ACK without RST that matches no connection (nmap -sA, -sW, -sM)
+    PROTOCOL = "protocol"  # an IP protocol other than TCP, UDP, ICMP (nmap -sO)
     FRAGMENT = "fragment"  # a TCP header split across fragments (nmap -f): flags unseen
     UDP = "udp"  # a datagram seen by the packet sensor
 
@@ -188,6 +190,8 @@ class Policy:
     trial_delay: float = 0.05  # a failed first contact is judged this much later
     ack_scan_trigger: int = 5  # distinct ports an ACK-family scan must touch; 0 = off
     ack_scan_window: float = 60.0  # ... within this many seconds
+    proto_scan_trigger: int = 4  # distinct IP protocols (other than TCP/UDP/ICMP); 0 = off
+    proto_scan_window: float = 60.0
 
     def ban_seconds(self, earlier_bans: int) -> float:
         if self.ban_time <= 0:
@@ -206,7 +210,7 @@ class Policy:
 
     def actions_for(self, protocol: str) -> tuple[str, ...]:
         """A scan's actions: asked for every ban, so worked out once (frozen)."""
-        return self._actions[protocol]
+        return self._actions[UDP if protocol == UDP else TCP]  # IP protocol scans: BLOCK_TCP
 
     def _actions_for(self, protocol: str) -> tuple[str, ...]:
         level = self.block_tcp if protocol == TCP else self.block_udp
@@ -273,6 +277,7 @@ class Engine:
         # key -> {(protocol, port): last seen}
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._acks: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
+        self._protocols: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
         self._offences: OrderedDict[bytes, int] = OrderedDict()  # earlier bans per host
         self._decoys: OrderedDict[bytes, float] = OrderedDict()  # host -> last reported
@@ -297,7 +302,11 @@ class Engine:
         if decision is not None:
             return decision
         if probe.kind is Kind.ACK:
-            return self._ack_scan(probe, facts)
+            return self._evidence(probe, facts, self._acks, self.policy.ack_scan_trigger,
+                                  self.policy.ack_scan_window)
+        if probe.kind is Kind.PROTOCOL:
+            return self._evidence(probe, facts, self._protocols,
+                                  self.policy.proto_scan_trigger, self.policy.proto_scan_window)
         stateless = probe.kind is not Kind.CONNECT
         counted = None
         if probe.trap and not facts.served:
@@ -333,16 +342,18 @@ class Engine:
             return Decision(Verdict.PENDING, probe)
         return self._decide(key, probe, peer)
 
-    def _ack_scan(self, probe: Probe, facts) -> Decision:
-        """An ACK that matches no connection, to a port nothing serves. Late
-        ACKs after connection tracking forgot a connection are normal, so one
-        never bans: only ack_scan_trigger distinct ports within
-        ack_scan_window do, and never a peer's (a spoofable, stateless probe)."""
-        trigger = self.policy.ack_scan_trigger
+    def _evidence(self, probe: Probe, facts, table: OrderedDict, trigger: int,
+                  window: float) -> Decision:
+        """A probe that alone proves nothing: an ACK that matches no
+        connection, to a port nothing serves (late ACKs after connection
+        tracking forgot a connection are normal), or a packet of an IP
+        protocol such as GRE or ESP (a tunnel's). Only `trigger` distinct
+        ports (protocols) within `window` ban, and never a peer's (a
+        spoofable, stateless probe)."""
         if not trigger or facts.served:
             return Decision(Verdict.PENDING, probe, report=False)
         key = _key(probe.source)
-        if not self._distinct(self._acks, key, probe, trigger, self.policy.ack_scan_window):
+        if not self._distinct(table, key, probe, trigger, window):
             return Decision(Verdict.PENDING, probe, report=False)
         if facts.peer:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
@@ -526,6 +537,7 @@ class Engine:
         if pardon:  # and what counted toward its ban counts no more
             self._offences.pop(key, None)
             self._acks.pop(key, None)
+            self._protocols.pop(key, None)
             self._pending.pop(key, None)
         ban = self._bans.get(key)
         if ban is None or (since is not None and ban.since != since):

@@ -22,6 +22,7 @@ _SCAN_NAMES = {
     Kind.NULL: " TCP NULL scan",  # 1.2 prints two spaces here; filters may rely on it
     Kind.XMAS: "TCP XMAS scan",
     Kind.ACK: "TCP ACK scan",
+    Kind.PROTOCOL: "IP protocol scan",
     Kind.UDP: "UDP scan",
     Kind.FRAGMENT: "TCP fragmented scan",
 }
@@ -51,6 +52,8 @@ def alert_line(probe: Probe, name: str | None = None, source: str | None = None)
     proto = probe.protocol.upper()
     if probe.kind is Kind.CONNECT:
         return f"attackalert: Connect from host: {host} to {proto} port: {probe.port}"
+    if probe.kind is Kind.PROTOCOL:
+        return f"attackalert: {scan_name(probe)} from host: {host} to IP protocol: {probe.port}"
     return f"attackalert: {scan_name(probe)} from host: {host} to {proto} port: {probe.port}"
 
 

@@ -15,7 +15,7 @@ import struct
 import time
 
 from . import packets
-from .engine import TCP, Kind, Probe, classify_tcp
+from .engine import TCP, UDP, Kind, Probe, classify_tcp
 from .netlink import (NETLINK_NETFILTER, NFGEN, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr,
                       attributes, error_code, message_end, messages, nfnl_message, receive_buffer)
 
@@ -107,7 +107,8 @@ class KernelBanLog:
         if stamp and len(stamp) >= 16:
             seconds, micros = struct.unpack("!QQ", stamp[:16])
             when = seconds + micros / 1e6
-        kind = classify_tcp(packet.flags) if packet.protocol == TCP else Kind.UDP
+        kind = (classify_tcp(packet.flags) if packet.protocol == TCP
+                else Kind.UDP if packet.protocol == UDP else Kind.PROTOCOL)
         return what, Probe(packet.source, packet.port, packet.protocol, kind, when,
                            packet.flags, packet.ip_options,
                            trap=what not in ("contact", "served"),

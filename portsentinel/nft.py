@@ -377,18 +377,20 @@ class NftBans:
             self.elements.delete([address])
         except OSError:
             return False
-        self._forget_acks(canonical(address))
+        ip = canonical(address)
+        for counts, seen in (("ackers", "acked"), ("protocolers", "protos")):
+            self._forget(ip, f"{counts}{ip.version}", f"{seen}{ip.version}")
         return True
 
-    def _forget_acks(self, ip) -> None:
-        """A pardoned host's ACK-scan count in the kernel: its token bucket
-        and the (source, port) pairs seen, so that a port probed again counts."""
-        v = ip.version
+    def _forget(self, ip, counts: str, seen: str) -> None:
+        """A pardoned host's scan count in the kernel (ACK or IP protocol
+        scans): its token bucket and the (source, port) pairs seen, so that
+        a port probed again counts."""
         try:
-            seen = [k for k in dump_keys(self.table, f"acked{v}") if k.startswith(ip.packed)]
+            pairs = [k for k in dump_keys(self.table, seen) if k.startswith(ip.packed)]
         except OSError:
-            return  # no ACK-scan rules
-        for name, keys in ((f"ackers{v}", [ip.packed]), (f"acked{v}", seen)):
+            return  # no such rules
+        for name, keys in ((counts, [ip.packed]), (seen, pairs)):
             try:
                 if keys:
                     self.elements.delete_keys(name, keys)

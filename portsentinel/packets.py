@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from .addrset import canonical
-from .engine import ACK, RST, TCP, UDP
+from .engine import ACK, IP, RST, TCP, UDP
 
 PROTO_TCP, PROTO_UDP = 6, 17
 # IPv6 extension headers that may precede TCP/UDP
@@ -22,8 +22,8 @@ _MAX_EXTENSIONS = 8
 class Packet:
     source: ipaddress.IPv4Address | ipaddress.IPv6Address
     destination: ipaddress.IPv4Address | ipaddress.IPv6Address
-    protocol: str  # TCP or UDP
-    port: int  # destination port
+    protocol: str  # TCP or UDP; IP (any other protocol) only if not `probes_only`
+    port: int  # destination port; for IP the protocol number
     flags: int  # TCP flags, 0 for UDP
     ip_options: bool
     source_port: int = 0
@@ -63,7 +63,9 @@ def _parse_ipv6(data: bytes, probes_only: bool = True) -> Packet | None:
     next_header, offset = data[6], 40
     options = first_of_many = False
     for _ in range(_MAX_EXTENSIONS):
-        if next_header in (PROTO_TCP, PROTO_UDP):
+        if next_header in (PROTO_TCP, PROTO_UDP) or (
+                not probes_only and next_header not in (_HOP, _ROUTING, _FRAGMENT, _DSTOPTS,
+                                                        _AH)):
             break
         if next_header in (_HOP, _ROUTING, _DSTOPTS):
             if len(data) < offset + 2:
@@ -112,4 +114,6 @@ def _transport(proto: int, segment: bytes, source, destination, ip_options: bool
             return None
         return Packet(source, destination, UDP, int.from_bytes(segment[2:4], "big"),
                       0, ip_options, int.from_bytes(segment[0:2], "big"))
+    if not probes_only:  # what the kernel logged as another protocol's probe (nmap -sO)
+        return Packet(source, destination, IP, proto, 0, ip_options)
     return None

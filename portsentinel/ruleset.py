@@ -29,6 +29,8 @@ PEER_HIT_PREFIX = "portsentinel peer"  # a mature peer's trap hit (maybe a decoy
 CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
 SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
 ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved trap port
+PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP, UDP, ICMP
+KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
 ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
 HIT_RATE = "20/second burst 40 packets"
 HOLD_CHAIN = "held"  # its one rule, the queue statement, is added apart (nft.py)
@@ -60,6 +62,8 @@ class KernelTrap:
     hold_rate: int = 0  # with hold_queue: SYNs held per second at most (0: no limit)
     ack_window: float = 0  # > 0, with `sensor`: ACK-family probes logged, each (source, port) once in this long
     ack_trigger: int = 0  # >= 2, with ack_window and ban_tcp: this many distinct ports ban in the kernel
+    proto_window: float = 0  # > 0, with `sensor`: other IP protocols logged, each (source, protocol) once in this long
+    proto_trigger: int = 0  # >= 2, with proto_window and ban_tcp: this many distinct protocols ban in the kernel
     hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
     service_memory: float = 0.0  # > 0: a served port a client's packet reached goes to served_*
 
@@ -297,6 +301,8 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules += _bogus(t)
         if trap.ack_window > 0:
             rules += _ack_scans(t, trap)
+        if trap.proto_window > 0:
+            rules += _proto_scans(t, trap)
         rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
                      "tcp dport @trap_tcp jump trap")
     if trap.udp:
@@ -311,7 +317,8 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
         rules.append(f"add rule inet {t} trapped limit rate over {limit(trap.ban_rate)} "
                      f'log group {group} prefix "{HIT_PREFIX}" accept')
-    for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp)):
+    for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp),
+                           (f"!= {KNOWN_PROTOCOLS}", ban_tcp)):  # IP protocol scans: BLOCK_TCP
         if bans:
             rules += [f"add rule inet {t} trapped meta l4proto {protocol} meta nfproto {family} "
                       f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
@@ -391,6 +398,35 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
                   for (v, family, field), add in zip(FAMILIES, remember)]
     rules += [f"add rule inet {t} ack meta nfproto {family} {add} log group "
               f'{int(trap.log_group)} prefix "{ACK_PREFIX}"'
+              for (v, family, field), add in zip(FAMILIES, remember)]
+    return rules
+
+
+def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
+    """nmap -sO: packets of IP protocols other than TCP, UDP and ICMP. A
+    tunnel's peer sends one or two (GRE, ESP), so each (source, protocol)
+    goes to userspace once per window, and only the trigger-th distinct one
+    within it bans (here, by a per-source token bucket as for ACK scans)."""
+    window = f"{max(1, int(trap.proto_window))}s"
+    rules = [f"add chain inet {t} proto", f"flush chain inet {t} proto"]
+    rules += [f"add set inet {t} protos{v} {{ type {kind} . inet_proto; flags dynamic, "
+              "timeout; size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
+    rules += [f"add rule inet {t} input meta l4proto != {KNOWN_PROTOCOLS} jump proto",
+              f"add rule inet {t} proto ct direction reply return"]
+    rules += [f"add rule inet {t} proto {field} . meta l4proto @protos{v} return"
+              for v, _, field in FAMILIES]
+    rules.append(f"add rule inet {t} proto limit rate over {ACK_RATE} return")
+    remember = [f"add @protos{v} {{ {field} . meta l4proto timeout {window} }}"
+                for v, _, field in FAMILIES]
+    if trap.ban_tcp and trap.proto_trigger >= 2:
+        rate = limit((1 / max(1.0, trap.proto_window), trap.proto_trigger - 1))
+        rules += [f"add set inet {t} protocolers{v} {{ type {kind}; flags dynamic, timeout; "
+                  "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
+        rules += [f"add rule inet {t} proto meta nfproto {family} update @protocolers{v} "
+                  f"{{ {field} timeout {window} limit rate over {rate} }} {add} goto trapped"
+                  for (v, family, field), add in zip(FAMILIES, remember)]
+    rules += [f"add rule inet {t} proto meta nfproto {family} {add} log group "
+              f'{int(trap.log_group)} prefix "{PROTO_PREFIX}"'
               for (v, family, field), add in zip(FAMILIES, remember)]
     return rules
 

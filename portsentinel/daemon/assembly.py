@@ -13,7 +13,7 @@ from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
 from ..ruleset import (ACK_PREFIX, CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX,
-                       SERVED_PREFIX, KernelTrap, port_ranges)
+                       PROTO_PREFIX, SERVED_PREFIX, KernelTrap, port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 
@@ -41,7 +41,8 @@ def policy_for(config: Config, never_block: AddressSet) -> Policy:
         host_capacity=config.host_capacity, never_block=never_block,
         decoy_grace=config.decoy_grace, ban_rate=config.ban_rate_limit[0],
         ban_burst=max(1, config.ban_rate_limit[1]),
-        ack_scan_trigger=config.ack_scan_trigger, ack_scan_window=config.ack_scan_window)
+        ack_scan_trigger=config.ack_scan_trigger, ack_scan_window=config.ack_scan_window,
+        proto_scan_trigger=config.proto_scan_trigger, proto_scan_window=config.proto_scan_window)
 
 
 def kernel_trap_armed(config: Config, protocol: str, mode: str | None) -> bool:
@@ -137,7 +138,9 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         hold_rate=config.hold_rate, hold_seconds=config.first_contact_hold,
         service_memory=config.service_memory,
         ack_window=config.ack_scan_window if armed.sensed and config.ack_scan_trigger else 0,
-        ack_trigger=config.ack_scan_trigger)
+        ack_trigger=config.ack_scan_trigger,
+        proto_window=config.proto_scan_window if armed.sensed and config.proto_scan_trigger else 0,
+        proto_trigger=config.proto_scan_trigger)
 
 
 def holds(config: Config, trapped) -> bool:
@@ -155,7 +158,7 @@ def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
     prefixes = {LOG_PREFIX: "ban"}
     if sensing:
         prefixes |= {HIT_PREFIX: "hit", PEER_HIT_PREFIX: "peer hit", CONTACT_PREFIX: "contact",
-                     SERVED_PREFIX: "served", ACK_PREFIX: "ack"}
+                     SERVED_PREFIX: "served", ACK_PREFIX: "ack", PROTO_PREFIX: "proto"}
     try:
         armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:

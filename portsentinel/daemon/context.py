@@ -54,4 +54,4 @@ class Context:
             return None
 
     def mode(self, protocol: str) -> str | None:
-        return self.modes[TCP if protocol == TCP else UDP]
+        return self.modes[UDP if protocol == UDP else TCP]  # IP protocol scans: TCP's

@@ -350,3 +350,27 @@ def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_
     finally:
         lab.exec("target", "sysctl", "-qw", f"{timeout}={old}")
         lab.stop(echo)
+
+
+def test_an_ip_protocol_scan_is_banned_but_one_tunnels_protocol_is_not(lab, start_daemon):
+    """Issue 19: nmap -sO (which IP protocols does the host speak?) went
+    unseen. PROTO_SCAN_TRIGGER (4) distinct protocols other than TCP, UDP and
+    ICMP ban, in the kernel; one protocol (a GRE or ESP peer's) never does."""
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
+    tunnel = extra4(39)
+    nmap(lab, "-sO", tunnel, TARGET4, "47,50")  # GRE, ESP: two protocols, no scan
+    time.sleep(0.5)
+    assert tunnel not in daemon.banned()
+    for source in (extra4(38), extra6(38)):
+        done = nmap(lab, "-sO", source, TARGET6 if ":" in source else TARGET4, "1-255")
+        line = daemon.wait_log(f"attackalert: IP protocol scan from host: {source}/{source} "
+                               "to IP protocol: ")
+        assert source in daemon.banned(), done.stdout
+        daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+        history = daemon.history.read_text()
+        assert re.search(rf"Host: {re.escape(source)}/{re.escape(source)} Port: "
+                         rf"{line.rsplit(' ', 1)[1]} IP Blocked$", history, re.M), history
+    listed = daemon.cli("list").stdout
+    assert re.search(rf"^{re.escape(extra4(38))} .*kernel", listed, re.M), listed
+    daemon.cli("unblock", extra4(38))
+    assert extra4(38) not in daemon.banned()

@@ -228,3 +228,9 @@ def test_an_ack_scan_needs_two_ports_at_least():
         parse('ACK_SCAN_TRIGGER="1"\n', "test")
     assert parse('ACK_SCAN_TRIGGER="0"\n', "test").ack_scan_trigger == 0
     assert parse("", "test").ack_scan_trigger == 5
+
+
+def test_an_ip_protocol_scan_needs_two_protocols_at_least():
+    with pytest.raises(ConfigError, match="PROTO_SCAN_TRIGGER.*never bans"):
+        parse('PROTO_SCAN_TRIGGER="1"\n', "test")
+    assert parse("", "test").proto_scan_trigger == 4

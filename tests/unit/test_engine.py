@@ -464,3 +464,20 @@ def test_a_pardoned_host_starts_counting_afresh():
         is Verdict.BLOCK
     engine.lift(source, pardon=True)
     assert engine.handle(probe(port=6, t=1.0, kind=Kind.ACK)).verdict is Verdict.PENDING
+
+
+def test_ip_protocol_probes_ban_only_as_a_scan_of_distinct_protocols():
+    """Issue 19, nmap -sO: a GRE or ESP peer sends one protocol or two, so
+    only proto_scan_trigger distinct protocols within the window ban, with
+    BLOCK_TCP's actions; a peer's never."""
+    from portsentinel.engine import IP
+    engine = Engine(Policy(proto_scan_trigger=3, proto_scan_window=60))
+    proto = lambda number, t=0.0, src="198.51.100.2": Probe(A(src), number, IP, Kind.PROTOCOL, t)
+    assert engine.handle(proto(47)).verdict is Verdict.PENDING
+    assert engine.handle(proto(47, 1.0)).verdict is Verdict.PENDING
+    assert engine.handle(proto(50, 2.0)).verdict is Verdict.PENDING
+    decision = engine.handle(proto(132, 3.0))
+    assert decision.verdict is Verdict.BLOCK and decision.actions == (NFTABLES,)
+    peer = [engine.handle(proto(n, 1.0, "198.51.100.4"), Facts(peer=True)).verdict
+            for n in (2, 4, 41, 47, 50)]
+    assert Verdict.BLOCK not in peer

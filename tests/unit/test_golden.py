@@ -65,7 +65,7 @@ TRAPS = {
                                challenge_port=41234, log_group=7417, sensor=True,
                                contacts=True, hold_queue=7417, hold_rate=5000,
                                hold_seconds=0.02, service_memory=3600, ack_window=60,
-                               ack_trigger=5), 86400),
+                               ack_trigger=5, proto_window=60, proto_trigger=4), 86400),
     "sets_only": (KernelTrap(((1, 1023),), ((7, 7),), 600, ban_tcp=False, ban_udp=False,
                              challenge_port=40000), 60),
 }

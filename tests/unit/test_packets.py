@@ -126,3 +126,14 @@ def test_a_syn_behind_long_extension_headers_is_read():
     options = bytes([6, 30]) + bytes([1, 244]) + b"\x00" * 244  # next=TCP, (30+1)*8 bytes
     p = packets.parse(ipv6(60, options + tcp(111, SYN)))
     assert (p.protocol, p.port, p.flags, p.ip_options) == (TCP, 111, SYN, True)
+
+
+def test_another_ip_protocol_is_a_packet_only_where_the_kernel_logged_it():
+    """nmap -sO's probes (GRE 47, SCTP 132, a bare protocol 200, no payload)
+    reach the daemon only through the kernel log: parsed there, with the
+    protocol number as the port; the packet sensor still sees TCP/UDP only."""
+    from portsentinel.engine import IP
+    for raw in (ipv4(47, b""), ipv4(132, b"\0" * 12), ipv6(200, b"")):
+        p = packets.parse(raw, probes_only=False)
+        assert p is not None and p.protocol == IP and p.port == raw[9 if raw[0] >> 4 == 4 else 6]
+        assert packets.parse(raw) is None
