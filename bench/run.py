@@ -344,13 +344,15 @@ def parse_nmap(text: str) -> tuple[dict[int, str], bool, bool]:
 
 
 def answered(text: str) -> int:
-    """Ports nmap got any answer from (listed or summed in "Not shown"): what
-    the scan learned, whatever the state (`unfiltered` for an ACK scan)."""
-    listed = sum(not m[1].startswith("filtered")
-                 for m in re.finditer(r"^\d+/(?:tcp|udp)\s+(\S+)", text, re.M))
+    """Ports (-sO: protocols) nmap got an answer from, listed or summed in
+    "Not shown": `open`, `closed`, `unfiltered` (an ACK scan's). A state with
+    "filtered" in it (`open|filtered`: no answer) taught it nothing."""
+    learned = ("open", "closed", "unfiltered")
+    listed = sum(m[1] in learned for m in re.finditer(r"^\d+(?:/(?:tcp|udp))?\s+(\S+)\s",
+                                                        text, re.M))
     hidden = sum(int(m[1]) for line in re.findall(r"^Not shown: (.*)$", text, re.M)
-                 for m in re.finditer(r"(\d+) (\S+) (?:tcp|udp) ports", line)
-                 if not m[2].startswith("filtered"))
+                 for m in re.finditer(r"(\d+) (\S+) (?:tcp|udp|n/a) (?:ports|protocols)", line)
+                 if m[2] in learned)
     return listed + hidden
 
 
@@ -528,10 +530,12 @@ RECON_SCANS = [  # issue 19: probes the trap did not see (to every port, or to s
 ]
 
 
-def recon_compare(lab, work: Path) -> list[dict]:
-    """RECON_SCANS against 1.2 and portsentinel's defaults, in turn, one run."""
+def recon_compare(lab, work: Path, only: list[str] | None = None) -> list[dict]:
+    """RECON_SCANS (or those whose name starts with one of `only`) against
+    1.2 and portsentinel's defaults, in turn, one run."""
     return [run_scan(lab, contender, name, nmap_args, v6, host_timeout=60, cgroup=True)
             for name, nmap_args, v6 in RECON_SCANS
+            if not only or any(name.startswith(o) for o in only)
             for contender in (Portsentry12(lab, work), Portsentinel(lab, work, True))]
 
 
@@ -823,7 +827,7 @@ def main() -> None:
                         help="only: CPU per scan of PortSentry 1.2, the packet sensor and the "
                              "kernel as the sensor (issue 18's scans); print the table")
     parser.add_argument("--only", metavar="SCANS",
-                        help="with --sensor-compare: only these scans (comma-separated "
+                        help="with --sensor-compare or --recon-only: only these scans (comma-separated "
                              "name prefixes, e.g. SYN,connect)")
     parser.add_argument("--restart-only", action="store_true",
                         help="only: start-up with 0, 10,000 and 100,000 stored bans; print "
@@ -893,7 +897,8 @@ def main() -> None:
                           f"{r['rss_kb'] / 1024:.0f}"] for r in rows]))
             return
         if args.recon_only:
-            print(recon_table(recon_compare(lab, work)))
+            print(recon_table(recon_compare(lab, work, args.only.split(",") if args.only
+                                            else None)))
             return
         if args.sensor_compare:
             only = args.only.split(",") if args.only else None
