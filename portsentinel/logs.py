@@ -58,9 +58,10 @@ def alert_line(probe: Probe, name: str | None = None, source: str | None = None)
 
 
 def ip_options_line(probe: Probe, name: str | None = None) -> str:
+    to = (f"IP protocol: {probe.port}" if probe.kind is Kind.PROTOCOL
+          else f"{probe.protocol.upper()} port: {probe.port}")
     return (f"attackalert: Packet from host: {host_label(address_text(probe.source), name)} to "
-            f"{probe.protocol.upper()} port: {probe.port} has IP options set "
-            "(detection avoidance technique).")
+            f"{to} has IP options set (detection avoidance technique).")
 
 
 def wrappers_line(target: str, line: str) -> str:

@@ -381,7 +381,8 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
               f"add rule inet {t} ack socket transparent 0 return",
               f"add rule inet {t} ack socket transparent 1 return",
               f"add rule inet {t} ack tcp dport @served_tcp return"]
-    rules += [f"add rule inet {t} ack {field} . tcp dport @acked{v} return"
+    rules += [f"add rule inet {t} ack {field} . tcp dport @acked{v} update @acked{v} "
+              f"{{ {field} . tcp dport timeout {window} }} return"  # seen while it goes on
               for v, _, field in FAMILIES]
     rules.append(f"add rule inet {t} ack limit rate over {ACK_RATE} return")
     remember = [f"add @acked{v} {{ {field} . tcp dport timeout {window} }}"
@@ -413,7 +414,8 @@ def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
               "timeout; size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
     rules += [f"add rule inet {t} input meta l4proto != {KNOWN_PROTOCOLS} jump proto",
               f"add rule inet {t} proto ct direction reply return"]
-    rules += [f"add rule inet {t} proto {field} . meta l4proto @protos{v} return"
+    rules += [f"add rule inet {t} proto {field} . meta l4proto @protos{v} update @protos{v} "
+              f"{{ {field} . meta l4proto timeout {window} }} return"  # a tunnel: once, for good
               for v, _, field in FAMILIES]
     rules.append(f"add rule inet {t} proto limit rate over {ACK_RATE} return")
     remember = [f"add @protos{v} {{ {field} . meta l4proto timeout {window} }}"

@@ -374,3 +374,29 @@ def test_an_ip_protocol_scan_is_banned_but_one_tunnels_protocol_is_not(lab, star
     assert re.search(rf"^{re.escape(extra4(38))} .*kernel", listed, re.M), listed
     daemon.cli("unblock", extra4(38))
     assert extra4(38) not in daemon.banned()
+
+
+TUNNEL = """
+import socket, sys, time
+socks = []
+for proto in (47, 50):  # GRE and ESP, as a tunnel's peer sends them
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    s.bind((sys.argv[1], 0)); socks.append(s)
+for _ in range(28):
+    for s in socks:
+        s.sendto(b"\\0" * 24, (sys.argv[2], 0)); time.sleep(0.25)
+"""
+
+
+def test_a_tunnels_two_protocols_never_ban_however_long_it_runs(lab, start_daemon):
+    """Found by an adversarial try: a GRE+ESP peer was banned after two
+    minutes. Its (source, protocol) pairs were remembered for the window
+    only, so each came back as new, and two a window drained a bucket that
+    gets one back. Pairs seen again are remembered while they go on."""
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\nPROTO_SCAN_WINDOW="2s"\n')
+    peer = extra4(37)
+    sent = lab.exec("attacker", "python3", "-c", TUNNEL, peer, TARGET4, timeout=60)
+    assert sent.returncode == 0, sent.stdout + sent.stderr  # 14 s: seven windows
+    time.sleep(0.5)
+    assert peer not in daemon.banned()
+    assert "IP protocol scan" not in daemon.log_text()
