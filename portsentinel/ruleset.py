@@ -366,11 +366,8 @@ def _bogus(t: str) -> list[str]:
 def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
     """nmap -sA, -sW, -sM: an ACK (FIN/ACK, SYN/ACK) that no connection
     expects (connection tracking says new or invalid) to a trap port nothing
-    serves goes to userspace, each (source, port) once per window: a scan
-    shows as distinct ports (late ACKs are normal; one never bans), and the
-    trigger-th within the window is banned here. A reply to this host's own
-    traffic, and a port a socket serves, are left alone."""
-    window = f"{max(1, int(trap.ack_window))}s"
+    serves is evidence (late ACKs are normal; one never bans). A reply to
+    this host's own traffic, and a port a socket serves, are left alone."""
     rules = [f"add chain inet {t} ack", f"flush chain inet {t} ack"]
     rules += [f"add set inet {t} acked{v} {{ type {kind} . inet_service; flags dynamic, "
               "timeout; size 262144; }"
@@ -381,56 +378,49 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
               f"add rule inet {t} ack socket transparent 0 return",
               f"add rule inet {t} ack socket transparent 1 return",
               f"add rule inet {t} ack tcp dport @served_tcp return"]
-    rules += [f"add rule inet {t} ack {field} . tcp dport @acked{v} update @acked{v} "
-              f"{{ {field} . tcp dport timeout {window} }} return"  # seen while it goes on
-              for v, _, field in FAMILIES]
-    rules.append(f"add rule inet {t} ack limit rate over {ACK_RATE} return")
-    remember = [f"add @acked{v} {{ {field} . tcp dport timeout {window} }}"
-                for v, _, field in FAMILIES]
-    if trap.ban_tcp and trap.ack_trigger >= 2:  # the trigger-th distinct port: banned here,
-        under = trap.ack_trigger - 1            # reported as the kernel's ban (not as "ack")
-        # trigger-1 at once, then one more a window: the trigger-th within a window
-        # is always over (stricter than a sliding count only for sustained probing)
-        rate = limit((1 / max(1.0, trap.ack_window), under))
-        rules += [f"add set inet {t} ackers{v} {{ type {kind}; flags dynamic, timeout; "
-                  "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
-        rules += [f"add rule inet {t} ack meta nfproto {family} update @ackers{v} {{ {field} "
-                  f"timeout {window} limit rate over {rate} }} {add} goto trapped"
-                  for (v, family, field), add in zip(FAMILIES, remember)]
-    rules += [f"add rule inet {t} ack meta nfproto {family} {add} log group "
-              f'{int(trap.log_group)} prefix "{ACK_PREFIX}"'
-              for (v, family, field), add in zip(FAMILIES, remember)]
-    return rules
+    return rules + _distinct_evidence(t, "ack", "acked", "ackers", "tcp dport", trap.ack_window,
+                                      trap.ack_trigger if trap.ban_tcp else 0,
+                                      trap.log_group, ACK_PREFIX)
 
 
 def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
-    """nmap -sO: packets of IP protocols other than TCP, UDP and ICMP. A
-    tunnel's peer sends one or two (GRE, ESP), so each (source, protocol)
-    goes to userspace once per window, and only the trigger-th distinct one
-    within it bans (here, by a per-source token bucket as for ACK scans)."""
-    window = f"{max(1, int(trap.proto_window))}s"
+    """nmap -sO: packets of IP protocols other than TCP, UDP and ICMP are
+    evidence; a tunnel's peer sends one or two (GRE, ESP)."""
     rules = [f"add chain inet {t} proto", f"flush chain inet {t} proto"]
     rules += [f"add set inet {t} protos{v} {{ type {kind} . inet_proto; flags dynamic, "
               "timeout; size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
     rules += [f"add rule inet {t} input meta l4proto != {KNOWN_PROTOCOLS} jump proto",
               f"add rule inet {t} proto ct direction reply return"]
-    rules += [f"add rule inet {t} proto {field} . meta l4proto @protos{v} update @protos{v} "
-              f"{{ {field} . meta l4proto timeout {window} }} return"  # a tunnel: once, for good
-              for v, _, field in FAMILIES]
-    rules.append(f"add rule inet {t} proto limit rate over {ACK_RATE} return")
-    remember = [f"add @protos{v} {{ {field} . meta l4proto timeout {window} }}"
+    return rules + _distinct_evidence(t, "proto", "protos", "protocolers", "meta l4proto",
+                                      trap.proto_window,
+                                      trap.proto_trigger if trap.ban_tcp else 0,
+                                      trap.log_group, PROTO_PREFIX)
+
+
+def _distinct_evidence(t: str, chain: str, seen: str, counts: str, what: str, seconds: float,
+                       trigger: int, group: int, prefix: str) -> list[str]:
+    """Each (source, `what`) goes to userspace once (`seen`; one that goes on
+    being seen counts once), at most ACK_RATE a second; with `trigger` >= 2
+    the trigger-th distinct one within the window is banned here: a token
+    bucket per source (`counts`) of trigger-1 at once, then one more a window,
+    so that one is always over (stricter than a sliding count only for
+    sustained probing); its ban is reported as the kernel's (not as evidence)."""
+    window = f"{max(1, int(seconds))}s"
+    rules = [f"add rule inet {t} {chain} {field} . {what} @{seen}{v} update @{seen}{v} "
+             f"{{ {field} . {what} timeout {window} }} return" for v, _, field in FAMILIES]
+    rules.append(f"add rule inet {t} {chain} limit rate over {ACK_RATE} return")
+    remember = [f"add @{seen}{v} {{ {field} . {what} timeout {window} }}"
                 for v, _, field in FAMILIES]
-    if trap.ban_tcp and trap.proto_trigger >= 2:
-        rate = limit((1 / max(1.0, trap.proto_window), trap.proto_trigger - 1))
-        rules += [f"add set inet {t} protocolers{v} {{ type {kind}; flags dynamic, timeout; "
+    if trigger >= 2:
+        rate = limit((1 / max(1.0, seconds), trigger - 1))
+        rules += [f"add set inet {t} {counts}{v} {{ type {kind}; flags dynamic, timeout; "
                   "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
-        rules += [f"add rule inet {t} proto meta nfproto {family} update @protocolers{v} "
+        rules += [f"add rule inet {t} {chain} meta nfproto {family} update @{counts}{v} "
                   f"{{ {field} timeout {window} limit rate over {rate} }} {add} goto trapped"
                   for (v, family, field), add in zip(FAMILIES, remember)]
-    rules += [f"add rule inet {t} proto meta nfproto {family} {add} log group "
-              f'{int(trap.log_group)} prefix "{PROTO_PREFIX}"'
-              for (v, family, field), add in zip(FAMILIES, remember)]
-    return rules
+    return rules + [f"add rule inet {t} {chain} meta nfproto {family} {add} log group "
+                    f'{int(group)} prefix "{prefix}"'
+                    for (v, family, field), add in zip(FAMILIES, remember)]
 
 
 def _returns(t: str) -> list[str]:
