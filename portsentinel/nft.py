@@ -370,16 +370,18 @@ class NftBans:
             raise NftError(str(err)) from None
         return [self.command(address, timeout) for address, timeout in pairs]
 
-    def unban(self, address) -> bool:
-        """False when the address was not banned. Its ACK-scan count in the
-        kernel goes too: a pardoned host's next late ACK must not ban again."""
+    def unban(self, address, pardon: bool = False) -> bool:
+        """False when the address was not banned. `pardon` (an admin's
+        unblock): its scan counts in the kernel go too, so that its next late
+        ACK does not ban again (set dumps: not for expiries and evictions)."""
         try:
             self.elements.delete([address])
         except OSError:
             return False
-        ip = canonical(address)
-        for counts, seen in (("ackers", "acked"), ("protocolers", "protos")):
-            self._forget(ip, f"{counts}{ip.version}", f"{seen}{ip.version}")
+        if pardon:
+            ip = canonical(address)
+            for counts, seen in (("ackers", "acked"), ("protocolers", "protos")):
+                self._forget(ip, f"{counts}{ip.version}", f"{seen}{ip.version}")
         return True
 
     def _forget(self, ip, counts: str, seen: str) -> None:

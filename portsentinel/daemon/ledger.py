@@ -172,7 +172,7 @@ class BanLedger:
             self.flush()                    # the offence counts, the events are in order
         self.ctx.inbox.post(self.ctx.engine.lift, from_stored(record.address), False, record.since)
         if self.ctx.bans is not None:
-            self.ctx.bans.unban(from_stored(record.address))
+            self.ctx.bans.unban(from_stored(record.address), pardon=cause == "unblock")
         problems = self.compat.undo(record.address, record.hosts_deny_line,
                                     record.kill_route_command, record.port or 0,
                                     record.mode or "", record.hosts_deny_file,
@@ -193,7 +193,7 @@ class BanLedger:
 
     def lift_unrecorded(self, address: str) -> None:
         """Worker: a ban found in our sets that nothing recorded."""
-        self.ctx.bans.unban(from_stored(address))
+        self.ctx.bans.unban(from_stored(address), pardon=True)
         self.ctx.metrics.unbans.labels("unblock").inc()
         self.ctx.log(f"adminalert: Host {address} was in the firewall's ban set without a "
                      "record (made behind our back?); lifted by command", logs.NOTICE)
