@@ -33,6 +33,11 @@ PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP,
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
 ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
 HIT_RATE = "20/second burst 40 packets"
+# A source is forgotten by the hit meter once its bucket (HIT_RATE) is full
+# again: remembering it longer changes nothing but fills the set. 262,144
+# sources for 2 s each: 131,072 new sources a second before it is full.
+HIT_MEMORY, HIT_METER_SIZE = "2s", 262144
+HIT_OVERFLOW_RATE = "20000/second burst 20000 packets"  # a source the full meter cannot take
 HOLD_CHAIN = "held"  # its one rule, the queue statement, is added apart (nft.py)
 HOLD_ON_KEY = 6  # the element of `alive` (an inet_proto set): the daemon holds
 STRANGER_CHAIN = "stranger"  # a stranger's SYN to a served port: hold it, or let it pass
@@ -160,8 +165,8 @@ def _sensor_sets(t: str) -> list[str]:
     dynamic = "flags dynamic, timeout;"
     return [
         # per-source rate of trap hits logged for userspace
-        f"add set inet {t} hits4 {{ type ipv4_addr; {dynamic} size 65536; }}",
-        f"add set inet {t} hits6 {{ type ipv6_addr; {dynamic} size 65536; }}",
+        f"add set inet {t} hits4 {{ type ipv4_addr; {dynamic} size {HIT_METER_SIZE}; }}",
+        f"add set inet {t} hits6 {{ type ipv6_addr; {dynamic} size {HIT_METER_SIZE}; }}",
         # first contacts logged lately: each (source, port) once
         f"add set inet {t} seen4 {{ type ipv4_addr . inet_service; {dynamic} size 262144; }}",
         f"add set inet {t} seen6 {{ type ipv6_addr . inet_service; {dynamic} size 262144; }}",
@@ -215,7 +220,7 @@ def _hit_log(t: str, trap: KernelTrap, chain: str = "challenge",
     The prefix tells whether the source is a mature peer, as the kernel saw
     it then: userspace need not ask."""
     return [f"add rule inet {t} {chain} meta nfproto {family} update @hits{v} {{ {field} "
-            f'timeout 10s limit rate {HIT_RATE} }} log group {int(trap.log_group)} '
+            f'timeout {HIT_MEMORY} limit rate {HIT_RATE} }} log group {int(trap.log_group)} '
             f'prefix "{prefix}"' for v, family, field in FAMILIES]
 
 
@@ -326,7 +331,13 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
     rules.append(f"add rule inet {t} trapped goto hit")  # no kernel ban: userspace decides
     for chain, prefix in (("hit", HIT_PREFIX), ("peer_hit", PEER_HIT_PREFIX)):
         rules += [rule + " accept" for rule in _hit_log(t, trap, chain, prefix)]
-        rules.append(f"add rule inet {t} {chain} accept")  # past its rate: seen enough
+        # past its rate (in the meter): seen enough; not in it, the meter was full
+        # (a flood of new sources): logged all the same, within an overall rate
+        rules += [f"add rule inet {t} {chain} {field} @hits{v} accept" for v, _, field in FAMILIES]
+        rules += [f"add rule inet {t} {chain} meta nfproto {family} limit rate "
+                  f'{HIT_OVERFLOW_RATE} log group {group} prefix "{prefix}" accept'
+                  for _, family, _ in FAMILIES]
+        rules.append(f"add rule inet {t} {chain} accept")
     rules += [f"add rule inet {t} contact {field} . tcp dport @seen{v} return"
               for v, _, field in FAMILIES]
     rules += [f"add rule inet {t} contact meta nfproto {family} add @seen{v} {{ {field} . "

@@ -249,6 +249,34 @@ def test_a_challenge_bans_once_per_connection_and_spares_served_ports():
     assert "add rule inet t challenge tcp dport @served_tcp return" in rules
 
 
+def test_a_flood_of_new_sources_cannot_fill_the_hit_meter_and_silence_the_trap():
+    """The userspace path (KERNEL_TRAP="0") logs each trap hit through a
+    per-source meter (`hits`): a source it cannot add (the set full) was
+    accepted unlogged, never seen, never banned. 65,536 sources remembered
+    10 s each filled it at 6,554 new sources a second. It must hold a
+    sustained 20,000 a second (issue 18), and a source it cannot hold is
+    still logged, at a bounded overall rate, not let through unseen."""
+    import re
+    trap = KernelTrap(((1, 1023),), ((1, 1023),), 600, (0.0, 0), ban_tcp=False,
+                      ban_udp=False, challenge_port=41234, log_group=7417, sensor=True)
+    rules = "\n".join(table_commands("t", 1000, trap, 3600))
+    for v, field in (("4", "ip saddr"), ("6", "ip6 saddr")):
+        size = int(re.search(rf"add set inet t hits{v} {{[^}}]* size (\d+);", rules)[1])
+        update = re.search(rf"hit meta nfproto \S+ update @hits{v} {{ {field} timeout (\d+)s "
+                           r"limit rate (\d+)/second burst (\d+) packets", rules)
+        timeout, rate, burst = map(int, update.groups())
+        assert size / timeout >= 20000, (size, timeout)
+        assert timeout >= burst / rate  # forgotten only once its bucket is full again
+        # over its rate, a source in the meter is dropped from the log; one the
+        # meter could not take (full) is logged, globally limited
+        member = rules.index(f"add rule inet t hit {field} @hits{v} accept")
+        assert member > rules.index(update[0])
+        fallback = re.search(rf"add rule inet t hit meta nfproto \S+ limit rate \d+/second "
+                             rf'burst \d+ packets log group 7417 prefix "{HIT_PREFIX}" accept',
+                             rules[member:])
+        assert fallback, rules[member:member + 600]
+
+
 def test_the_sensed_trap_logs_only_what_userspace_must_judge():
     trap = KernelTrap(((1, 1023),), ((1, 1023),), 600, (20.0, 40), ban_tcp=True,
                       ban_udp=False, challenge_port=41234, log_group=7417, sensor=True,
@@ -265,7 +293,7 @@ def test_the_sensed_trap_logs_only_what_userspace_must_judge():
         < rules.index("@peers4 ip saddr != @young4 goto peer_hit") \
         < rules.index("trapped meta l4proto tcp meta nfproto ipv4 add @ban4")
     # hits: per source, a limited rate; contacts: each (source, port) once
-    assert "update @hits4 { ip saddr timeout 10s limit rate 20/second burst 40 packets }" \
+    assert "update @hits4 { ip saddr timeout 2s limit rate 20/second burst 40 packets }" \
         in rules
     assert "contact ip saddr . tcp dport @seen4 return" in rules
     assert f'contact_new socket transparent 0 log group 7417 prefix "{SERVED_PREFIX}" return' \
