@@ -11,13 +11,19 @@ for pair in nft:nftables iptables:iptables nmap:nmap ip:iproute2 fail2ban-regex:
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# the Debian package's build (tests/e2e/test_package.py)
+for pkg in dpkg-dev debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     # Never let a package start its service here (fail2ban would guard the host).
     policy=/usr/sbin/policy-rc.d
-    [[ -e $policy ]] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT; }
+    ours=0
+    [[ -e $policy ]] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; ours=1; }
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    ((ours)) && rm -f "$policy"  # not a trap on EXIT: the exec below would skip it
 fi
 
 # Debian's PortSentry 1.2 package, unpacked (never installed): its shipped
