@@ -442,11 +442,11 @@ def print_bans(bans: list[dict]) -> None:
     if not bans:
         print("no bans")
         return
-    rows = [("ADDRESS", "SINCE", "EXPIRES", "LEFT", "PORT", "REASON", "ORIGIN")]
+    rows = [("ADDRESS", "SINCE", "EXPIRES", "LEFT", "PORT", "EVIDENCE", "REASON", "ORIGIN")]
     for b in bans:
         port = f"{b['port']}/{b['protocol']}" if b.get("port") else "-"
         rows.append((b["address"], _when(b["since"]), _when(b["until"]), _left(b["remaining"]),
-                     port, b["reason"], b["origin"]))
+                     port, b.get("evidence") or "-", b["reason"], b["origin"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -462,7 +462,10 @@ def print_status(status: dict) -> None:
     if status.get("firewall_trouble"):
         print(f"firewall NOT IN FORCE: {status['firewall_trouble']}")
     print(f"first-contact hold: {status.get('first_contact_hold') or 'off'}")
-    print(f"bans in force: {status['active_bans']}; hosts being counted: {status['pending_hosts']}; "
+    grades = ", ".join(f"{grade} {n}" for grade, n in
+                       sorted((status.get("bans_by_evidence") or {}).items()))
+    print(f"bans in force: {status['active_bans']}" + (f" ({grades})" if grades else "")
+          + f"; hosts being counted: {status['pending_hosts']}; "
           f"report queue: {status['report_queue']}")
     fleet = status.get("fleet")
     if fleet:

@@ -65,6 +65,7 @@ class Config:
     proto_scan_trigger: int = 4  # IP protocol scans: distinct protocols that make one; 0 = off
     proto_scan_window: float = 60.0
     ban_time: float = 86400.0
+    ban_time_by_evidence: tuple = ()  # (grade, seconds) pairs; () = BAN_TIME for every ban
     block_nftables: str = "auto"  # auto and 1: on (KILL_ROUTE runs in addition); 0: off
     kernel_trap: str = "auto"  # auto: in-kernel ban on the first probe where it applies
     kernel_sensor: str = "auto"  # auto: nftables logs what userspace must see (else AF_PACKET)
@@ -182,6 +183,21 @@ def _seconds(text: str) -> float:
     if not seconds <= MAX_SECONDS:  # also infinity from 400 nines
         raise ValueError(f"{text!r} is longer than {MAX_SECONDS // 86400} days")
     return seconds
+
+
+def _by_evidence(text: str) -> tuple:
+    """BAN_TIME_BY_EVIDENCE: `single=1h, repeated=1d, handshake=7d` (grades
+    not named keep BAN_TIME); empty = off."""
+    from .engine import GRADES
+    pairs = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        grade, _, duration = item.partition("=")
+        if grade not in GRADES or not duration:
+            raise ValueError(f"{item!r} is not grade=duration (grades: {', '.join(GRADES)})")
+        pairs.append((grade, _seconds(duration)))
+    return tuple(pairs)
 
 
 def _hold_time(text: str) -> float:
@@ -333,6 +349,7 @@ KEYS = {
     "PROTO_SCAN_TRIGGER": ("proto_scan_trigger", _proto_trigger),
     "PROTO_SCAN_WINDOW": ("proto_scan_window", _seconds),
     "BAN_TIME": ("ban_time", _seconds),
+    "BAN_TIME_BY_EVIDENCE": ("ban_time_by_evidence", _by_evidence),
     "BLOCK_NFTABLES": ("block_nftables", _choice("auto", "0", "1")),
     "KERNEL_TRAP": ("kernel_trap", _choice("auto", "0")),
     "KERNEL_SENSOR": ("kernel_sensor", _choice("auto", "0")),

@@ -132,6 +132,14 @@ class Verdict(enum.Enum):
     REFUSED = "refused"  # a ban asked for that cannot be (see Order.error)
 
 
+# Evidence grades: what made a ban (shown with it; BAN_TIME_BY_EVIDENCE maps them).
+HANDSHAKE = "handshake"  # a completed TCP handshake to a trap port: the source is real
+REPEATED = "repeated"  # several stateless probes: SCAN_TRIGGER, ACK / protocol scans, slow scans
+SINGLE = "single"  # one stateless probe (its source could be spoofed)
+FLEET = "fleet"  # a fleet member's ban that came without a grade
+MANUAL = "manual"  # an admin's
+GRADES = (HANDSHAKE, REPEATED, SINGLE, FLEET, MANUAL)
+
 # Action names, in the order they are run.
 NFTABLES = "nftables"
 HOSTS_DENY = "hosts_deny"
@@ -149,6 +157,7 @@ class Decision:
     escalated: bool = False  # BLOCK: not BAN_TIME, so it replaces the kernel trap's timeout
     slow_scan: int = 0  # > 0: decided by the sequential test after this many failed contacts
     recheck_after: float = 0.0  # > 0: hand the probe in again this much later, not young
+    evidence: str = ""  # BLOCK: its grade (GRADES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +171,7 @@ class Order:
     actions: tuple[str, ...] = ()
     ban_seconds: float = 0.0  # from now; 0 = forever
     error: str = ""
+    evidence: str = ""  # BLOCK: MANUAL, or the grade a fleet member gave it
 
 
 @dataclass(frozen=True)
@@ -192,12 +202,14 @@ class Policy:
     ack_scan_window: float = 60.0  # ... within this many seconds
     proto_scan_trigger: int = 4  # distinct IP protocols (other than TCP/UDP/ICMP); 0 = off
     proto_scan_window: float = 60.0
+    ban_time_by_evidence: dict = field(default_factory=dict)  # grade -> seconds (0 = forever)
 
-    def ban_seconds(self, earlier_bans: int) -> float:
-        if self.ban_time <= 0:
+    def ban_seconds(self, earlier_bans: int, evidence: str = "") -> float:
+        base = self.ban_time_by_evidence.get(evidence, self.ban_time)
+        if base <= 0:
             return 0.0
-        scaled = self.ban_time * self.ban_time_increment ** min(earlier_bans, 64)
-        return min(scaled, max(self.ban_time_max, self.ban_time))
+        scaled = base * self.ban_time_increment ** min(earlier_bans, 64)
+        return min(scaled, max(self.ban_time_max, base))
 
     def firewall_actions(self) -> tuple[str, ...]:
         """The blocking actions as configured (manual and fleet bans run these)."""
@@ -340,7 +352,9 @@ class Engine:
         key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
-        return self._decide(key, probe, peer)
+        evidence = HANDSHAKE if probe.kind is Kind.CONNECT else \
+            REPEATED if self.policy.scan_trigger > 1 else SINGLE
+        return self._decide(key, probe, peer, evidence)
 
     def _evidence(self, probe: Probe, facts, table: OrderedDict, trigger: int,
                   window: float) -> Decision:
@@ -357,7 +371,7 @@ class Engine:
             return Decision(Verdict.PENDING, probe, report=False)
         if facts.peer:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
-        return self._decide(key, probe, False)
+        return self._decide(key, probe, False, REPEATED)
 
     def _kernel_ban(self, probe: Probe) -> Decision:
         """The kernel trap banned `probe.source` by itself: BLOCK (record it, with
@@ -367,7 +381,9 @@ class Engine:
             return Decision(Verdict.IGNORED, probe)
         if self.is_blocked(probe.source):
             return Decision(Verdict.ALREADY_BLOCKED, probe, report=False)
-        return self._ban_decision(probe, self.policy.actions_for(probe.protocol))
+        evidence = HANDSHAKE if probe.kind is Kind.CONNECT else \
+            REPEATED if probe.kind in (Kind.ACK, Kind.PROTOCOL) else SINGLE  # their evidence chains
+        return self._ban_decision(probe, self.policy.actions_for(probe.protocol), evidence)
 
     def _first_contact(self, probe: Probe, facts) -> Decision | None:
         """A TCP first-contact trial for the sequential test (stateless probes
@@ -383,9 +399,9 @@ class Engine:
         if failures is None:
             return None
         peer = self.policy.decoy_grace and facts.peer
-        return dataclasses.replace(self._decide(key, probe, peer), slow_scan=failures)
+        return dataclasses.replace(self._decide(key, probe, peer, REPEATED), slow_scan=failures)
 
-    def _decide(self, key: bytes, probe: Probe, peer: bool) -> Decision:
+    def _decide(self, key: bytes, probe: Probe, peer: bool, evidence: str) -> Decision:
         """A source was found scanning: decoy, alert only, rate limited, or ban."""
         if peer and probe.kind is not Kind.CONNECT:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))
@@ -397,12 +413,12 @@ class Engine:
             if report:
                 self._limit_reported = probe.time
             return Decision(Verdict.RATE_LIMITED, probe, report=report)
-        return self._ban_decision(probe, actions)
+        return self._ban_decision(probe, actions, evidence)
 
-    def _ban_decision(self, probe: Probe, actions: tuple[str, ...]) -> Decision:
-        seconds = self._ban(probe.source, probe.time)
+    def _ban_decision(self, probe: Probe, actions: tuple[str, ...], evidence: str) -> Decision:
+        seconds = self._ban(probe.source, probe.time, evidence=evidence)
         return Decision(Verdict.BLOCK, probe, actions, ban_seconds=seconds,
-                        escalated=seconds != self.policy.ban_time)
+                        escalated=seconds != self.policy.ban_time, evidence=evidence)
 
     def _decoy_report(self, key: bytes, now: float) -> bool:
         last = self._decoys.pop(key, float("-inf"))
@@ -461,10 +477,12 @@ class Engine:
             ban.until = now + length if length else None
             return Order(Verdict.ALREADY_BLOCKED, address, ban.since, ban.until,
                          ban_seconds=length)
-        return self._order(address, now, seconds)
+        return self._order(address, now, seconds, MANUAL)
 
-    def fleet_ban(self, address: Address, now: float, until: float | None) -> Order:
-        """A fleet member's ban: applied here unless known, over, or never blocked."""
+    def fleet_ban(self, address: Address, now: float, until: float | None,
+                  evidence: str = FLEET) -> Order:
+        """A fleet member's ban: applied here unless known, over, or never
+        blocked; it keeps the grade its member gave it."""
         if until is not None and until <= now:
             return Order(Verdict.IGNORED, address, now)
         if self._active(address, now) is not None:
@@ -474,7 +492,8 @@ class Engine:
         refused = self._refusal(address)
         if refused:
             return Order(Verdict.REFUSED, address, now, error=refused)
-        return self._order(address, now, 0.0 if until is None else until - now)
+        return self._order(address, now, 0.0 if until is None else until - now,
+                           evidence if evidence in GRADES else FLEET)
 
     def _refusal(self, address: Address) -> str:
         if address in self.policy.never_block:
@@ -485,26 +504,28 @@ class Engine:
                     "(multicast, broadcast or unspecified)")
         return ""
 
-    def _order(self, address: Address, now: float, seconds: float | None) -> Order:
+    def _order(self, address: Address, now: float, seconds: float | None,
+               evidence: str) -> Order:
         actions = self.policy.firewall_actions()  # KILL_RUN_CMD is for scans only
         if not actions:
             return Order(Verdict.REFUSED, address, now,
                          error=f"could not block {address}: no block action is configured")
-        length = self._ban(address, now, seconds)
+        length = self._ban(address, now, seconds, evidence)
         return Order(Verdict.BLOCK, address, now, now + length if length else None, actions,
-                     length)
+                     length, evidence=evidence)
 
     # -- the ban table ------------------------------------------------------
-    def _ban(self, address: Address, now: float, seconds: float | None = None) -> float:
-        """Record a ban; its length is escalated unless `seconds` is given.
-        Returns the length (0 = forever)."""
+    def _ban(self, address: Address, now: float, seconds: float | None = None,
+             evidence: str = "") -> float:
+        """Record a ban; its length (BAN_TIME, or its grade's) is escalated
+        unless `seconds` is given. Returns the length (0 = forever)."""
         key = _key(address)
         earlier = self._offences.pop(key, 0)
         self._offences[key] = earlier + 1
         if len(self._offences) > self.policy.ban_capacity:
             self._offences.popitem(last=False)
         if seconds is None:
-            seconds = self.policy.ban_seconds(earlier)
+            seconds = self.policy.ban_seconds(earlier, evidence)
         until = now + seconds if seconds > 0 else None
         self._bans.pop(key, None)
         self._bans[key] = Ban(address, now, until, now)

@@ -28,6 +28,7 @@ from typing import Callable
 import redis
 
 from .addrset import canonical
+from .engine import GRADES
 
 BACKOFF = (0.5, 1, 2, 5)
 MEMBER = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -91,6 +92,8 @@ def read_message(raw, now: float, max_seconds: float) -> dict:
                  reason=_text(message.get("reason")) or "fleet",
                  port=_port(message.get("port")),
                  protocol=message.get("protocol") if message.get("protocol") in ("tcp", "udp")
+                 else None,
+                 evidence=message.get("evidence") if message.get("evidence") in GRADES
                  else None)
     return clean
 

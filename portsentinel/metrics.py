@@ -91,6 +91,9 @@ class Metrics:
         self.alerts = c("portsentinel_alerts", "Scans detected (the trigger was reached)",
                         ["protocol"])
         self.bans = c("portsentinel_bans", "Bans made, by origin", ["origin"])
+        self.bans_by_evidence = c("portsentinel_bans_by_evidence",
+                                  "Bans made, by what made them (handshake, repeated, single, "
+                                  "fleet, manual)", ["evidence"])
         self.unbans = c("portsentinel_unbans", "Bans lifted, by cause", ["cause"])
         self.decoys = c("portsentinel_suspected_decoys",
                         "Stateless probes from handshake peers, not blocked")

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS bans (
     hosts_deny_line TEXT,
     kill_route_command TEXT,
     hosts_deny_file TEXT,       -- where the line went, and the undo of the command, as
-    kill_route_undo TEXT        -- they were at ban time (a reload may change both)
+    kill_route_undo TEXT,       -- they were at ban time (a reload may change both)
+    evidence TEXT               -- its grade: handshake, repeated, single, fleet, manual
 );
 CREATE INDEX IF NOT EXISTS bans_until ON bans (until);
 CREATE TABLE IF NOT EXISTS offenders (
@@ -87,14 +88,16 @@ class BanRecord:
     kill_route_command: str | None = None
     hosts_deny_file: str | None = None
     kill_route_undo: str | None = None
+    evidence: str | None = None  # what made it (engine.GRADES); None: not known (found, older)
 
     def remaining(self, now: float) -> float | None:
         return None if self.until is None else max(0.0, self.until - now)
 
 
 _COLUMNS = ("address", "since", "until", "port", "protocol", "mode", "reason", "origin",
-            "hosts_deny_line", "kill_route_command", "hosts_deny_file", "kill_route_undo")
-_ADDED_COLUMNS = ("hosts_deny_file", "kill_route_undo")  # state files made before them
+            "hosts_deny_line", "kill_route_command", "hosts_deny_file", "kill_route_undo",
+            "evidence")
+_ADDED_COLUMNS = ("hosts_deny_file", "kill_route_undo", "evidence")  # files made before them
 _ROW = attrgetter(*_COLUMNS)  # a record's values in column order
 _INTO_BANS = f"INTO bans ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
@@ -202,6 +205,12 @@ class Store:
             if self._count is None:
                 self._count = self._db.execute("SELECT COUNT(*) FROM bans").fetchone()[0]
             return self._count
+
+    def evidence_counts(self) -> dict[str, int]:
+        """Bans recorded, by grade ("unknown": found in the firewall, older records)."""
+        with self._lock:
+            rows = self._db.execute("SELECT evidence, COUNT(*) FROM bans GROUP BY evidence")
+            return {grade or "unknown": n for grade, n in rows.fetchall()}
 
     def bans(self) -> list[BanRecord]:
         with self._lock:

@@ -108,7 +108,8 @@ class Alerts:
         probe = decision.probe
         until = probe.time + decision.ban_seconds if decision.ban_seconds else None
         record = BanRecord(target, probe.time, until, probe.port, probe.protocol,
-                           self.ctx.mode(probe.protocol), reason(decision), origin)
+                           self.ctx.mode(probe.protocol), reason(decision), origin,
+                           evidence=decision.evidence or None)
         if not self.ledger.settle(record, decision.actions, nft_result, name):
             self.ctx.log.error(logs.could_not_block_line(record.address))
 

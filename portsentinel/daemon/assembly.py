@@ -37,6 +37,7 @@ def policy_for(config: Config, never_block: AddressSet) -> Policy:
         nftables=config.nftables, hosts_deny=config.kill_hosts_deny is not None,
         kill_route=config.kill_route is not None, run_cmd=config.kill_run_cmd is not None,
         run_cmd_first=config.kill_run_cmd_first, ban_time=config.ban_time,
+        ban_time_by_evidence=dict(config.ban_time_by_evidence),
         ban_time_increment=config.ban_time_increment, ban_time_max=config.ban_time_max,
         host_capacity=config.host_capacity, never_block=never_block,
         decoy_grace=config.decoy_grace, ban_rate=config.ban_rate_limit[0],
@@ -247,4 +248,8 @@ def _expiry_line(config: Config) -> str:
                   + (f"; `portsentinel unblock` undoes {undo}" if undo else ""))
     if config.kill_route and "KILL_ROUTE" not in undone:
         expiry += " (KILL_ROUTE has no known undo: set KILL_ROUTE_UNDO)"
+    if config.ban_time_by_evidence:
+        expiry += "; by evidence (BAN_TIME_BY_EVIDENCE): " + ", ".join(
+            f"{grade} {duration_text(seconds) if seconds else 'forever'}"
+            for grade, seconds in config.ban_time_by_evidence)
     return expiry

@@ -13,7 +13,7 @@ import time
 
 from .. import __version__, logs
 from ..addrset import canonical, canonical_network, from_stored
-from ..engine import TCP, UDP, Order, Verdict
+from ..engine import FLEET, TCP, UDP, Order, Verdict
 from ..control import TIMEOUT as CLIENT_TIMEOUT
 from ..store import BanRecord
 from .assembly import kernel_trap_armed
@@ -92,6 +92,7 @@ class Commands:
                                 if kernel_trap_armed(config, p, ctx.modes[p])],
                 "first_contact_hold": ctx.hold,
                 "active_bans": ctx.store.count(), "pending_hosts": pending,
+                "bans_by_evidence": ctx.store.evidence_counts(),
                 "fleet": None if fleet is None else {
                     "member": fleet.member, "connected": fleet.connected.is_set(),
                     "unpublished": len(fleet.backlog)},
@@ -196,7 +197,8 @@ class Commands:
         except ValueError:
             return
         until = message.get("until")
-        order = self.ctx.inbox.call(self.ctx.engine.fleet_ban, ip, time.time(), until)
+        order = self.ctx.inbox.call(self.ctx.engine.fleet_ban, ip, time.time(), until,
+                                    message.get("evidence") or FLEET)
         if order.verdict is Verdict.IGNORED and order.error:
             self.ctx.log(f"adminalert: fleet: not applying the ban of {ip} from {member}: "
                          f"{order.error}", logs.INFO)

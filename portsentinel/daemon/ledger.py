@@ -105,6 +105,7 @@ class BanLedger:
         self.ctx.metrics.active_bans.inc()  # exact again at the next housekeeping
         self.ctx.metrics.bans.labels(
             record.origin if record.origin in LOCAL_ORIGINS else "fleet").inc()
+        self.ctx.metrics.bans_by_evidence.labels(record.evidence or "unknown").inc()
         if history:
             self.records.blocked(time.time(), record.address, name, record.port or 0,
                                  record.protocol, record.mode)
@@ -112,7 +113,7 @@ class BanLedger:
             self.ctx.fleet.announce_ban(announcement(record))
         self.json_event("block", record.address, port=record.port, protocol=record.protocol,
                         mode=record.mode, reason=record.reason, origin=record.origin,
-                        until=record.until, actions=list(actions))
+                        until=record.until, actions=list(actions), evidence=record.evidence)
         return True
 
     def _action(self, action: str, record: BanRecord, nft_result) -> bool:
@@ -140,7 +141,7 @@ class BanLedger:
     def apply(self, order: Order, origin: str, reason: str) -> bool:
         """Worker: an admin's or a fleet member's ban, everywhere."""
         record = BanRecord(str(order.address), order.since, order.until, reason=reason,
-                           origin=origin)
+                           origin=origin, evidence=order.evidence or None)
         nft_result = None
         if NFTABLES in order.actions:
             nft_result = self.ban_now(order.address, order.ban_seconds, replace=True)
@@ -318,5 +319,6 @@ class BanLedger:
 def announcement(record: BanRecord) -> dict:
     """A ban as the fleet shares it."""
     return {"address": record.address, "since": record.since, "until": record.until,
-            "reason": record.reason, "port": record.port, "protocol": record.protocol}
+            "reason": record.reason, "port": record.port, "protocol": record.protocol,
+            "evidence": record.evidence}
 

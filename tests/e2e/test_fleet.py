@@ -4,6 +4,7 @@ a member never applies a ban on an address it must never block."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -76,6 +77,9 @@ def test_a_scan_of_one_member_blocks_the_attacker_everywhere(fleet_lab, tmp_path
         assert not can_connect(lab, first, b2, 9)  # b drops it too (not even refused)
         listing = b.cli("list").stdout
         assert re.search(rf"{re.escape(first)}\s.*\sa\s*$", listing, re.M), listing
+        shared = next(x for x in json.loads(b.cli("list", "--json").stdout)
+                      if x["address"] == first)
+        assert shared["evidence"] == "single"  # the grade member a gave it
 
         # c never applies a ban on an address it must never block
         nmap(lab, "-sS", guarded, TARGET4, "20-25")

@@ -4,6 +4,7 @@ expiry, reload, manual blocks, undoing KILL_ROUTE, metrics, JSON events."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,8 @@ def test_unblock_via_cli_lets_the_attacker_back(lab, start_daemon):
     ban = next(b for b in listing if b["address"] == source)
     # the kernel trap made the ban (the first probe to a trap port); the daemon recorded it
     assert ban["reason"] == "TCP SYN/Normal scan" and ban["origin"] == "kernel"
+    assert ban["evidence"] == "single"  # one stateless probe made it
+    assert re.search(r"  single +TCP SYN/Normal scan", daemon.cli("list").stdout)
     assert 86000 < ban["remaining"] <= 86400
     done = daemon.cli("unblock", source)
     assert f"unblocked: {source}" in done.stdout
@@ -169,7 +172,8 @@ def test_manual_block_and_never_block(lab, start_daemon):
     refused = daemon.cli("block", TARGET4, check=False)
     assert refused.returncode == 1 and "never blocked" in refused.stderr
     listing = json.loads(daemon.cli("list", "--json").stdout)
-    assert any(b["address"] == extra6(18) and b["origin"] == "cli" for b in listing)
+    assert any(b["address"] == extra6(18) and b["origin"] == "cli"
+               and b["evidence"] == "manual" for b in listing)
 
 
 def test_unblock_undoes_kill_route_and_hosts_deny(lab, start_daemon):
@@ -196,7 +200,7 @@ def test_status_metrics_and_json_events(lab, start_daemon, tmp_path):
     source = extra4(20)
     scan_and_wait(daemon, lab, source)
     status = daemon.cli("status").stdout
-    assert "modes: tcp=atcp udp=off" in status and "bans in force: 1" in status
+    assert "modes: tcp=atcp udp=off" in status and "bans in force: 1 (single 1)" in status
     assert "kernel trap: tcp" in status
     fetch = ("import urllib.request;"
              "print(urllib.request.urlopen('http://127.0.0.1:9310/metrics', timeout=5).read().decode())")
@@ -204,8 +208,38 @@ def test_status_metrics_and_json_events(lab, start_daemon, tmp_path):
     assert 'portsentinel_alerts_total{protocol="tcp"} 1.0' in metrics
     assert "portsentinel_active_bans 1.0" in metrics
     assert "portsentinel_kernel_bans_total 1.0" in metrics  # made in the kernel, reported
+    assert 'portsentinel_bans_by_evidence_total{evidence="single"} 1.0' in metrics
     record = json.loads(events.read_text().splitlines()[0])
     assert record["event"] == "block" and record["address"] == source
+    assert record["evidence"] == "single"
+
+
+def test_ban_time_by_evidence_gives_each_grade_its_time(lab, start_daemon):
+    """One stateless probe (spoofable) 10 minutes, a completed handshake (the
+    tcp mode's listener: a real source) a week; in the kernel's set too."""
+    daemon = start_daemon('TCP_MODE="tcp"\nTCP_PORTS="2000,2001"\nUDP_MODE="audp"\n'
+                          'BAN_TIME_BY_EVIDENCE="single=10m, handshake=7d"\n')
+    connecting, probing = extra4(21), extra4(22)
+    # a UDP probe: the kernel trap bans with BAN_TIME, the daemon sets the grade's time
+    lab.exec("attacker", sys.executable, "-c",
+             "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "s.bind((sys.argv[2], 0)); s.sendto(b'x', (sys.argv[1], 7))", TARGET4, probing)
+    daemon.wait_log(f"attackalert: Host {probing} has been blocked via dropped route")
+    lab.exec("attacker", sys.executable, "-c",
+             "import socket,sys; socket.create_connection((sys.argv[1], 2000), 3, "
+             "(sys.argv[2], 0)).close()", TARGET4, connecting)
+    daemon.wait_log(f"attackalert: Host {connecting} has been blocked via dropped route")
+    deadline = time.monotonic() + 5
+    while connecting not in daemon.set_timeouts():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    timeouts = daemon.set_timeouts()
+    assert 7 * 86400 - 60 < timeouts[connecting] <= 7 * 86400
+    assert 540 < timeouts[probing] <= 600, timeouts[probing]
+    listing = {b["address"]: b for b in json.loads(daemon.cli("list", "--json").stdout)}
+    assert listing[connecting]["evidence"] == "handshake"
+    assert 7 * 86400 - 60 < listing[connecting]["remaining"] <= 7 * 86400
+    assert listing[probing]["evidence"] == "single" and listing[probing]["remaining"] <= 600
 
 
 def test_control_socket_is_root_only(lab, start_daemon):

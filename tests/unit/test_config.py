@@ -89,6 +89,9 @@ def test_ranges_and_no_64_port_cap():
     ('KILL_RUN_CMD="/bin/x $TARGET$; rm -rf /"', 'shell syntax'),
     ('SCAN_TRIGGER="-1"', 'whole number'),
     ('BAN_TIME="soon"', 'duration'),
+    ('BAN_TIME_BY_EVIDENCE="certain=1h"', 'grade=duration'),
+    ('BAN_TIME_BY_EVIDENCE="single"', 'grade=duration'),
+    ('BAN_TIME_BY_EVIDENCE="single=soon"', 'duration'),
     ('this is not a config line', 'cannot read'),
     ('RESOLVE_HOST="0" trailing', 'after the closing quote'),
 ])
@@ -109,6 +112,9 @@ def test_durations():
     assert parse('BAN_TIME="90m"').ban_time == 5400
     assert parse('BAN_TIME="0"').ban_time == 0
     assert parse('SCAN_WINDOW="2h"').scan_window == 7200
+    assert parse('').ban_time_by_evidence == ()
+    assert parse('BAN_TIME_BY_EVIDENCE="single=1h, repeated=1d handshake=0"') \
+        .ban_time_by_evidence == (("single", 3600), ("repeated", 86400), ("handshake", 0))
 
 
 def test_comment_after_closing_quote_is_allowed():

@@ -481,3 +481,54 @@ def test_ip_protocol_probes_ban_only_as_a_scan_of_distinct_protocols():
     peer = [engine.handle(proto(n, 1.0, "198.51.100.4"), Facts(peer=True)).verdict
             for n in (2, 4, 41, 47, 50)]
     assert Verdict.BLOCK not in peer
+
+
+# -- evidence grades (issue 14) -----------------------------------------------
+def test_every_ban_says_what_evidence_made_it():
+    """handshake completed / repeated stateless probes / one stateless probe /
+    manual; a fleet member's ban keeps the grade its member gave it."""
+    def ban(engine, probe, facts=Facts()):
+        decision = engine.handle(probe, facts)
+        assert decision.verdict is Verdict.BLOCK, decision
+        return decision.evidence
+
+    a = ipaddress.ip_address
+    assert ban(Engine(Policy()), Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0)) == "single"
+    assert ban(Engine(Policy()), Probe(a("192.0.2.1"), 1, UDP, Kind.UDP, 0.0)) == "single"
+    assert ban(Engine(Policy()), Probe(a("192.0.2.1"), 1, TCP, Kind.CONNECT, 0.0)) \
+        == "handshake"
+    engine = Engine(Policy(scan_trigger=2))
+    assert engine.handle(Probe(a("192.0.2.2"), 1, TCP, Kind.SYN, 0.0)).verdict \
+        is Verdict.PENDING
+    assert ban(engine, Probe(a("192.0.2.2"), 2, TCP, Kind.SYN, 1.0)) == "repeated"
+    engine = Engine(Policy(ack_scan_trigger=2))
+    engine.handle(Probe(a("192.0.2.3"), 1, TCP, Kind.ACK, 0.0))
+    assert ban(engine, Probe(a("192.0.2.3"), 2, TCP, Kind.ACK, 1.0)) == "repeated"
+    # the kernel trap's own bans: by what the kernel saw
+    kernel = Facts(banned_by_kernel=True)
+    assert ban(Engine(Policy()), Probe(a("192.0.2.4"), 1, TCP, Kind.SYN, 0.0), kernel) \
+        == "single"
+    assert ban(Engine(Policy()), Probe(a("192.0.2.4"), 1, TCP, Kind.CONNECT, 0.0), kernel) \
+        == "handshake"
+    assert ban(Engine(Policy()), Probe(a("192.0.2.4"), 47, "ip", Kind.PROTOCOL, 0.0), kernel) \
+        == "repeated"
+    # an admin's, a fleet member's
+    assert Engine(Policy()).block(a("192.0.2.5"), 0.0).evidence == "manual"
+    assert Engine(Policy()).fleet_ban(a("192.0.2.6"), 0.0, None, "handshake").evidence \
+        == "handshake"
+    assert Engine(Policy()).fleet_ban(a("192.0.2.6"), 0.0, None).evidence == "fleet"
+
+
+def test_ban_time_by_evidence_is_off_by_default_and_maps_grades_to_ban_times():
+    a = ipaddress.ip_address
+    plain = Engine(Policy(ban_time=3600))
+    assert plain.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0)).ban_seconds == 3600
+    graded = Engine(Policy(ban_time=3600, ban_time_increment=2,
+                           ban_time_by_evidence={"single": 600, "handshake": 86400}))
+    single = graded.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0))
+    assert (single.ban_seconds, single.escalated) == (600, True)  # the kernel's time replaced
+    connect = graded.handle(Probe(a("192.0.2.2"), 1, TCP, Kind.CONNECT, 0.0))
+    assert connect.ban_seconds == 86400
+    assert graded.block(a("192.0.2.3"), 0.0).ban_seconds == 3600  # not mapped: BAN_TIME
+    graded.lift(a("192.0.2.1"))  # a second offence: escalated from its grade's time
+    assert graded.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 10.0)).ban_seconds == 1200

@@ -22,7 +22,13 @@ def test_a_good_ban_is_rebuilt_from_parsed_values():
     message = read_message(ban(address="::ffff:198.51.100.7", extra="ignored"), NOW, 30 * DAY)
     assert message == {"type": "ban", "address": "198.51.100.7", "origin": "web-1",
                        "until": NOW + DAY, "since": NOW - 1, "sent": None,
-                       "reason": "SYN scan", "port": 22, "protocol": "tcp"}
+                       "reason": "SYN scan", "port": 22, "protocol": "tcp", "evidence": None}
+
+
+def test_a_ban_keeps_its_members_evidence_grade_only_if_it_is_one():
+    assert read_message(ban(evidence="handshake"), NOW, 30 * DAY)["evidence"] == "handshake"
+    for hostile in ("certain", ["single"], 1, "single\n"):
+        assert read_message(ban(evidence=hostile), NOW, 30 * DAY)["evidence"] is None
 
 
 @pytest.mark.parametrize("raw, reason", [
