@@ -442,11 +442,13 @@ def print_bans(bans: list[dict]) -> None:
     if not bans:
         print("no bans")
         return
-    rows = [("ADDRESS", "SINCE", "EXPIRES", "LEFT", "PORT", "EVIDENCE", "REASON", "ORIGIN")]
+    rows = [("ADDRESS", "SINCE", "EXPIRES", "LEFT", "PORT", "EVIDENCE", "DROPPED", "REASON",
+             "ORIGIN")]
     for b in bans:
         port = f"{b['port']}/{b['protocol']}" if b.get("port") else "-"
+        dropped = "-" if b.get("dropped") is None else str(b["dropped"])
         rows.append((b["address"], _when(b["since"]), _when(b["until"]), _left(b["remaining"]),
-                     port, b.get("evidence") or "-", b["reason"], b["origin"]))
+                     port, b.get("evidence") or "-", dropped, b["reason"], b["origin"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -104,6 +104,9 @@ class Metrics:
         self.fleet_rejected = c("portsentinel_fleet_rejected",
                                 "Fleet messages and keys ignored, by reason", ["reason"])
         self.active_bans = g("portsentinel_active_bans", "Bans in force")
+        self.banned_dropped = g("portsentinel_banned_packets_dropped",
+                                "Packets dropped from the sources banned now, by their bans "
+                                "(their set elements' counters, at the last reconciliation)")
         self.dropped = c("portsentinel_dropped_events", "Events not fully handled, by reason",
                          ["reason"])
         self.kernel_bans = c("portsentinel_kernel_bans",

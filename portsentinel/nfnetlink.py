@@ -26,6 +26,8 @@ NFPROTO_INET = 1
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 LIST_ELEM = 1
 SET_ELEM_KEY, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION = 1, 4, 5
+SET_ELEM_EXPR, SET_ELEM_EXPRESSIONS = 7, 10  # an element's expressions: one, or a list
+EXPR_NAME, EXPR_DATA, COUNTER_PACKETS = 1, 2, 2  # an expression's name and data; a counter's
 DATA_VALUE = 1
 
 CHUNK = 1000
@@ -256,10 +258,16 @@ def _generation(sock: socket.socket, seq: int) -> int:
 def dump_set(table: str, set_name: str) -> dict[str, float | None]:
     """Every element of one address set: address -> seconds left (None: no
     timeout). Its own socket, so a long dump never holds up the ban path."""
-    found: dict[str, float | None] = {}
-    for key, left in _dump(table, set_name):
+    return {address: left for address, (left, _) in dump_counted(table, set_name).items()}
+
+
+def dump_counted(table: str, set_name: str) -> dict[str, tuple[float | None, int | None]]:
+    """Every element of one address set: address -> (seconds left, packets
+    its counter saw; None for a set without counters)."""
+    found: dict[str, tuple[float | None, int | None]] = {}
+    for key, left, packets in _dump(table, set_name, counted=True):
         if len(key) in (4, 16):
-            found[str(ipaddress.ip_address(key))] = left
+            found[str(ipaddress.ip_address(key))] = (left, packets)
     return found
 
 
@@ -268,7 +276,7 @@ def dump_keys(table: str, set_name: str) -> list[bytes]:
     return [key for key, _ in _dump(table, set_name)]
 
 
-def _dump(table: str, set_name: str) -> list[tuple[bytes, float | None]]:
+def _dump(table: str, set_name: str, counted: bool = False) -> list[tuple]:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
@@ -277,7 +285,7 @@ def _dump(table: str, set_name: str) -> list[tuple[bytes, float | None]]:
                 + attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
         sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
                                NLM_F_REQUEST | NLM_F_DUMP, 1, NFPROTO_INET, body))
-        found: list[tuple[bytes, float | None]] = []
+        found: list[tuple] = []
         while True:
             data = sock.recv(1 << 20)
             for kind, _, at in messages(data):
@@ -286,12 +294,14 @@ def _dump(table: str, set_name: str) -> list[tuple[bytes, float | None]]:
                 if kind == NLMSG_ERROR:
                     code = error_code(data, at)
                     raise OSError(code, f"nftables set {set_name}: {os.strerror(code)}")
-                _elements_into(found, data, at + NFGEN.size, message_end(data, at))
+                _elements_into(found, data, at + NFGEN.size, message_end(data, at), counted)
     finally:
         sock.close()
 
 
-def _elements_into(found: list, data: bytes, start: int, end: int) -> None:
+def _elements_into(found: list, data: bytes, start: int, end: int,
+                   counted: bool = False) -> None:
+    """(key, seconds left) of each element, and with `counted` its counter's packets."""
     listed = attributes(data, start, end).get(SET_ELEM_LIST_ELEMENTS, b"")
     at, size = 0, len(listed)
     while at + 4 <= size:
@@ -302,15 +312,35 @@ def _elements_into(found: list, data: bytes, start: int, end: int) -> None:
         key = attributes(element.get(SET_ELEM_KEY, b""), 0, 64).get(DATA_VALUE)
         if key is not None:
             expires = element.get(SET_ELEM_EXPIRATION)
-            found.append((key, struct.unpack("!Q", expires)[0] / 1000 if expires else None))
+            left = struct.unpack("!Q", expires)[0] / 1000 if expires else None
+            found.append((key, left, _packets(element)) if counted else (key, left))
         at += (length + 3) & ~3
+
+
+def _packets(element: dict[int, bytes]) -> int | None:
+    """The packets of an element's counter, if it has one."""
+    exprs = [element[SET_ELEM_EXPR]] if SET_ELEM_EXPR in element else []
+    listed = element.get(SET_ELEM_EXPRESSIONS, b"")
+    at = 0
+    while at + 4 <= len(listed):  # NFTA_LIST_ELEM, each an expression
+        length = struct.unpack_from("=H", listed, at)[0]
+        if length < 4:
+            break
+        exprs.append(listed[at + 4:at + length])
+        at += (length + 3) & ~3
+    for expr in exprs:
+        fields = attributes(expr, 0, len(expr))
+        if fields.get(EXPR_NAME, b"").rstrip(b"\0") == b"counter":
+            value = attributes(fields.get(EXPR_DATA, b""), 0, 64).get(COUNTER_PACKETS)
+            if value is not None and len(value) == 8:
+                return struct.unpack("!Q", value)[0]
+    return None
 
 
 
 # -- the queue statement as the xtables NFQUEUE target (nft_compat) ---------------
 NFT_MSG_NEWRULE = 6
 RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
-EXPR_NAME, EXPR_DATA = 1, 2
 TARGET_NAME, TARGET_REV, TARGET_INFO = 1, 2, 3
 NFQ_FLAG_BYPASS = 0x01
 

@@ -18,7 +18,7 @@ import threading
 
 from .addrset import AddressSet, canonical, text
 from . import nfnetlink
-from .nfnetlink import (STATIC_SETS, SetElements, add_compat_queue_rule, dump_keys, dump_set,
+from .nfnetlink import (STATIC_SETS, SetElements, add_compat_queue_rule, dump_counted, dump_keys,
                         generation)
 from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
@@ -403,14 +403,19 @@ class NftBans:
         """Address -> seconds left (None when the ban has no timeout). A dump
         taken while the kernel resizes the set may miss elements: confirm an
         absence with `holds` before acting on it."""
-        found: dict[str, float | None] = {}
+        return {address: left for address, (left, _) in self.banned_counted().items()}
+
+    def banned_counted(self) -> dict[str, tuple[float | None, int | None]]:
+        """Address -> (seconds left, packets its ban dropped): `banned`, with
+        each element's counter (None in a table made before the counters)."""
+        found: dict[str, tuple[float | None, int | None]] = {}
         try:
             for name in ("ban4", "ban6"):
-                for address, left in dump_set(self.table, name).items():
+                for address, (left, packets) in dump_counted(self.table, name).items():
                     ip = ipaddress.ip_address(address)
                     if ip.version == 6 and ip.ipv4_mapped is not None:
                         address = self._move_mapped(ip, left)
-                    found[address] = left
+                    found[address] = (left, packets)
         except OSError as err:
             raise NftError(str(err)) from None
         return found

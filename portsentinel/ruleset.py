@@ -130,8 +130,9 @@ def _sets(t: str, set_size: int) -> list[str]:
     dynamic = "flags dynamic, timeout;"
     return [
         f"add table inet {t}",
-        f"add set inet {t} ban4 {{ type ipv4_addr; {dynamic} size {set_size}; }}",
-        f"add set inet {t} ban6 {{ type ipv6_addr; {dynamic} size {set_size}; }}",
+        # each ban counts what it drops (`list`: ban effectiveness)
+        f"add set inet {t} ban4 {{ type ipv4_addr; {dynamic} size {set_size}; counter; }}",
+        f"add set inet {t} ban6 {{ type ipv6_addr; {dynamic} size {set_size}; counter; }}",
         f"add set inet {t} never4 {{ type ipv4_addr; flags interval; }}",
         f"add set inet {t} never6 {{ type ipv6_addr; flags interval; }}",
         f"add set inet {t} trap_tcp {{ type inet_service; flags interval; }}",

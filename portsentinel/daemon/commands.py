@@ -15,6 +15,7 @@ from .. import __version__, logs
 from ..addrset import canonical, canonical_network, from_stored
 from ..engine import FLEET, TCP, UDP, Order, Verdict
 from ..control import TIMEOUT as CLIENT_TIMEOUT
+from ..nft import NftError
 from ..store import BanRecord
 from .assembly import kernel_trap_armed
 from .context import Context
@@ -102,8 +103,17 @@ class Commands:
         return {name: int(value) for name, value in self.ctx.metrics.snapshot().items()}
 
     def list_bans(self) -> list[dict]:
+        """Every ban, with the packets it dropped (its nftables set element's
+        counter; None without one: no nftables ban, or a table made before)."""
         now = time.time()
-        return [{**dataclasses.asdict(r), "remaining": r.remaining(now)}
+        counted = {}
+        if self.ctx.bans is not None:
+            try:
+                counted = self.ctx.bans.banned_counted()
+            except NftError:
+                pass
+        return [{**dataclasses.asdict(r), "remaining": r.remaining(now),
+                 "dropped": counted.get(r.address, (None, None))[1]}
                 for r in self.ledger.in_force()]
 
     # -- block and unblock -----------------------------------------------------

@@ -188,10 +188,12 @@ class Firewall:
                     "firewall_trouble": self.trouble}
         now = time.time()
         try:
-            kernel = self.ctx.bans.banned()
+            counted = self.ctx.bans.banned_counted()
         except NftError as err:
             self.ctx.report_error(f"reconciliation: cannot list the ban sets: {err}")
             return {"kernel_only": [], "state_only": [], "table_restored": restored}
+        kernel = {address: left for address, (left, _) in counted.items()}
+        self.ctx.metrics.banned_dropped.set(sum(n or 0 for _, n in counted.values()))
         stored = {r.address: r for r in self.ledger.in_force(now + 1)}
         unknown = {a: left for a, left in kernel.items()
                    if a not in stored and a not in self.ledger.expiring}

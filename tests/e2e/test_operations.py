@@ -36,7 +36,8 @@ def test_unblock_via_cli_lets_the_attacker_back(lab, start_daemon):
     # the kernel trap made the ban (the first probe to a trap port); the daemon recorded it
     assert ban["reason"] == "TCP SYN/Normal scan" and ban["origin"] == "kernel"
     assert ban["evidence"] == "single"  # one stateless probe made it
-    assert re.search(r"  single +TCP SYN/Normal scan", daemon.cli("list").stdout)
+    assert ban["dropped"] >= 1  # the refused connection's SYN, at least: the ban works
+    assert re.search(r"  single +\d+ +TCP SYN/Normal scan", daemon.cli("list").stdout)
     assert 86000 < ban["remaining"] <= 86400
     done = daemon.cli("unblock", source)
     assert f"unblocked: {source}" in done.stdout
@@ -174,6 +175,8 @@ def test_manual_block_and_never_block(lab, start_daemon):
     listing = json.loads(daemon.cli("list", "--json").stdout)
     assert any(b["address"] == extra6(18) and b["origin"] == "cli"
                and b["evidence"] == "manual" for b in listing)
+    # a ban the daemon put in over netlink counts its drops too
+    assert next(b for b in listing if b["address"] == extra6(18))["dropped"] >= 1
 
 
 def test_unblock_undoes_kill_route_and_hosts_deny(lab, start_daemon):
@@ -209,6 +212,11 @@ def test_status_metrics_and_json_events(lab, start_daemon, tmp_path):
     assert "portsentinel_active_bans 1.0" in metrics
     assert "portsentinel_kernel_bans_total 1.0" in metrics  # made in the kernel, reported
     assert 'portsentinel_bans_by_evidence_total{evidence="single"} 1.0' in metrics
+    assert not can_connect(lab, source, TARGET4, 80)
+    daemon.cli("reconcile")  # the counters are summed at reconciliation
+    metrics = lab.exec("target", sys.executable, "-c", fetch).stdout
+    dropped = float(re.search(r"^portsentinel_banned_packets_dropped (\S+)$", metrics, re.M)[1])
+    assert dropped >= 1, metrics
     record = json.loads(events.read_text().splitlines()[0])
     assert record["event"] == "block" and record["address"] == source
     assert record["evidence"] == "single"

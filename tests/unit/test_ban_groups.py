@@ -200,8 +200,8 @@ def test_reconciliation_writes_what_is_pending_first(daemon):
         def intact(self):
             return True
 
-        def banned(self):
-            return {A: 3600.0}
+        def banned_counted(self):
+            return {A: (3600.0, 12)}
 
         def holds(self, address):
             return True

@@ -1,3 +1,4 @@
+import re
 """Unit tests for the trust pieces: canonical addresses, the kernel's own bans
 (NFLOG messages and the engine's record of them), the trap's rules, the
 soonest-expiring bans."""
@@ -537,3 +538,37 @@ def test_the_kernel_log_gets_its_receive_buffer_past_the_systems_default_cap():
         assert log.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * KERNEL_LOG_BUFFER
     finally:
         log.close()
+
+
+def test_a_ban_elements_counter_is_read_from_the_kernels_dump():
+    """Ban effectiveness: each ban's packets dropped, from its set element's
+    counter, in the kernel's two layouts (one expression, or a list)."""
+    from portsentinel.netlink import attr, nested
+    from portsentinel.nfnetlink import (DATA_VALUE, SET_ELEM_EXPIRATION, SET_ELEM_KEY,
+                                        SET_ELEM_LIST_ELEMENTS, _elements_into)
+    # the kernel's NFTA_SET_ELEM_EXPR and NFTA_SET_ELEM_EXPRESSIONS (seen in a real dump)
+
+    def counter(packets: int) -> bytes:
+        return (attr(1, b"counter\0")
+                + nested(2, attr(1, struct.pack("!Q", packets * 60)),
+                         attr(2, struct.pack("!Q", packets))))
+
+    def element(ip: str, *extra: bytes) -> bytes:
+        return nested(1, nested(SET_ELEM_KEY, attr(DATA_VALUE, ipaddress.ip_address(ip).packed)),
+                      attr(SET_ELEM_EXPIRATION, struct.pack("!Q", 5000)), *extra)
+
+    listed = nested(SET_ELEM_LIST_ELEMENTS,
+                    element("192.0.2.1", nested(7, counter(7))),
+                    element("192.0.2.2", nested(10, nested(1, counter(3)))),
+                    element("192.0.2.3"))
+    found = []
+    _elements_into(found, listed, 0, len(listed), counted=True)
+    assert [(ipaddress.ip_address(k), left, n) for k, left, n in found] == [
+        (ipaddress.ip_address("192.0.2.1"), 5.0, 7), (ipaddress.ip_address("192.0.2.2"), 5.0, 3),
+        (ipaddress.ip_address("192.0.2.3"), 5.0, None)]
+
+
+def test_the_ban_sets_count_what_each_ban_drops():
+    rules = "\n".join(table_commands("t", 1000, None, 3600))
+    for v in ("4", "6"):
+        assert re.search(rf"add set inet t ban{v} {{[^}}]*counter;", rules), rules[:800]
