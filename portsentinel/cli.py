@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Lift bans: from nftables, hosts.deny (and "
                                               "KILL_ROUTE, when it can be undone) and the state.")
     unblock.add_argument("target", metavar="IP|CIDR")
+    unblock.add_argument("--offline", action="store_true",
+                         help="the daemon is stopped: lift the bans recorded in its state "
+                              "file itself (nftables, hosts.deny, KILL_ROUTE undone); "
+                              "refused while the daemon runs")
     _socket_argument(unblock)
     block = commands.add_parser("block", help="ban an address by hand",
                                 description="Ban an address with the configured firewall actions.")
@@ -122,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "what would run, or the first error as file:line.")
     _config_argument(check)
     _modes_arguments(check)
+    # run's own options are accepted and ignored: the unit runs check-config and
+    # run with the same $PORTSENTINEL_ARGS
+    check.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)
+    check.add_argument("--log", help=argparse.SUPPRESS)
+    check.add_argument("--pid-file", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
@@ -546,6 +555,62 @@ def control(args) -> int:
     return 0
 
 
+def unblock_offline(args) -> int:
+    """Lift bans with the daemon stopped (e.g. the package removed while it
+    was not running): each ban in the CIDR recorded in the state is undone
+    as the daemon would (hosts.deny line, KILL_ROUTE's undo, the nftables
+    element) and removed from the state."""
+    from .addrset import canonical_network, from_stored
+    from .control import ControlError, request
+    from .responders import CompatActions
+    from .store import Store
+
+    try:
+        config = configuration.load(args.config)
+        network = canonical_network(args.target)
+    except (ConfigError, ValueError) as err:
+        print(f"portsentinel: {err}", file=sys.stderr)
+        return 2
+    try:
+        request(args.socket or config.control_socket, {"command": "status"})
+        print("portsentinel: the daemon is running: unblock without --offline",
+              file=sys.stderr)
+        return 1
+    except (ControlError, OSError, ValueError):
+        pass  # not running: ours to do
+    if not config.state_file.exists():
+        print("unblocked: (no state file)")
+        return 0
+    log = logs.Log(to_syslog=True)
+    store, compat = Store(config.state_file), CompatActions(config, log)
+    elements = None
+    if config.nftables:
+        from .nfnetlink import SetElements
+        elements = SetElements(config.nft_table)
+    lifted, failed = [], 0
+    for record in store.bans():
+        if from_stored(record.address) not in network:
+            continue
+        problems = compat.undo(record.address, record.hosts_deny_line,
+                               record.kill_route_command, record.port or 0, record.mode or "",
+                               record.hosts_deny_file, record.kill_route_undo)
+        if elements is not None:
+            try:
+                elements.delete([from_stored(record.address)])
+            except OSError:
+                pass  # not in the set (expired, or the table is gone): nothing to lift
+        for problem in problems:
+            print(f"warning: {record.address}: {problem}", file=sys.stderr)
+        failed += bool(problems)
+        store.remove_ban(record.address, "unblock", "offline")
+        log(f"adminalert: Host {record.address} ban lifted by command (offline); unblocked",
+            logs.NOTICE)
+        lifted.append(record.address)
+    store.close()
+    print("unblocked: " + (", ".join(lifted) or "(none)"))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_legacy(list(sys.argv[1:] if argv is None else argv)))
@@ -553,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "check-config":
         return check_config(args)
+    if args.command == "unblock" and args.offline:
+        return unblock_offline(args)
     if args.command in ("status", "list", "unblock", "block", "reload", "reconcile"):
         return control(args)
     parser.print_help()

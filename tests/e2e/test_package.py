@@ -246,3 +246,42 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     root.run("apt-get purge -y portsentinel", netns="target")
     assert not root.path("/var/lib/portsentinel").exists()
     assert root.path("/etc/portsentry/portsentry.conf").exists()  # portsentry's, not ours
+    # its init script may start it at boot again, now that we are gone
+    assert list(root.path("/etc").glob("rc2.d/S*portsentry"))
+
+    # removed while the daemon is stopped: its bans are lifted from the state
+    root.run(f"apt-get install -y ./tmp/{deb.name}", netns="target")
+    root.run("portsentinel run --pid-file /run/elsewhere.pid", netns="target", timeout=30)
+    second = netlab.extra4(30)
+    lab.exec("attacker", "nmap", "-sS", "-Pn", "-n", "-r", "-p", "1-5", "--max-retries", "0",
+             "-S", second, "-e", "eth0", netlab.TARGET4, timeout=60)
+    deadline = time.monotonic() + 10
+    while second not in root.run("portsentinel list", netns="target").stdout:
+        assert time.monotonic() < deadline, "the second scanner was not banned"
+        time.sleep(0.2)
+    assert f"-s {second}/32 -j DROP" in lab.exec("target", "iptables", "-S").stdout
+    pid = int(root.path("/run/elsewhere.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    root.run("apt-get remove -y portsentinel", netns="target")
+    assert second not in lab.exec("target", "iptables", "-S").stdout
+    assert lab.exec("target", "nft", "list", "table", "inet", "portsentinel").returncode != 0
+
+
+def test_removal_stops_a_daemon_started_with_another_pid_file(lab, throwaway_root):
+    root, deb = throwaway_root
+    shutil.copy(deb, root.path("/tmp/"))
+    root.run("apt-get update -qq")
+    root.run("apt-get install -y -qq python3-prometheus-client python3-redis nftables")
+    root.run(f"apt-get install -y ./tmp/{deb.name}", netns="target")
+    root.run("portsentinel run --pid-file /run/alt.pid", netns="target", timeout=30)
+    pid = int(root.path("/run/alt.pid").read_text())
+    root.run("apt-get remove -y portsentinel", netns="target")
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "the daemon outlived its package"
+        time.sleep(0.1)
+    assert lab.exec("target", "nft", "list", "table", "inet", "portsentinel").returncode != 0

@@ -202,6 +202,14 @@ def test_check_config_cli_accepts_embedded_default():
     assert "modes: tcp=atcp udp=audp" in done.stdout
 
 
+def test_check_config_takes_the_arguments_the_unit_gives_run(tmp_path: Path):
+    """The unit runs `check-config $PORTSENTINEL_ARGS` before `run ... $PORTSENTINEL_ARGS`:
+    run's own options must not stop it."""
+    done = run_cli("check-config", "-atcp", "--log", "syslog", "--pid-file",
+                   str(tmp_path / "p.pid"), "--foreground")
+    assert done.returncode == 0, done.stderr
+
+
 def test_check_config_missing_config_file(tmp_path: Path):
     done = run_cli("check-config", "-c", str(tmp_path / "absent.conf"))
     assert done.returncode == 1 and "cannot read config" in done.stderr

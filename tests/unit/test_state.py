@@ -163,3 +163,35 @@ def test_a_state_file_made_before_evidence_grades_opens_and_records_them(tmp_pat
     store.add_ban(BanRecord("192.0.2.2", 2, None, reason="scan", evidence="handshake"))
     assert Store(path).get_ban("192.0.2.2").evidence == "handshake"
     assert store.evidence_counts() == {"unknown": 1, "handshake": 1}
+
+
+def test_unblock_offline_undoes_what_each_recorded_ban_did(tmp_path: Path):
+    """The package removed while the daemon was stopped: its bans are lifted
+    from the state file (here a hosts.deny line), and it is refused while a
+    daemon answers on the control socket."""
+    import subprocess
+    import sys
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("sshd: 10.0.0.1\nALL: 192.0.2.7 : DENY\nALL: [2001:db8::7] : DENY\n")
+    conf = tmp_path / "p.conf"
+    conf.write_text(f'STATE_FILE="{tmp_path}/state.db"\nCONTROL_SOCKET="{tmp_path}/s.sock"\n'
+                    'BLOCK_NFTABLES="0"\nKILL_HOSTS_DENY="ALL: $TARGET$ : DENY"\n')
+    store = Store(tmp_path / "state.db")
+    for address, line in (("192.0.2.7", "ALL: 192.0.2.7 : DENY"),
+                          ("2001:db8::7", "ALL: [2001:db8::7] : DENY")):
+        store.add_ban(BanRecord(address, 1, None, reason="scan", hosts_deny_line=line,
+                                hosts_deny_file=str(deny)))
+    store.close()
+    cli = [sys.executable, "-m", "portsentinel.cli", "unblock", "--offline", "-c", str(conf)]
+    done = subprocess.run([*cli, "192.0.2.0/24"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "unblocked: 192.0.2.7" in done.stdout
+    assert deny.read_text() == "sshd: 10.0.0.1\nALL: [2001:db8::7] : DENY\n"
+    assert Store(tmp_path / "state.db").get_ban("192.0.2.7") is None
+    assert Store(tmp_path / "state.db").get_ban("2001:db8::7") is not None
+    server = ControlServer(tmp_path / "s.sock", lambda message: {"ok": True})
+    try:
+        refused = subprocess.run([*cli, "::/0"], capture_output=True, text=True)
+        assert refused.returncode == 1 and "the daemon is running" in refused.stderr
+    finally:
+        server.close()
