@@ -481,7 +481,9 @@ def print_status(status: dict) -> None:
     fleet = status.get("fleet")
     if fleet:
         state = "connected" if fleet["connected"] else "NOT connected (working locally)"
-        print(f"fleet: member {fleet['member']}, {state}, {fleet['unpublished']} bans to publish")
+        print(f"fleet: member {fleet['member']}, {state}, {fleet['unpublished']} bans to publish; "
+              f"scan evidence shared {fleet.get('evidence_sent', 0)}, held back (rate) "
+              f"{fleet.get('evidence_dropped', 0)}")
     for name, value in sorted(status["counters"].items()):
         if name.startswith(("portsentinel_probes", "portsentinel_alerts", "portsentinel_bans",
                             "portsentinel_unbans", "portsentinel_dropped",

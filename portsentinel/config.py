@@ -90,6 +90,8 @@ class Config:
     fleet_redis_url: str | None = None
     fleet_name: str = field(default_factory=lambda: socket.gethostname())
     fleet_prefix: str = "portsentinel"
+    fleet_scan_trigger: int = 3  # distinct members a source's unused-port contacts must reach
+    fleet_scan_window: float = 600.0
     nft_table: str = "portsentinel"
     hosts_deny_file: Path = Path("/etc/hosts.deny")
     syslog_ident: str = "portsentry"
@@ -170,6 +172,14 @@ def _proto_trigger(text: str) -> int:
     if count == 1:
         raise ValueError("one tunnel's protocol (GRE, ESP) is normal and never bans: "
                          "0 (off) or at least 2")
+    return count
+
+
+def _fleet_trigger(text: str) -> int:
+    count = _count(text)
+    if count == 1:
+        raise ValueError("one member's evidence is that member's to judge (SCAN_TRIGGER): "
+                         "0 (off) or at least 2 members")
     return count
 
 
@@ -375,6 +385,8 @@ KEYS = {
     "FLEET_REDIS_URL": ("fleet_redis_url", _optional(lambda t: _redis_url(t))),
     "FLEET_NAME": ("fleet_name", _identifier),
     "FLEET_PREFIX": ("fleet_prefix", _identifier),
+    "FLEET_SCAN_TRIGGER": ("fleet_scan_trigger", _fleet_trigger),
+    "FLEET_SCAN_WINDOW": ("fleet_scan_window", _seconds),
     "NFT_TABLE": ("nft_table", _identifier),
     "BAN_SET_SIZE": ("ban_set_size", _bounded(16, 1 << 24)),
     "NFLOG_GROUP": ("nflog_group", _bounded(0, 65535)),

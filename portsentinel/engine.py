@@ -158,6 +158,7 @@ class Decision:
     slow_scan: int = 0  # > 0: decided by the sequential test after this many failed contacts
     recheck_after: float = 0.0  # > 0: hand the probe in again this much later, not young
     evidence: str = ""  # BLOCK: its grade (GRADES)
+    fleet_evidence: bool = False  # PENDING: a first contact with an unused port (the fleet's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +334,8 @@ class Engine:
                 counted = self._count(probe, peer)
                 if counted.verdict is not Verdict.PENDING:
                     return counted
+                if not peer:  # below SCAN_TRIGGER here: evidence for the fleet
+                    counted = dataclasses.replace(counted, fleet_evidence=True)
         return self._first_contact(probe, facts) or counted or Decision(Verdict.PENDING, probe)
 
     def _check(self, probe: Probe) -> Decision | None:
@@ -396,9 +399,10 @@ class Engine:
                             recheck_after=self.policy.trial_delay)
         key = _key(probe.source)
         failures = self.sequential.contact(key, probe.port, served, probe.time)
-        if failures is None:
-            return None
         peer = self.policy.decoy_grace and facts.peer
+        if failures is None:  # undecided; a failed contact is evidence for the fleet
+            return None if served or peer else Decision(Verdict.PENDING, probe, report=False,
+                                                        fleet_evidence=True)
         return dataclasses.replace(self._decide(key, probe, peer, REPEATED), slow_scan=failures)
 
     def _decide(self, key: bytes, probe: Probe, peer: bool, evidence: str) -> Decision:

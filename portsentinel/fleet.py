@@ -8,6 +8,17 @@ never-block set: nobody bans its own gateway because a peer said so); a member
 that starts or reconnects reads every key, so it catches up. An unblock is
 announced too and lifts the ban everywhere.
 
+Partial evidence is shared too (FLEET_SCAN_TRIGGER): a first contact with
+an unused port that did not ban here (below SCAN_TRIGGER, or a failed first
+contact of the slow-scan test) is added to `<prefix>:ev:<address>`, a sorted
+set of "member port/protocol" entries scored by time, at most EVIDENCE_CAP
+entries, expiring FLEET_SCAN_WINDOW after the last one (one Lua script, one
+round trip). When its entries name FLEET_SCAN_TRIGGER distinct members within
+the window, the member whose evidence crossed the line bans the source like a
+ban of its own (evidence grade `fleet`), once (`<prefix>:ev:<address>:fired`),
+and shares it. Each member publishes each (source, port) once a window and at
+most EVIDENCE_RATE a second: a spoofed flood costs Redis a bounded load.
+
 Redis going away is not fatal: the member works locally, says so once, keeps
 what it could not publish, and retries with backoff. On every (re)connection
 it republishes all its own bans in force, so even a Redis that came back
@@ -23,6 +34,7 @@ import re
 import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from typing import Callable
 
 import redis
@@ -130,12 +142,46 @@ def _ttl_ms(message: dict, now: float) -> int | None:
     return None if until is None else max(1, int((until - now) * 1000))
 
 
+EVIDENCE_CAP = 64  # entries per source in Redis: its memory is bounded whatever the fleet
+EVIDENCE_RATE = 200  # evidence a member publishes a second at most (a spoofed flood)
+EVIDENCE_SEEN = 65536  # (source, port) pairs published lately, remembered to publish each once
+# ARGV: entry ("member port/protocol"), now, window s, trigger, cap. Returns the
+# entries when this one makes `trigger` distinct members (once a window), else false.
+EVIDENCE_SCRIPT = """
+local key, now, window = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local trigger, cap = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZADD', key, now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local n = redis.call('ZCARD', key)
+if n > cap then redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1) end
+local ttl = math.floor(window * 1000)
+redis.call('PEXPIRE', key, ttl)
+local entries = redis.call('ZRANGE', key, 0, -1)
+local seen, distinct = {}, 0
+for _, entry in ipairs(entries) do
+  local member = string.match(entry, '^(%S+)')
+  if member and not seen[member] then seen[member] = true; distinct = distinct + 1 end
+end
+if distinct >= trigger and redis.call('SET', key .. ':fired', '1', 'NX', 'PX', ttl) then
+  return entries
+end
+return false
+"""
+
+
 class Fleet:
     def __init__(self, url: str, member: str, prefix: str,
                  apply: Callable[[dict], None], lift: Callable[[dict], None],
                  local_bans: Callable[[], list[dict]], log, log_error,
-                 max_seconds: float = 0, rejected: Callable[[str], None] = lambda reason: None):
+                 max_seconds: float = 0, rejected: Callable[[str], None] = lambda reason: None,
+                 scan_trigger: int = 0, scan_window: float = 600.0,
+                 correlated: Callable[[str, list[str]], None] = lambda address, entries: None):
         self.url, self.member, self.prefix = url, member, prefix
+        self.scan_trigger, self.scan_window, self.correlated = scan_trigger, scan_window, correlated
+        self._evidence_seen: OrderedDict = OrderedDict()  # (address, port, protocol) -> time
+        self._evidence_tokens, self._evidence_at = float(EVIDENCE_RATE), 0.0
+        self.evidence_sent = self.evidence_dropped = 0
+        self._script = None  # the evidence script, registered with the publisher's client
         self.max_seconds, self.rejected = max_seconds, rejected
         self._rejection_logged = float("-inf")
         self.channel = f"{prefix}:bans"
@@ -166,6 +212,31 @@ class Fleet:
     def announce_unban(self, address: str) -> None:
         self.outgoing.put({"type": "unban", "address": address, "origin": self.member})
 
+    def report_evidence(self, address: str, port: int, protocol: str, now: float) -> bool:
+        """Owner thread: a first contact with an unused port, for fleet-wide
+        correlation; each (source, port) once a window, at most EVIDENCE_RATE
+        a second, nothing while Redis is away. False: not sent."""
+        if not self.scan_trigger or not self.connected.is_set():
+            return False
+        pair = (address, port, protocol)
+        last = self._evidence_seen.get(pair)
+        if last is not None and now - last < self.scan_window:
+            return False
+        self._evidence_tokens = min(float(EVIDENCE_RATE), self._evidence_tokens
+                                    + max(0.0, now - self._evidence_at) * EVIDENCE_RATE)
+        self._evidence_at = now
+        if self._evidence_tokens < 1:
+            self.evidence_dropped += 1
+            return False
+        self._evidence_tokens -= 1
+        self._evidence_seen[pair] = now
+        self._evidence_seen.move_to_end(pair)
+        if len(self._evidence_seen) > EVIDENCE_SEEN:
+            self._evidence_seen.popitem(last=False)
+        self.outgoing.put({"type": "evidence", "address": address,
+                           "entry": f"{self.member} {port}/{protocol}", "time": now})
+        return True
+
     def _client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=3,
                                     health_check_interval=15)
@@ -176,6 +247,10 @@ class Fleet:
             message = self.outgoing.get()
             if message is None:
                 return
+            if message["type"] == "evidence":
+                if self.connected.is_set():
+                    self._evidence(client, message)
+                continue
             if message["type"] != "flush":
                 self.backlog[message["address"]] = message
             if self.connected.is_set():
@@ -203,6 +278,23 @@ class Fleet:
             except (redis.RedisError, OSError):
                 self.connected.clear()  # the subscriber notices and reconnects
                 return
+
+    def _evidence(self, client: redis.Redis, message: dict) -> None:
+        """One piece of evidence in Redis; a correlation it completes is ours to ban."""
+        address = message["address"]
+        if self._script is None:  # EVALSHA: the script's text crosses once, not each time
+            self._script = client.register_script(EVIDENCE_SCRIPT)
+        try:
+            entries = self._script(keys=[f"{self.prefix}:ev:{address}"],
+                                   args=[message["entry"], message["time"], self.scan_window,
+                                         self.scan_trigger, EVIDENCE_CAP], client=client)
+            self.evidence_sent += 1
+        except (redis.RedisError, OSError):
+            self.connected.clear()
+            return
+        if entries:
+            self.correlated(address, [e.decode() if isinstance(e, bytes) else str(e)
+                                      for e in entries])
 
     # -- incoming ---------------------------------------------------------------
     def _subscriber(self) -> None:

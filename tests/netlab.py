@@ -23,7 +23,8 @@ TARGET4, ATTACKER4, CLIENT4 = f"{NET4}.1", f"{NET4}.2", f"{NET4}.3"
 TARGET6, ATTACKER6, CLIENT6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
 # more targets for fleet tests: target2 .4 / ::4, target3 .5 / ::5; a hub address
 # on the bridge itself (in the lan namespace) for shared services such as Redis
-MORE_TARGETS = {"target2": ("198.51.100.4", "2001:db8::4"), "target3": ("198.51.100.5", "2001:db8::5")}
+MORE_TARGETS = {"target2": ("198.51.100.4", "2001:db8::4"), "target3": ("198.51.100.5", "2001:db8::5"),
+                "target4": ("198.51.100.6", "2001:db8::6"), "target5": ("198.51.100.7", "2001:db8::7")}
 HUB4 = f"{NET4}.250"
 EXTRA_SOURCES = range(10, 40)  # the client adds .40 and up
 

@@ -180,7 +180,9 @@ class Daemon:
             config.fleet_redis_url, config.fleet_name, config.fleet_prefix,
             self.commands.fleet_ban, self.commands.fleet_unban, self.commands.own_bans,
             self.ctx.log, self.ctx.log.error, max_seconds=config.ban_time_max,
-            rejected=lambda reason: metrics.fleet_rejected.labels(reason).inc()).start()
+            rejected=lambda reason: metrics.fleet_rejected.labels(reason).inc(),
+            scan_trigger=config.fleet_scan_trigger, scan_window=config.fleet_scan_window,
+            correlated=self.commands.fleet_correlated).start()
 
     # -- the run loop -----------------------------------------------------
     def run(self) -> None:

@@ -96,7 +96,8 @@ class Commands:
                 "bans_by_evidence": ctx.store.evidence_counts(),
                 "fleet": None if fleet is None else {
                     "member": fleet.member, "connected": fleet.connected.is_set(),
-                    "unpublished": len(fleet.backlog)},
+                    "unpublished": len(fleet.backlog), "evidence_sent": fleet.evidence_sent,
+                    "evidence_dropped": fleet.evidence_dropped},
                 "report_queue": ctx.worker.jobs.qsize(), "counters": self.counters()}
 
     def counters(self) -> dict[str, int]:
@@ -221,6 +222,35 @@ class Commands:
                                                                      message)):
                 # not applied: nor recorded in the engine (a resync offers it again)
                 self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
+
+    def fleet_correlated(self, address: str, entries: list[str]) -> None:
+        """Fleet thread: this member's evidence made a source's first contacts
+        with unused ports reach FLEET_SCAN_TRIGGER members: banned here like
+        a ban of our own (grade `fleet`), and shared."""
+        try:
+            ip = canonical(address)
+        except ValueError:
+            return
+        config, now = self.ctx.config, time.time()
+        until = now + config.ban_time if config.ban_time > 0 else None
+        order = self.ctx.inbox.call(self.ctx.engine.fleet_ban, ip, now, until, FLEET)
+        members = sorted({e.split(" ", 1)[0] for e in entries})
+        seen = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10
+                                          else "")
+        if order.verdict is not Verdict.BLOCK:
+            if order.error:
+                self.ctx.log(f"adminalert: fleet correlation: not banning {ip}: {order.error}",
+                             logs.INFO)
+            return
+        reason = f"Fleet-wide scan ({len(members)} members)"
+
+        def apply() -> None:
+            if self.ledger.apply(order, "correlation", reason):
+                self.ctx.log(f"attackalert: Host {ip} has been blocked via fleet correlation: "
+                             f"first contacts with unused ports on {len(members)} members "
+                             f"({seen}) within {config.fleet_scan_window:g} s")
+        if not self.ctx.worker.put(apply):
+            self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
 
     def _apply_fleet_ban(self, order: Order, member: str, reason: str, message: dict) -> None:
         """Worker: a fleet member's ban, everywhere, then said."""

@@ -41,7 +41,8 @@ from ..responders import ActionFailed, CompatActions, Records
 from ..store import BanRecord
 from .context import Context
 
-LOCAL_ORIGINS = ("local", "cli", "kernel")  # any other origin is a fleet member's name
+# bans this member made (shared with the fleet); any other origin is a fleet member's name
+LOCAL_ORIGINS = ("local", "cli", "kernel", "correlation")
 FLUSH_EVERY = 256  # pending bans at most: in a long burst, written every so many
 LIFTED = {"expire": "expired", "fleet": "lifted by a fleet member",
           "evict": "lifted to make room (ban sets nearly full)", "unblock": "lifted by command"}

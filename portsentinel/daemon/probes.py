@@ -9,6 +9,7 @@ import time
 from collections import deque
 
 from .. import logs
+from ..addrset import text as address_text
 from ..engine import NFTABLES, TCP, Decision, Facts, Kind, Verdict
 from ..sensors import ChallengeSensor
 from .alerts import Alerts
@@ -207,6 +208,9 @@ class ProbePath:
     def act(self, decision: Decision) -> None:
         """A decision's inline part (the nftables ban), then its report queued."""
         probe, metrics = decision.probe, self.ctx.metrics
+        if decision.fleet_evidence and self.ctx.fleet is not None:
+            self.ctx.fleet.report_evidence(address_text(probe.source), probe.port,
+                                           probe.protocol, probe.time)
         if decision.recheck_after:
             self.deferred.append((time.monotonic() + decision.recheck_after, probe))
         if decision.verdict is Verdict.REPLY:

@@ -1,5 +1,6 @@
 """Fleet mode with a real redis-server: a scan of member a gets the attacker
-blocked on b and c; Redis killed and restarted empty mid-test loses nothing;
+blocked on b and c; Redis killed and restarted empty mid-test loses nothing; a sweep
+of one unused port per member is banned fleet-wide (five members);
 a member never applies a ban on an address it must never block."""
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,8 @@ from conftest import Daemon, can_connect, nmap
 from netlab import HUB4, MORE_TARGETS, TARGET4, extra4
 
 PASSWORD = "fleet-test-secret"
+TESTS = Path(__file__).resolve().parents[1]
+PROBES = TESTS.parent / "bench" / "probes.py"
 
 
 @pytest.fixture
@@ -193,3 +198,107 @@ def test_hostile_fleet_messages_and_keys_change_nothing(fleet_lab, tmp_path):
     finally:
         for d in (a, b):
             d.stop()
+
+
+def _redis(lab, *args: str) -> str:
+    return lab.exec("lan", "redis-cli", "-h", HUB4, "-a", PASSWORD, "--no-auth-warning",
+                    *args).stdout
+
+
+def _redis_load(lab) -> tuple[int, int, int]:
+    """(commands the members sent: round trips, bytes received, memory used) of
+    the fleet's Redis (a script's own calls inside Redis are not round trips)."""
+    info = _redis(lab, "info", "all")
+    field = lambda name: int(re.search(rf"^{name}:(\d+)", info, re.M)[1])  # noqa: E731
+    inner = sum(int(n) for n in re.findall(
+        r"^cmdstat_(?:zadd|zremrangebyscore|zcard|zremrangebyrank|pexpire|zrange):calls=(\d+)",
+        info, re.M))
+    return field("total_commands_processed") - inner, field("total_net_input_bytes"), \
+        field("used_memory")
+
+
+def test_a_sweep_of_one_trap_port_per_member_is_banned_fleet_wide(tmp_path):
+    """Five members, each alone below its SCAN_TRIGGER: a source that probes
+    one unused port on each is banned everywhere once three members saw it;
+    a client of every member's real services is never flagged; the Redis load
+    of the shared evidence is one round trip a piece, bounded under a spoofed
+    flood."""
+    if not shutil.which("redis-server"):
+        pytest.fail("redis-server missing; run scripts/test.sh")
+    roles = ["target", "target2", "target3", "target4", "target5"]
+    with netlab.Lab(tag=f"g{netlab.os.getpid() % 10000}", targets=5) as lab:
+        for role in roles:  # the real services, on every member
+            services = lab.start(role, sys.executable, str(TESTS / "services.py"), "600",
+                                 stdout=subprocess.PIPE)
+            assert services.stdout.readline().strip() == b"ready"
+        start_redis(lab, tmp_path)
+        members = [member(lab, tmp_path, role, name, 'SCAN_TRIGGER="3"\n')
+                   for role, name in zip(roles, "abcde")]
+        for d in members:
+            d.wait_log("fleet: member")
+        addresses = [TARGET4] + [MORE_TARGETS[r][0] for r in roles[1:]]
+        client = lab.start("client", sys.executable, "-c", CLIENT_LOOP, *addresses,
+                           stdout=subprocess.PIPE)
+        before = _redis_load(lab)
+        sweeper = extra4(25)
+        for i, address in enumerate(addresses[:3]):
+            nmap(lab, "-sS", sweeper, address, str(i + 1))  # one unused port per member
+            time.sleep(0.5)
+            if i < 2:  # below the fleet's threshold: nobody bans it
+                assert all(sweeper not in d.banned() for d in members), i
+        for d in members:
+            wait_banned(d, sweeper, timeout=10)
+        line = members[2].wait_log(f"attackalert: Host {sweeper} has been blocked via fleet "
+                                   "correlation")
+        assert "on 3 members (" in line and "a 1/tcp" in line and "c 3/tcp" in line, line
+        listing = {b["address"]: b for b in json.loads(members[4].cli("list", "--json").stdout)}
+        assert listing[sweeper]["evidence"] == "fleet"
+        after = _redis_load(lab)
+        commands = after[0] - before[0]
+        print(f"sweep: {commands} Redis commands, {after[1] - before[1]} bytes in")
+
+        # a spoofed flood of new sources at one member: the evidence it publishes is capped
+        mac = re.search(r"link/ether (\S+)", lab.exec("target", "ip", "link", "show",
+                                                      "eth0").stdout)[1]
+        seconds, rate = 3.0, 2000
+        before = _redis_load(lab)
+        out = lab.exec("attacker", sys.executable, str(PROBES), "flood", "eth0", mac,
+                       netlab.TARGET6, str(rate), str(seconds), "1", timeout=60).stdout
+        sent = json.loads(out)["sent"]
+        time.sleep(1.5)
+        after = _redis_load(lab)
+        commands, received = after[0] - before[0], after[1] - before[1]
+        keys = int(_redis(lab, "dbsize").strip())
+        print(f"flood: {sent} spoofed sources, {keys} keys, {commands} Redis commands "
+              f"({commands / sent:.3f} a probe), {received} bytes in "
+              f"({received / sent:.1f} a probe), memory +{after[2] - before[2]} bytes")
+        assert commands <= 200 * (seconds + 2) + 200, _redis(lab, "info", "commandstats")
+        assert received / commands < 400  # EVALSHA: the script's text is not sent each time
+        assert after[2] - before[2] < 4 << 20
+
+        # the client of every member's real services was never flagged
+        lab.stop(client)
+        report = json.loads(client.stdout.read() or b"{}")
+        assert report.get("ok", 0) > 0 and report.get("failed", 1) == 0, report
+        client_address = netlab.CLIENT4
+        assert all(client_address not in d.banned() for d in members)
+        assert not _redis(lab, "keys", f"portsentinel:ev:{client_address}").strip()
+
+
+# HTTP to port 80 of every member, over and over, until stopped (SIGTERM): a client
+CLIENT_LOOP = """
+import json, signal, socket, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+ok = failed = 0
+while not stop:
+    for address in sys.argv[1:]:
+        try:
+            with socket.create_connection((address, 80), 2) as s:
+                s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                ok += bool(s.recv(100))
+        except OSError:
+            failed += 1
+    time.sleep(0.1)
+print(json.dumps({"ok": ok, "failed": failed}))
+"""

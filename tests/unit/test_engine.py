@@ -532,3 +532,26 @@ def test_ban_time_by_evidence_is_off_by_default_and_maps_grades_to_ban_times():
     assert graded.block(a("192.0.2.3"), 0.0).ban_seconds == 3600  # not mapped: BAN_TIME
     graded.lift(a("192.0.2.1"))  # a second offence: escalated from its grade's time
     assert graded.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 10.0)).ban_seconds == 1200
+
+
+def test_first_contacts_with_unused_ports_are_marked_as_fleet_evidence():
+    """What a fleet shares to catch a scan spread over its members: a trap hit
+    that did not ban here (below SCAN_TRIGGER) and a failed first contact;
+    never a served port's, a peer's (maybe a decoy), or one already banned."""
+    a = ipaddress.ip_address
+    engine = Engine(Policy(scan_trigger=3))
+    hit = engine.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0), Facts())
+    assert hit.verdict is Verdict.PENDING and hit.fleet_evidence
+    served = engine.handle(Probe(a("192.0.2.1"), 22, TCP, Kind.SYN, 1.0), Facts(served=True))
+    assert not served.fleet_evidence
+    peer = engine.handle(Probe(a("192.0.2.2"), 1, TCP, Kind.SYN, 0.0), Facts(peer=True))
+    assert not peer.fleet_evidence
+    slow = Engine(Policy(), TrwParameters())
+    failed = slow.handle(Probe(a("192.0.2.3"), 5000, TCP, Kind.SYN, 0.0, trap=False), Facts())
+    assert failed.verdict is Verdict.PENDING and failed.fleet_evidence
+    good = slow.handle(Probe(a("192.0.2.4"), 80, TCP, Kind.SYN, 0.0, trap=False),
+                       Facts(served=True))
+    assert not good.fleet_evidence
+    banned = Engine(Policy())
+    banned.handle(Probe(a("192.0.2.5"), 1, TCP, Kind.SYN, 0.0))
+    assert not banned.handle(Probe(a("192.0.2.5"), 2, TCP, Kind.SYN, 1.0)).fleet_evidence
