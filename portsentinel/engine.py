@@ -158,7 +158,10 @@ class Decision:
     slow_scan: int = 0  # > 0: decided by the sequential test after this many failed contacts
     recheck_after: float = 0.0  # > 0: hand the probe in again this much later, not young
     evidence: str = ""  # BLOCK: its grade (GRADES)
-    fleet_evidence: bool = False  # PENDING: a first contact with an unused port (the fleet's)
+    # PENDING: a trap hit below SCAN_TRIGGER, evidence for the fleet (a failed first
+    # contact to a port outside the traps is not: a monitor checking a port that
+    # no member serves would be banned fleet-wide)
+    fleet_evidence: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +339,12 @@ class Engine:
                     return counted
                 if not peer:  # below SCAN_TRIGGER here: evidence for the fleet
                     counted = dataclasses.replace(counted, fleet_evidence=True)
-        return self._first_contact(probe, facts) or counted or Decision(Verdict.PENDING, probe)
+        contact = self._first_contact(probe, facts)
+        if contact is None:
+            return counted or Decision(Verdict.PENDING, probe)
+        if counted is not None and counted.fleet_evidence and contact.verdict is Verdict.PENDING:
+            contact = dataclasses.replace(contact, fleet_evidence=True)  # judged again later
+        return contact
 
     def _check(self, probe: Probe) -> Decision | None:
         """The cheap part: IGNORED or ALREADY_BLOCKED, else None (count it)."""
@@ -399,10 +407,9 @@ class Engine:
                             recheck_after=self.policy.trial_delay)
         key = _key(probe.source)
         failures = self.sequential.contact(key, probe.port, served, probe.time)
+        if failures is None:
+            return None
         peer = self.policy.decoy_grace and facts.peer
-        if failures is None:  # undecided; a failed contact is evidence for the fleet
-            return None if served or peer else Decision(Verdict.PENDING, probe, report=False,
-                                                        fleet_evidence=True)
         return dataclasses.replace(self._decide(key, probe, peer, REPEATED), slow_scan=failures)
 
     def _decide(self, key: bytes, probe: Probe, peer: bool, evidence: str) -> Decision:

@@ -534,10 +534,11 @@ def test_ban_time_by_evidence_is_off_by_default_and_maps_grades_to_ban_times():
     assert graded.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 10.0)).ban_seconds == 1200
 
 
-def test_first_contacts_with_unused_ports_are_marked_as_fleet_evidence():
+def test_trap_hits_below_the_trigger_are_marked_as_fleet_evidence():
     """What a fleet shares to catch a scan spread over its members: a trap hit
-    that did not ban here (below SCAN_TRIGGER) and a failed first contact;
-    never a served port's, a peer's (maybe a decoy), or one already banned."""
+    that did not ban here (below SCAN_TRIGGER); never a served port's, a
+    peer's (maybe a decoy), one already banned, or a failed first contact to
+    a port outside the traps (a monitor checking a port no member serves)."""
     a = ipaddress.ip_address
     engine = Engine(Policy(scan_trigger=3))
     hit = engine.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0), Facts())
@@ -548,10 +549,14 @@ def test_first_contacts_with_unused_ports_are_marked_as_fleet_evidence():
     assert not peer.fleet_evidence
     slow = Engine(Policy(), TrwParameters())
     failed = slow.handle(Probe(a("192.0.2.3"), 5000, TCP, Kind.SYN, 0.0, trap=False), Facts())
-    assert failed.verdict is Verdict.PENDING and failed.fleet_evidence
+    assert failed.verdict is Verdict.PENDING and not failed.fleet_evidence
     good = slow.handle(Probe(a("192.0.2.4"), 80, TCP, Kind.SYN, 0.0, trap=False),
                        Facts(served=True))
     assert not good.fleet_evidence
     banned = Engine(Policy())
     banned.handle(Probe(a("192.0.2.5"), 1, TCP, Kind.SYN, 0.0))
     assert not banned.handle(Probe(a("192.0.2.5"), 2, TCP, Kind.SYN, 1.0)).fleet_evidence
+    # a packet sensor's trap hit, too young to judge for the slow-scan test yet
+    young = Engine(Policy(scan_trigger=3), TrwParameters())
+    hit = young.handle(Probe(a("192.0.2.6"), 1, TCP, Kind.SYN, 0.0), Facts(young=True))
+    assert hit.recheck_after and hit.fleet_evidence
