@@ -128,7 +128,14 @@ def daemon_page(parts: dict[str, str]) -> str:
             + ".TP\nSIGHUP\nreload the configuration and the ignore files, as "
             + "\\fBportsentinel reload\\fR does\n"
             + "\n.SH FILES\n.TP\n/etc/portsentry/portsentry.conf\nthe configuration, "
-            + "read when no \\fB\\-c\\fR is given\n" + listed
+            + "read when no \\fB\\-c\\fR is given\n"
+            + ".TP\n/etc/portsentry/portsentry.ignore, portsentry.ignore.static\n"
+            + "addresses and CIDRs never blocked (IGNORE_FILE and the static file beside it)\n"
+            + ".TP\n/etc/default/portsentry\nTCP_MODE and UDP_MODE when neither the command "
+            + "line nor the config gives a mode (Debian's file)\n"
+            + ".TP\n/etc/default/portsentinel\nPORTSENTINEL_ARGS: the systemd unit's arguments "
+            + "to check-config and run\n"
+            + ".TP\n/run/portsentinel.pid\nthe daemon's pid file (--pid-file)\n" + listed
             + "\n.SH EXIT STATUS\n0 when the command did what was asked; 1 on any error, "
             + "said on standard error (a bad configuration names \\fIfile\\fR:\\fIline\\fR; "
             + "a daemon already running; a control socket that does not answer).\n"
