@@ -141,6 +141,15 @@ exec sleep 900
         return pids
 
 
+def _alive(pid: int) -> bool:
+    """Running: a daemon that forked away may be reparented to the test run
+    (a subreaper, conftest.py), so once stopped it is a zombie until reaped."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text()
@@ -195,9 +204,9 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     installed = root.run(f"apt-get install -y ./tmp/{deb.name}", netns="target")
     assert "portsentry" in re.search(r"REMOVED:\s*\n(.*)\n", installed.stdout)[1]
     deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{p}").exists() for p in old_pids) and time.monotonic() < deadline:
+    while any(map(_alive, old_pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in old_pids if Path(f"/proc/{p}").exists()], "PortSentry 1.2 still runs"
+    assert not [p for p in old_pids if _alive(p)], "PortSentry 1.2 still runs"
     assert root.run("dpkg-query -W -f '${Status}' portsentry", check=False).stdout \
         == "deinstall ok config-files"
     for name, content in conf_before.items():  # conffiles untouched
@@ -263,7 +272,7 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     pid = int(root.path("/run/elsewhere.pid").read_text())
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists():
+    while _alive(pid):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     root.run("apt-get remove -y portsentinel", netns="target")
@@ -281,7 +290,7 @@ def test_removal_stops_a_daemon_started_with_another_pid_file(lab, throwaway_roo
     pid = int(root.path("/run/alt.pid").read_text())
     root.run("apt-get remove -y portsentinel", netns="target")
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists():
+    while _alive(pid):
         assert time.monotonic() < deadline, "the daemon outlived its package"
         time.sleep(0.1)
     assert lab.exec("target", "nft", "list", "table", "inet", "portsentinel").returncode != 0
