@@ -8,10 +8,10 @@ never-block set: nobody bans its own gateway because a peer said so); a member
 that starts or reconnects reads every key, so it catches up. An unblock is
 announced too and lifts the ban everywhere.
 
-Partial evidence is shared too (FLEET_SCAN_TRIGGER): a first contact with
-an unused port that did not ban here (below SCAN_TRIGGER, or a failed first
-contact of the slow-scan test) is added to `<prefix>:ev:<address>`, a sorted
-set of "member port/protocol" entries scored by time, at most EVIDENCE_CAP
+Partial evidence is shared too (FLEET_SCAN_TRIGGER): a trap hit that did not
+ban here (below SCAN_TRIGGER) is added to `<prefix>:ev:<address>`, a sorted
+set of "member port/protocol" entries scored by Redis's clock (members' clocks
+may differ), at most EVIDENCE_CAP
 entries, expiring FLEET_SCAN_WINDOW after the last one (one Lua script, one
 round trip). When its entries name FLEET_SCAN_TRIGGER distinct members within
 the window, the member whose evidence crossed the line bans the source like a
@@ -145,11 +145,13 @@ def _ttl_ms(message: dict, now: float) -> int | None:
 EVIDENCE_CAP = 64  # entries per source in Redis: its memory is bounded whatever the fleet
 EVIDENCE_RATE = 200  # evidence a member publishes a second at most (a spoofed flood)
 EVIDENCE_SEEN = 65536  # (source, port) pairs published lately, remembered to publish each once
-# ARGV: entry ("member port/protocol"), now, window s, trigger, cap. Returns the
+# ARGV: entry ("member port/protocol"), window s, trigger, cap. Returns the
 # entries when this one makes `trigger` distinct members (once a window), else false.
 EVIDENCE_SCRIPT = """
-local key, now, window = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local trigger, cap = tonumber(ARGV[4]), tonumber(ARGV[5])
+local key, window = KEYS[1], tonumber(ARGV[2])
+local trigger, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 redis.call('ZADD', key, now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 local n = redis.call('ZCARD', key)
@@ -234,7 +236,7 @@ class Fleet:
         if len(self._evidence_seen) > EVIDENCE_SEEN:
             self._evidence_seen.popitem(last=False)
         self.outgoing.put({"type": "evidence", "address": address,
-                           "entry": f"{self.member} {port}/{protocol}", "time": now})
+                           "entry": f"{self.member} {port}/{protocol}"})
         return True
 
     def _client(self) -> redis.Redis:
@@ -286,9 +288,12 @@ class Fleet:
             self._script = client.register_script(EVIDENCE_SCRIPT)
         try:
             entries = self._script(keys=[f"{self.prefix}:ev:{address}"],
-                                   args=[message["entry"], message["time"], self.scan_window,
+                                   args=[message["entry"], self.scan_window,
                                          self.scan_trigger, EVIDENCE_CAP], client=client)
             self.evidence_sent += 1
+        except redis.ResponseError as err:  # e.g. another program's key there, not a set
+            self._reject(BadMessage("bad evidence key", f"{address}: {err}"[:120]))
+            return
         except (redis.RedisError, OSError):
             self.connected.clear()
             return

@@ -211,7 +211,7 @@ def _redis_load(lab) -> tuple[int, int, int]:
     info = _redis(lab, "info", "all")
     field = lambda name: int(re.search(rf"^{name}:(\d+)", info, re.M)[1])  # noqa: E731
     inner = sum(int(n) for n in re.findall(
-        r"^cmdstat_(?:zadd|zremrangebyscore|zcard|zremrangebyrank|pexpire|zrange):calls=(\d+)",
+        r"^cmdstat_(?:zadd|zremrangebyscore|zcard|zremrangebyrank|pexpire|zrange|time):calls=(\d+)",
         info, re.M))
     return field("total_commands_processed") - inner, field("total_net_input_bytes"), \
         field("used_memory")
@@ -256,6 +256,13 @@ def test_a_sweep_of_one_trap_port_per_member_is_banned_fleet_wide(tmp_path):
         after = _redis_load(lab)
         commands = after[0] - before[0]
         print(f"sweep: {commands} Redis commands, {after[1] - before[1]} bytes in")
+
+        # another program's key where a source's evidence goes: refused, Redis kept
+        planted = extra4(26)
+        _redis(lab, "set", f"portsentinel:ev:{planted}", "not a sorted set")
+        nmap(lab, "-sS", planted, TARGET4, "1")
+        members[0].wait_log("fleet: message ignored (bad evidence key")
+        assert "Redis unreachable" not in members[0].log_text()
 
         # a spoofed flood of new sources at one member: the evidence it publishes is capped
         mac = re.search(r"link/ether (\S+)", lab.exec("target", "ip", "link", "show",
