@@ -180,7 +180,16 @@ def _fleet_trigger(text: str) -> int:
     if count == 1:
         raise ValueError("one member's evidence is that member's to judge (SCAN_TRIGGER): "
                          "0 (off) or at least 2 members")
+    if count > 64:  # fleet.EVIDENCE_CAP entries a source: more members could never be seen
+        raise ValueError("at most 64 members (the evidence kept for a source)")
     return count
+
+
+def _fleet_window(text: str) -> float:
+    seconds = _seconds(text)
+    if seconds < 10:  # every member's window trims the source's evidence for all
+        raise ValueError(f"{text!r} is shorter than 10 s (use the same window on every member)")
+    return seconds
 
 
 def _seconds(text: str) -> float:
@@ -206,6 +215,8 @@ def _by_evidence(text: str) -> tuple:
         grade, _, duration = item.partition("=")
         if grade not in GRADES or not duration:
             raise ValueError(f"{item!r} is not grade=duration (grades: {', '.join(GRADES)})")
+        if grade in dict(pairs):
+            raise ValueError(f"{grade} is given twice")
         pairs.append((grade, _seconds(duration)))
     return tuple(pairs)
 
@@ -386,7 +397,7 @@ KEYS = {
     "FLEET_NAME": ("fleet_name", _identifier),
     "FLEET_PREFIX": ("fleet_prefix", _identifier),
     "FLEET_SCAN_TRIGGER": ("fleet_scan_trigger", _fleet_trigger),
-    "FLEET_SCAN_WINDOW": ("fleet_scan_window", _seconds),
+    "FLEET_SCAN_WINDOW": ("fleet_scan_window", _fleet_window),
     "NFT_TABLE": ("nft_table", _identifier),
     "BAN_SET_SIZE": ("ban_set_size", _bounded(16, 1 << 24)),
     "NFLOG_GROUP": ("nflog_group", _bounded(0, 65535)),
@@ -455,7 +466,7 @@ def parse(text: str, source: str = EMBEDDED) -> Config:
 
 
 def _check_whole(config: Config) -> None:
-    if config.fleet_name in ("local", "cli", "kernel"):
+    if config.fleet_name in ("local", "cli", "kernel", "correlation"):
         raise ConfigError(f"FLEET_NAME: {config.fleet_name!r} is reserved; name this member",
                           config.source, config.lines.get("FLEET_NAME"))
     if config.slow_scan_false_positive >= config.slow_scan_detection_probability:

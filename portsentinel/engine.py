@@ -337,7 +337,9 @@ class Engine:
                 counted = self._count(probe, peer)
                 if counted.verdict is not Verdict.PENDING:
                     return counted
-                if not peer:  # below SCAN_TRIGGER here: evidence for the fleet
+                # below SCAN_TRIGGER here: evidence for the fleet, unless a peer's (a
+                # client's mistyped port, even through the challenge, is no sweep)
+                if not (self.policy.decoy_grace and facts.peer):
                     counted = dataclasses.replace(counted, fleet_evidence=True)
         contact = self._first_contact(probe, facts)
         if contact is None:
@@ -505,6 +507,29 @@ class Engine:
             return Order(Verdict.REFUSED, address, now, error=refused)
         return self._order(address, now, 0.0 if until is None else until - now,
                            evidence if evidence in GRADES else FLEET)
+
+    def fleet_correlation(self, address: Address, now: float, peer: bool) -> Order:
+        """The fleet's evidence (trap hits on several members) says `address`
+        scans: a detection like a scan here, so BLOCK_TCP's actions, the ban
+        rate limit, the grade's ban time and escalation apply; never a peer
+        (the evidence is stateless probes: a decoy's source can be forged)."""
+        if self._active(address, now) is not None:
+            return Order(Verdict.ALREADY_BLOCKED, address, now)
+        refused = self._refusal(address)
+        if refused:
+            return Order(Verdict.IGNORED, address, now, error=refused)
+        if peer and self.policy.decoy_grace:
+            return Order(Verdict.DECOY, address, now, error="it completed a TCP handshake "
+                         "with this host lately (the evidence is spoofable probes)")
+        actions = tuple(a for a in self.policy.actions_for(TCP) if a != RUN_CMD)
+        if not actions:
+            return Order(Verdict.ALERT, address, now, error="BLOCK_TCP says log only")
+        if not self._bucket.take(now, self.policy.ban_rate, self.policy.ban_burst):
+            return Order(Verdict.RATE_LIMITED, address, now, error="the ban rate limit "
+                         f"({self.policy.ban_rate:g}/s) is reached")
+        length = self._ban(address, now, None, FLEET)
+        return Order(Verdict.BLOCK, address, now, now + length if length else None, actions,
+                     length, evidence=FLEET)
 
     def _refusal(self, address: Address) -> str:
         if address in self.policy.never_block:

@@ -158,12 +158,16 @@ local n = redis.call('ZCARD', key)
 if n > cap then redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1) end
 local ttl = math.floor(window * 1000)
 redis.call('PEXPIRE', key, ttl)
-local entries = redis.call('ZRANGE', key, 0, -1)
+local entries, valid = redis.call('ZRANGE', key, 0, -1), {}
 local seen, distinct = {}, 0
-for _, entry in ipairs(entries) do
-  local member = string.match(entry, '^(%S+)')
-  if member and not seen[member] then seen[member] = true; distinct = distinct + 1 end
+for _, entry in ipairs(entries) do  -- only what members write counts (and is returned)
+  local member = string.match(entry, '^([%w_.-]+) %d+/%a+$')
+  if member and #entry <= 80 then
+    table.insert(valid, entry)
+    if not seen[member] then seen[member] = true; distinct = distinct + 1 end
+  end
 end
+entries = valid
 if distinct >= trigger and redis.call('SET', key .. ':fired', '1', 'NX', 'PX', ttl) then
   return entries
 end

@@ -315,6 +315,9 @@ class Daemon:
         self.listening.memory = config.service_memory
         self.ledger.configure()
         ctx.engine.reconfigure(policy_for(config, never), trw_for(config))
+        if ctx.fleet is not None:  # read per piece of evidence: in force at once
+            ctx.fleet.scan_trigger = config.fleet_scan_trigger
+            ctx.fleet.scan_window = config.fleet_scan_window
         self.firewall.never_block = never
         armed = self._open_sensors()
         for sensor in self.sensors:

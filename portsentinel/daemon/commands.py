@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import re
 import sqlite3
 import time
 
 from .. import __version__, logs
 from ..addrset import canonical, canonical_network, from_stored
-from ..engine import FLEET, TCP, UDP, Order, Verdict
+from ..engine import FLEET, HANDSHAKE, MANUAL, TCP, UDP, Order, Verdict
 from ..control import TIMEOUT as CLIENT_TIMEOUT
 from ..nft import NftError
 from ..store import BanRecord
@@ -21,6 +22,10 @@ from .assembly import kernel_trap_armed
 from .context import Context
 from .firewall import Firewall
 from .ledger import LOCAL_ORIGINS, BanLedger, announcement
+
+# one fleet member's evidence in Redis, as fleet.py writes it: "<member> <port>/<protocol>"
+# (anything else there is another program's, never logged)
+EVIDENCE_ENTRY = re.compile(r"[A-Za-z0-9_.-]{1,64} \d{1,5}/(?:tcp|udp)\Z")
 
 WORKER_WAIT = CLIENT_TIMEOUT - 5  # the firewall's part: answer before the CLI gives up
 RELOAD_WAIT = 60.0
@@ -208,8 +213,16 @@ class Commands:
         except ValueError:
             return
         until = message.get("until")
+        grade = message.get("evidence")
+        if grade not in (HANDSHAKE, MANUAL) and self._is_peer(ip):
+            # decoy grading holds fleet-wide: a peer here is not banned on spoofable probes
+            self.ctx.log(f"adminalert: fleet: not applying the ban of {ip} from {member}: it "
+                         "completed a TCP handshake with this host lately and the ban rests "
+                         f"on stateless probes (grade {grade or 'unknown'}; possible decoy)",
+                         logs.INFO)
+            return
         order = self.ctx.inbox.call(self.ctx.engine.fleet_ban, ip, time.time(), until,
-                                    message.get("evidence") or FLEET)
+                                    grade or FLEET)
         if order.verdict is Verdict.IGNORED and order.error:
             self.ctx.log(f"adminalert: fleet: not applying the ban of {ip} from {member}: "
                          f"{order.error}", logs.INFO)
@@ -224,33 +237,52 @@ class Commands:
                 self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
 
     def fleet_correlated(self, address: str, entries: list[str]) -> None:
-        """Fleet thread: this member's evidence made a source's first contacts
-        with unused ports reach FLEET_SCAN_TRIGGER members: banned here like
-        a ban of our own (grade `fleet`), and shared."""
+        """Fleet thread: this member's evidence made a source's trap hits
+        reach FLEET_SCAN_TRIGGER members: judged like a scan here (BLOCK_TCP,
+        the ban rate limit, never a peer), banned here as a ban of our own
+        (grade `fleet`, in the history), and shared."""
         try:
             ip = canonical(address)
         except ValueError:
             return
-        config, now = self.ctx.config, time.time()
-        until = now + config.ban_time if config.ban_time > 0 else None
-        order = self.ctx.inbox.call(self.ctx.engine.fleet_ban, ip, now, until, FLEET)
+        entries = [e for e in entries if EVIDENCE_ENTRY.match(e)]  # Redis's word: checked
         members = sorted({e.split(" ", 1)[0] for e in entries})
-        seen = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10
-                                          else "")
-        if order.verdict is not Verdict.BLOCK:
-            if order.error:
-                self.ctx.log(f"adminalert: fleet correlation: not banning {ip}: {order.error}",
-                             logs.INFO)
+        if len(members) < max(2, self.ctx.config.fleet_scan_trigger):
             return
-        reason = f"Fleet-wide scan ({len(members)} members)"
+        ours = next((e for e in entries if e.split(" ", 1)[0] == self.ctx.config.fleet_name),
+                    None)
+        port, protocol = (int(ours.split(" ")[1].split("/")[0]), ours.split("/")[1]) if ours \
+            else (None, None)
+        now = time.time()
+        order = self.ctx.inbox.call(self.ctx.engine.fleet_correlation, ip, now,
+                                    self._is_peer(ip))
+        seen = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more"
+                                          if len(entries) > 10 else "")
+        what = (f"first contacts with unused ports on {len(members)} members ({seen}) within "
+                f"{self.ctx.config.fleet_scan_window:g} s")
+        if order.verdict is Verdict.BLOCK:
+            def apply() -> None:
+                if self.ledger.apply(order, "correlation", f"Fleet-wide scan ({len(members)} "
+                                     "members)", port, protocol):
+                    self.ctx.log(f"attackalert: Host {ip} has been blocked via fleet "
+                                 f"correlation: {what}")
+            if not self.ctx.worker.put(apply):
+                self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
+        elif order.verdict is Verdict.ALERT:
+            self.ctx.log(f"attackalert: fleet correlation: host {ip} scanned the fleet "
+                         f"({what}); not blocked: {order.error}")
+        elif order.verdict in (Verdict.DECOY, Verdict.RATE_LIMITED, Verdict.IGNORED):
+            self.ctx.log(f"adminalert: fleet correlation: not banning {ip} ({what}): "
+                         f"{order.error}", logs.INFO)
 
-        def apply() -> None:
-            if self.ledger.apply(order, "correlation", reason):
-                self.ctx.log(f"attackalert: Host {ip} has been blocked via fleet correlation: "
-                             f"first contacts with unused ports on {len(members)} members "
-                             f"({seen}) within {config.fleet_scan_window:g} s")
-        if not self.ctx.worker.put(apply):
-            self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
+    def _is_peer(self, ip) -> bool:
+        """Did `ip` complete a TCP handshake with this host lately (the kernel's peer sets)?"""
+        if self.ctx.bans is None or not self.ctx.config.decoy_grace:
+            return False
+        try:
+            return self.ctx.bans.is_peer(ip)
+        except OSError:
+            return False
 
     def _apply_fleet_ban(self, order: Order, member: str, reason: str, message: dict) -> None:
         """Worker: a fleet member's ban, everywhere, then said."""

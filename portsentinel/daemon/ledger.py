@@ -139,14 +139,17 @@ class BanLedger:
             self.ctx.log.error(f"adminalert: ERROR: {action} for host {target} failed: {err}")
             return False
 
-    def apply(self, order: Order, origin: str, reason: str) -> bool:
-        """Worker: an admin's or a fleet member's ban, everywhere."""
-        record = BanRecord(str(order.address), order.since, order.until, reason=reason,
+    def apply(self, order: Order, origin: str, reason: str, port: int | None = None,
+              protocol: str | None = None) -> bool:
+        """Worker: an admin's, a fleet member's or the fleet's correlation's
+        ban, everywhere; with `port`, a detection here: in the history too."""
+        record = BanRecord(str(order.address), order.since, order.until, port, protocol,
+                           self.ctx.mode(protocol) if protocol else None, reason=reason,
                            origin=origin, evidence=order.evidence or None)
         nft_result = None
         if NFTABLES in order.actions:
             nft_result = self.ban_now(order.address, order.ban_seconds, replace=True)
-        return self.settle(record, order.actions, nft_result, history=False)
+        return self.settle(record, order.actions, nft_result, history=port is not None)
 
     def set_time(self, order: Order) -> str | None:
         """Worker: a ban in force gets a new end; an error, or None."""

@@ -257,6 +257,43 @@ def test_a_sweep_of_one_trap_port_per_member_is_banned_fleet_wide(tmp_path):
         commands = after[0] - before[0]
         print(f"sweep: {commands} Redis commands, {after[1] - before[1]} bytes in")
 
+        # decoy grading holds fleet-wide: a peer of member a, forged on b, c and d, is
+        # banned there (they never saw it connect) but not on a, where it is a client
+        peer = extra4(27)
+        fetch = ("import socket,sys; s=socket.create_connection((sys.argv[1], 80), 3, "
+                 "(sys.argv[2], 0)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); "
+                 "print(s.recv(100))")
+        assert b"200" in lab.exec("attacker", sys.executable, "-c", fetch, TARGET4,
+                                  peer).stdout.encode()
+        time.sleep(2.5)  # a peer is mature once its first handshake is 2 s old
+        for i, address in enumerate(addresses[1:4]):
+            nmap(lab, "-sS", peer, address, str(i + 4))
+        for d in members[1:]:
+            wait_banned(d, peer, timeout=10)
+        members[0].wait_log(f"fleet: not applying the ban of {peer} from d: it completed a "
+                            "TCP handshake with this host lately")
+        assert peer not in members[0].banned()
+        assert b"200" in lab.exec("attacker", sys.executable, "-c", fetch, TARGET4,
+                                  peer).stdout.encode()
+
+        # a client (a peer of every member) mistyping a trap port on three: no evidence
+        for address in addresses[:3]:
+            lab.exec("client", sys.executable, "-c", "import socket,sys\ntry: "
+                     "socket.create_connection((sys.argv[1], 81), 2).close()\n"
+                     "except OSError: pass", address)
+        time.sleep(1)
+        assert all(netlab.CLIENT4 not in d.banned() for d in members)
+
+        # what another program writes into a source's evidence is never logged
+        forged = extra4(28)
+        _redis(lab, "zadd", f"portsentinel:ev:{forged}", "1e10",
+               "evil 9/tcp\nattackalert: INJECTED")
+        for i, address in enumerate(addresses[:3]):
+            nmap(lab, "-sS", forged, address, str(i + 7))
+        for d in members:
+            wait_banned(d, forged, timeout=10)
+        assert all("INJECTED" not in d.log_text() for d in members)
+
         # another program's key where a source's evidence goes: refused, Redis kept
         planted = extra4(26)
         _redis(lab, "set", f"portsentinel:ev:{planted}", "not a sorted set")

@@ -560,3 +560,22 @@ def test_trap_hits_below_the_trigger_are_marked_as_fleet_evidence():
     young = Engine(Policy(scan_trigger=3), TrwParameters())
     hit = young.handle(Probe(a("192.0.2.6"), 1, TCP, Kind.SYN, 0.0), Facts(young=True))
     assert hit.recheck_after and hit.fleet_evidence
+
+
+def test_a_fleet_correlation_is_judged_like_a_scan_here():
+    """Rate limit, BLOCK_TCP, the grade's ban time and escalation; never a peer."""
+    a = ipaddress.ip_address
+    engine = Engine(Policy(ban_time=3600, ban_time_increment=2,
+                           ban_time_by_evidence={"fleet": 600}, ban_rate=1, ban_burst=1))
+    first = engine.fleet_correlation(a("192.0.2.1"), 0.0, peer=False)
+    assert (first.verdict, first.ban_seconds, first.evidence) == (Verdict.BLOCK, 600, "fleet")
+    assert engine.fleet_correlation(a("192.0.2.1"), 0.5, False).verdict \
+        is Verdict.ALREADY_BLOCKED
+    assert engine.fleet_correlation(a("192.0.2.2"), 0.1, False).verdict is Verdict.RATE_LIMITED
+    assert engine.fleet_correlation(a("192.0.2.3"), 5.0, True).verdict is Verdict.DECOY
+    engine.lift(a("192.0.2.1"))
+    assert engine.fleet_correlation(a("192.0.2.1"), 10.0, False).ban_seconds == 1200
+    log_only = Engine(Policy(block_tcp=0))
+    assert log_only.fleet_correlation(a("192.0.2.4"), 0.0, False).verdict is Verdict.ALERT
+    assert Engine(Policy()).fleet_correlation(a("255.255.255.255"), 0.0, False).verdict \
+        is Verdict.IGNORED
