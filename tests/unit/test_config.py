@@ -92,6 +92,10 @@ def test_ranges_and_no_64_port_cap():
     ('BAN_TIME_BY_EVIDENCE="certain=1h"', 'grade=duration'),
     ('BAN_TIME_BY_EVIDENCE="single"', 'grade=duration'),
     ('BAN_TIME_BY_EVIDENCE="single=soon"', 'duration'),
+    ('BAN_TIME_BY_EVIDENCE="single=1h single=2h"', 'given twice'),
+    ('FLEET_SCAN_WINDOW="0"', 'shorter than 10 s'),
+    ('FLEET_SCAN_TRIGGER="100"', 'at most 64'),
+    ('FLEET_SCAN_TRIGGER="1"', 'at least 2 members'),
     ('this is not a config line', 'cannot read'),
     ('RESOLVE_HOST="0" trailing', 'after the closing quote'),
 ])
@@ -248,3 +252,13 @@ def test_an_ip_protocol_scan_needs_two_protocols_at_least():
     with pytest.raises(ConfigError, match="PROTO_SCAN_TRIGGER.*never bans"):
         parse('PROTO_SCAN_TRIGGER="1"\n', "test")
     assert parse("", "test").proto_scan_trigger == 4
+
+
+def test_fleet_names_that_are_origins_are_reserved(tmp_path: Path):
+    """A member named like an origin of this member's own bans would have its
+    bans taken for theirs by every other member (and republished)."""
+    for name in ("local", "cli", "kernel", "correlation"):
+        conf = tmp_path / "p.conf"
+        conf.write_text(f'FLEET_REDIS_URL="redis://192.0.2.1:6379/0"\nFLEET_NAME="{name}"\n')
+        done = run_cli("check-config", "-c", str(conf))
+        assert done.returncode == 1 and "is reserved" in done.stderr, (name, done.stderr)
