@@ -207,10 +207,10 @@ class Store:
             return self._count
 
     def evidence_counts(self) -> dict[str, int]:
-        """Bans recorded, by grade ("unknown": found in the firewall, older records)."""
+        """Bans recorded, by grade ("ungraded": found in the firewall, older records)."""
         with self._lock:
             rows = self._db.execute("SELECT evidence, COUNT(*) FROM bans GROUP BY evidence")
-            return {grade or "unknown": n for grade, n in rows.fetchall()}
+            return {grade or "ungraded": n for grade, n in rows.fetchall()}
 
     def bans(self) -> list[BanRecord]:
         with self._lock:

@@ -106,7 +106,7 @@ class BanLedger:
         self.ctx.metrics.active_bans.inc()  # exact again at the next housekeeping
         self.ctx.metrics.bans.labels(
             record.origin if record.origin in LOCAL_ORIGINS else "fleet").inc()
-        self.ctx.metrics.bans_by_evidence.labels(record.evidence or "unknown").inc()
+        self.ctx.metrics.bans_by_evidence.labels(record.evidence or "ungraded").inc()
         if history:
             self.records.blocked(time.time(), record.address, name, record.port or 0,
                                  record.protocol, record.mode)

@@ -162,7 +162,7 @@ def test_a_state_file_made_before_evidence_grades_opens_and_records_them(tmp_pat
     assert store.get_ban("192.0.2.1").evidence is None
     store.add_ban(BanRecord("192.0.2.2", 2, None, reason="scan", evidence="handshake"))
     assert Store(path).get_ban("192.0.2.2").evidence == "handshake"
-    assert store.evidence_counts() == {"unknown": 1, "handshake": 1}
+    assert store.evidence_counts() == {"ungraded": 1, "handshake": 1}
 
 
 def test_unblock_offline_undoes_what_each_recorded_ban_did(tmp_path: Path):
