@@ -136,7 +136,8 @@ class Verdict(enum.Enum):
 HANDSHAKE = "handshake"  # a completed TCP handshake to a trap port: the source is real
 REPEATED = "repeated"  # several stateless probes: SCAN_TRIGGER, ACK / protocol scans, slow scans
 SINGLE = "single"  # one stateless probe (its source could be spoofed)
-FLEET = "fleet"  # a fleet member's ban that came without a grade
+FLEET = "fleet"  # the fleet's correlation (trap hits on several members); or a shared
+#                  ban that came without a grade
 MANUAL = "manual"  # an admin's
 GRADES = (HANDSHAKE, REPEATED, SINGLE, FLEET, MANUAL)
 
@@ -256,6 +257,11 @@ def _key(address: Address) -> bytes:
     return address.packed
 
 
+def _grade(probe: Probe, repeated: bool) -> str:
+    """The evidence grade of a ban made for `probe` (`repeated`: it took several)."""
+    return HANDSHAKE if probe.kind is Kind.CONNECT else REPEATED if repeated else SINGLE
+
+
 def _not_a_host(address: Address) -> bool:
     return (address.is_multicast or address.is_unspecified
             or address == ipaddress.IPv4Address("255.255.255.255"))
@@ -365,9 +371,7 @@ class Engine:
         key = _key(probe.source)
         if not self._triggered(key, probe):
             return Decision(Verdict.PENDING, probe)
-        evidence = HANDSHAKE if probe.kind is Kind.CONNECT else \
-            REPEATED if self.policy.scan_trigger > 1 else SINGLE
-        return self._decide(key, probe, peer, evidence)
+        return self._decide(key, probe, peer, _grade(probe, self.policy.scan_trigger > 1))
 
     def _evidence(self, probe: Probe, facts, table: OrderedDict, trigger: int,
                   window: float) -> Decision:
@@ -394,8 +398,7 @@ class Engine:
             return Decision(Verdict.IGNORED, probe)
         if self.is_blocked(probe.source):
             return Decision(Verdict.ALREADY_BLOCKED, probe, report=False)
-        evidence = HANDSHAKE if probe.kind is Kind.CONNECT else \
-            REPEATED if probe.kind in (Kind.ACK, Kind.PROTOCOL) else SINGLE  # their evidence chains
+        evidence = _grade(probe, probe.kind in (Kind.ACK, Kind.PROTOCOL))  # their evidence chains
         return self._ban_decision(probe, self.policy.actions_for(probe.protocol), evidence)
 
     def _first_contact(self, probe: Probe, facts) -> Decision | None:
