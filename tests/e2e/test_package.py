@@ -27,26 +27,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import netlab  # noqa: E402
+from test_tutorial import tutorial_conf  # noqa: E402  Debian's file, the tutorial's edits
 
 ROOT = Path(__file__).resolve().parents[2]
 DEB_ROOT = Path(os.environ.get("PORTSENTRY_DEB_ROOT", ROOT / ".cache/portsentry/root"))
 DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # Debian's python3, not a venv's or pyenv's
-TUTORIAL = """\
-TCP_PORTS="1,11,15,79,111,119,143,540,635,1080,1524,2000,5742,6667,12345,12346,20034,27665,31337,32771,32772,32773,32774,40421,49724,54320"
-UDP_PORTS="1,7,9,69,161,162,513,635,640,641,700,37444,34555,31335,32770,32771,32772,32773,32774,31337,54321"
-ADVANCED_PORTS_TCP="1024"
-ADVANCED_PORTS_UDP="1024"
-ADVANCED_EXCLUDE_TCP="113,139"
-ADVANCED_EXCLUDE_UDP="520,138,137,67"
-IGNORE_FILE="/etc/portsentry/portsentry.ignore"
-HISTORY_FILE="/var/lib/portsentry/portsentry.history"
-BLOCKED_FILE="/var/lib/portsentry/portsentry.blocked"
-RESOLVE_HOST="0"
-BLOCK_UDP="1"
-BLOCK_TCP="1"
-KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"
-SCAN_TRIGGER="0"
-"""
 
 
 def build_package(out: Path) -> Path:
@@ -186,7 +171,7 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     root.run("apt-get update -qq")
     root.run(f"apt-get install -y -qq ./tmp/{old[-1].name} python3-prometheus-client "
              "python3-redis nftables iptables")
-    root.path("/etc/portsentry/portsentry.conf").write_text(TUTORIAL)
+    root.path("/etc/portsentry/portsentry.conf").write_text(tutorial_conf())
     root.path("/etc/default/portsentry").write_text('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
     root.path("/etc/portsentry/portsentry.ignore").write_text("127.0.0.1/32\n0.0.0.0\n")
     conf_before = {name: root.path(f"/etc/portsentry/{name}").read_bytes()
@@ -237,6 +222,7 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     bans = root.run("portsentinel list", netns="target").stdout
     assert netlab.ATTACKER4 in bans
     assert f"-s {netlab.ATTACKER4}/32 -j DROP" in lab.exec("target", "iptables", "-S").stdout
+    assert f"ALL: {netlab.ATTACKER4} : DENY" in root.path("/etc/hosts.deny").read_text()
     # fail2ban's portsentry filter, unchanged, finds the scanner in the history
     regex = root.run("fail2ban-regex /var/lib/portsentry/portsentry.history "
                      "/etc/fail2ban/filter.d/portsentry.conf").stdout
@@ -249,6 +235,7 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     assert netlab.ATTACKER4 not in lab.exec("target", "iptables", "-S").stdout
     assert root.path("/etc/portsentry/portsentry.conf").read_bytes() \
         == conf_before["portsentry.conf"]
+    assert netlab.ATTACKER4 not in root.path("/etc/hosts.deny").read_text()  # KILL_HOSTS_DENY
     reach = lab.exec("attacker", "nmap", "-sS", "-Pn", "-n", "-p", "22", netlab.TARGET4)
     assert "22/tcp open" in reach.stdout, reach.stdout  # the scanner's ban is gone too
     assert root.path("/var/lib/portsentinel").exists()  # the state: until purged
