@@ -147,22 +147,28 @@ class Lab:
     @staticmethod
     def _kill_members(name: str) -> None:
         """Kill, by PID, every process still inside the namespace `name`."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [int(p) for p in sh("ip", "netns", "pids", name, check=False).stdout.split()]
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if not pids:
-                return
-            time.sleep(0.5)
+        kill_by_pid(lambda: [int(p) for p in sh("ip", "netns", "pids", name,
+                                                 check=False).stdout.split()])
 
     def __enter__(self) -> "Lab":
         return self.up()
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def kill_by_pid(members) -> None:
+    """SIGTERM, then SIGKILL, every process `members()` lists (by PID, never by name)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = members()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not pids:
+            return
+        time.sleep(0.5)
 
 
 def wait_for_line(path: Path, text: str, timeout: float = 10.0) -> str:

@@ -97,16 +97,7 @@ exec sleep 900
 
     def close(self) -> None:
         """Every process of this root, by PID, then the holder (the mounts go with it)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [p for p in self.rooted() if p != self.holder.pid]
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if not pids:
-                break
-            time.sleep(0.5)
+        netlab.kill_by_pid(lambda: [p for p in self.rooted() if p != self.holder.pid])
         self.holder.kill()
         self.holder.wait(10)
 
