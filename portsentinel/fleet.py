@@ -154,6 +154,7 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 redis.call('ZADD', key, now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', key, '(' .. (now + 60), '+inf')  -- from the future: not ours
 local n = redis.call('ZCARD', key)
 if n > cap then redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1) end
 local ttl = math.floor(window * 1000)
@@ -161,8 +162,8 @@ redis.call('PEXPIRE', key, ttl)
 local entries, valid = redis.call('ZRANGE', key, 0, -1), {}
 local seen, distinct = {}, 0
 for _, entry in ipairs(entries) do  -- only what members write counts (and is returned)
-  local member = string.match(entry, '^([%w_.-]+) %d+/%a+$')
-  if member and #entry <= 80 then
+  local member, port = string.match(entry, '^([%w_.-]+) (%d+)/%a+$')
+  if member and #entry <= 80 and tonumber(port) <= 65535 then
     table.insert(valid, entry)
     if not seen[member] then seen[member] = true; distinct = distinct + 1 end
   end
@@ -181,7 +182,7 @@ class Fleet:
                  local_bans: Callable[[], list[dict]], log, log_error,
                  max_seconds: float = 0, rejected: Callable[[str], None] = lambda reason: None,
                  scan_trigger: int = 0, scan_window: float = 600.0,
-                 correlated: Callable[[str, list[str]], None] = lambda address, entries: None):
+                 correlated: Callable[[str, list[str]], bool] = lambda address, entries: True):
         self.url, self.member, self.prefix = url, member, prefix
         self.scan_trigger, self.scan_window, self.correlated = scan_trigger, scan_window, correlated
         self._evidence_seen: OrderedDict = OrderedDict()  # (address, port, protocol) -> time
@@ -301,9 +302,12 @@ class Fleet:
         except (redis.RedisError, OSError):
             self.connected.clear()
             return
-        if entries:
-            self.correlated(address, [e.decode() if isinstance(e, bytes) else str(e)
-                                      for e in entries])
+        if entries and not self.correlated(address, [e.decode() if isinstance(e, bytes)
+                                                     else str(e) for e in entries]):
+            try:  # not banned here (rate limit, log only, a peer): the next member may
+                client.delete(f"{self.prefix}:ev:{address}:fired")
+            except (redis.RedisError, OSError):
+                self.connected.clear()
 
     # -- incoming ---------------------------------------------------------------
     def _subscriber(self) -> None:

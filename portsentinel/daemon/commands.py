@@ -25,7 +25,8 @@ from .ledger import LOCAL_ORIGINS, BanLedger, announcement
 
 # one fleet member's evidence in Redis, as fleet.py writes it: "<member> <port>/<protocol>"
 # (anything else there is another program's, never logged)
-EVIDENCE_ENTRY = re.compile(r"[A-Za-z0-9_.-]{1,64} \d{1,5}/(?:tcp|udp)\Z")
+EVIDENCE_ENTRY = re.compile(r"[A-Za-z0-9_.-]{1,64} (\d{1,5})/(?:tcp|udp)\Z")
+CORRELATION_LINES = 2  # a second: "not banning" lines of the fleet's correlation (a flood's)
 
 WORKER_WAIT = CLIENT_TIMEOUT - 5  # the firewall's part: answer before the CLI gives up
 RELOAD_WAIT = 60.0
@@ -35,6 +36,7 @@ class Commands:
     def __init__(self, ctx: Context, ledger: BanLedger, firewall: Firewall, reload):
         self.ctx, self.ledger, self.firewall = ctx, ledger, firewall
         self.reload = reload  # the daemon's reload (owner thread)
+        self._correlation_lines = logs.LineBudget(CORRELATION_LINES, CORRELATION_LINES)
 
     def handle(self, request: dict) -> dict:
         try:
@@ -236,19 +238,21 @@ class Commands:
                 # not applied: nor recorded in the engine (a resync offers it again)
                 self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
 
-    def fleet_correlated(self, address: str, entries: list[str]) -> None:
+    def fleet_correlated(self, address: str, entries: list[str]) -> bool:
         """Fleet thread: this member's evidence made a source's trap hits
         reach FLEET_SCAN_TRIGGER members: judged like a scan here (BLOCK_TCP,
         the ban rate limit, never a peer), banned here as a ban of our own
-        (grade `fleet`, in the history), and shared."""
+        (grade `fleet`, in the history), and shared. False when not banned
+        here (the next member's evidence may: its judgment may differ)."""
         try:
             ip = canonical(address)
         except ValueError:
-            return
-        entries = [e for e in entries if EVIDENCE_ENTRY.match(e)]  # Redis's word: checked
+            return True
+        entries = [e for e in entries  # Redis's word: checked
+                   if (m := EVIDENCE_ENTRY.match(e)) and int(m[1]) <= 65535]
         members = sorted({e.split(" ", 1)[0] for e in entries})
         if len(members) < max(2, self.ctx.config.fleet_scan_trigger):
-            return
+            return False
         ours = next((e for e in entries if e.split(" ", 1)[0] == self.ctx.config.fleet_name),
                     None)
         port, protocol = (int(ours.split(" ")[1].split("/")[0]), ours.split("/")[1]) if ours \
@@ -268,12 +272,22 @@ class Commands:
                                  f"correlation: {what}")
             if not self.ctx.worker.put(apply):
                 self.ctx.inbox.post(self.ctx.engine.lift, ip, False, order.since)
-        elif order.verdict is Verdict.ALERT:
+                return False
+            return True
+        if order.verdict is Verdict.ALREADY_BLOCKED:
+            return True
+        if not self._correlation_lines.take(time.monotonic()):  # a forged flood's
+            return False
+        held = self._correlation_lines.held
+        more = f" ({held} more not logged)" if held else ""
+        self._correlation_lines.held = 0
+        if order.verdict is Verdict.ALERT:
             self.ctx.log(f"attackalert: fleet correlation: host {ip} scanned the fleet "
-                         f"({what}); not blocked: {order.error}")
-        elif order.verdict in (Verdict.DECOY, Verdict.RATE_LIMITED, Verdict.IGNORED):
+                         f"({what}); not blocked: {order.error}{more}")
+        else:
             self.ctx.log(f"adminalert: fleet correlation: not banning {ip} ({what}): "
-                         f"{order.error}", logs.INFO)
+                         f"{order.error}{more}", logs.INFO)
+        return False
 
     def _is_peer(self, ip) -> bool:
         """Did `ip` complete a TCP handshake with this host lately (the kernel's peer sets)?"""

@@ -115,3 +115,27 @@ def test_a_key_of_the_wrong_type_does_not_stop_the_resync():
     fleet._resync(Client())
     assert [m["address"] for m in applied] == ["198.51.100.1", "198.51.100.2"]
     assert rejected == ["bad key"]
+
+
+def test_a_correlation_not_banned_here_leaves_the_next_member_free_to_ban():
+    """The evidence script marks a source `:fired` (once a window); when the
+    member that crossed the line does not ban it (its ban rate limit, log
+    only, a peer of its own), the mark goes, or a spoofed flood that drained
+    the rate limit would make the real sweeper immune for the window."""
+    from portsentinel.fleet import Fleet
+
+    class Client:
+        deleted: list = []
+
+        def delete(self, key):
+            self.deleted.append(key)
+
+    for banned, deleted in ((True, []), (False, ["pfx:ev:192.0.2.9:fired"])):
+        fleet = Fleet("redis://192.0.2.1:6379/0", "m1", "pfx", lambda m: None,
+                      lambda m: None, lambda: [], print, print, scan_trigger=3,
+                      correlated=lambda address, entries, result=banned: result)
+        fleet._script = lambda keys, args, client: [b"m1 1/tcp", b"m2 2/tcp", b"m3 3/tcp"]
+        client = Client()
+        client.deleted = []
+        fleet._evidence(client, {"address": "192.0.2.9", "entry": "m1 1/tcp"})
+        assert client.deleted == deleted
