@@ -193,6 +193,7 @@ def test_the_package_takes_over_from_portsentry_and_leaves_nothing_behind(lab, t
     unit = root.path("/lib/systemd/system/portsentinel.service").read_text()
     assert "ExecStart=/usr/sbin/portsentinel run --foreground" in unit
     assert root.path("/usr/share/man/man8/portsentinel.8.gz").exists()
+    assert root.path("/usr/share/man/man8/portsentry.8.gz").exists()  # `man portsentry`
     assert root.path("/usr/share/man/man5/portsentry.conf.5.gz").exists()
     assert "/var/lib/portsentry/portsentry.history" in \
         root.path("/etc/logrotate.d/portsentinel").read_text()
