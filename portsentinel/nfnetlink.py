@@ -258,7 +258,11 @@ def _generation(sock: socket.socket, seq: int) -> int:
 def dump_set(table: str, set_name: str) -> dict[str, float | None]:
     """Every element of one address set: address -> seconds left (None: no
     timeout). Its own socket, so a long dump never holds up the ban path."""
-    return {address: left for address, (left, _) in dump_counted(table, set_name).items()}
+    found: dict[str, float | None] = {}
+    for key, left in _dump(table, set_name):
+        if len(key) in (4, 16):
+            found[str(ipaddress.ip_address(key))] = left
+    return found
 
 
 def dump_counted(table: str, set_name: str) -> dict[str, tuple[float | None, int | None]]:
@@ -303,31 +307,31 @@ def _elements_into(found: list, data: bytes, start: int, end: int,
                    counted: bool = False) -> None:
     """(key, seconds left) of each element, and with `counted` its counter's packets."""
     listed = attributes(data, start, end).get(SET_ELEM_LIST_ELEMENTS, b"")
-    at, size = 0, len(listed)
-    while at + 4 <= size:
-        length = struct.unpack_from("=H", listed, at)[0]
-        if length < 4:
-            break
-        element = attributes(listed, at + 4, at + length)
+    for payload in _each_nested(listed):
+        element = attributes(payload, 0, len(payload))
         key = attributes(element.get(SET_ELEM_KEY, b""), 0, 64).get(DATA_VALUE)
         if key is not None:
             expires = element.get(SET_ELEM_EXPIRATION)
             left = struct.unpack("!Q", expires)[0] / 1000 if expires else None
             found.append((key, left, _packets(element)) if counted else (key, left))
+
+
+def _each_nested(listed: bytes):
+    """The payloads of a list of same-type nested attributes (NFTA_LIST_ELEM):
+    `attributes` keeps one per type, a list repeats it."""
+    at = 0
+    while at + 4 <= len(listed):
+        length = struct.unpack_from("=H", listed, at)[0]
+        if length < 4:
+            break
+        yield listed[at + 4:at + length]
         at += (length + 3) & ~3
 
 
 def _packets(element: dict[int, bytes]) -> int | None:
     """The packets of an element's counter, if it has one."""
     exprs = [element[SET_ELEM_EXPR]] if SET_ELEM_EXPR in element else []
-    listed = element.get(SET_ELEM_EXPRESSIONS, b"")
-    at = 0
-    while at + 4 <= len(listed):  # NFTA_LIST_ELEM, each an expression
-        length = struct.unpack_from("=H", listed, at)[0]
-        if length < 4:
-            break
-        exprs.append(listed[at + 4:at + length])
-        at += (length + 3) & ~3
+    exprs += _each_nested(element.get(SET_ELEM_EXPRESSIONS, b""))
     for expr in exprs:
         fields = attributes(expr, 0, len(expr))
         if fields.get(EXPR_NAME, b"").rstrip(b"\0") == b"counter":

@@ -19,7 +19,7 @@ import threading
 from .addrset import AddressSet, canonical, text
 from . import nfnetlink
 from .nfnetlink import (STATIC_SETS, SetElements, add_compat_queue_rule, dump_counted, dump_keys,
-                        generation)
+                        dump_set, generation)
 from .ruleset import HOLD_CHAIN, KernelTrap, elements, queue_rule, table_commands
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -403,19 +403,24 @@ class NftBans:
         """Address -> seconds left (None when the ban has no timeout). A dump
         taken while the kernel resizes the set may miss elements: confirm an
         absence with `holds` before acting on it."""
-        return {address: left for address, (left, _) in self.banned_counted().items()}
+        return self._ban_sets(dump_set, lambda left: left)
 
     def banned_counted(self) -> dict[str, tuple[float | None, int | None]]:
         """Address -> (seconds left, packets its ban dropped): `banned`, with
         each element's counter (None in a table made before the counters)."""
-        found: dict[str, tuple[float | None, int | None]] = {}
+        return self._ban_sets(dump_counted, lambda value: value[0])
+
+    def _ban_sets(self, dump, left_of) -> dict:
+        """Both ban sets as `dump` reads them (address -> its value); a mapped
+        address found in ban6 is moved to ban4 on the way."""
+        found = {}
         try:
             for name in ("ban4", "ban6"):
-                for address, (left, packets) in dump_counted(self.table, name).items():
+                for address, value in dump(self.table, name).items():
                     ip = ipaddress.ip_address(address)
                     if ip.version == 6 and ip.ipv4_mapped is not None:
-                        address = self._move_mapped(ip, left)
-                    found[address] = (left, packets)
+                        address = self._move_mapped(ip, left_of(value))
+                    found[address] = value
         except OSError as err:
             raise NftError(str(err)) from None
         return found

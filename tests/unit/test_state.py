@@ -147,24 +147,6 @@ def test_the_store_asks_sqlite_for_expiries_and_the_count_only_after_a_write(tmp
     assert store.writes == writes + 1
 
 
-def test_a_state_file_made_before_evidence_grades_opens_and_records_them(tmp_path: Path):
-    import sqlite3
-    path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    db.executescript("""CREATE TABLE bans (address TEXT PRIMARY KEY, since REAL NOT NULL,
-        until REAL, port INTEGER, protocol TEXT, mode TEXT, reason TEXT NOT NULL,
-        origin TEXT NOT NULL, hosts_deny_line TEXT, kill_route_command TEXT);
-        INSERT INTO bans VALUES ('192.0.2.1', 1, NULL, 1, 'tcp', 'atcp', 'scan', 'local',
-                                 NULL, NULL);""")
-    db.commit()
-    db.close()
-    store = Store(path)
-    assert store.get_ban("192.0.2.1").evidence is None
-    store.add_ban(BanRecord("192.0.2.2", 2, None, reason="scan", evidence="handshake"))
-    assert Store(path).get_ban("192.0.2.2").evidence == "handshake"
-    assert store.evidence_counts() == {"ungraded": 1, "handshake": 1}
-
-
 def test_unblock_offline_undoes_what_each_recorded_ban_did(tmp_path: Path):
     """The package removed while the daemon was stopped: its bans are lifted
     from the state file (here a hosts.deny line), and it is refused while a

@@ -76,8 +76,14 @@ def test_a_state_file_from_before_the_undo_columns_is_migrated(tmp_path: Path):
                                  'ALL: 198.51.100.2 : DENY', NULL);""")
     old.commit()
     old.close()
-    ban = Store(path).get_ban("198.51.100.2")
+    store = Store(path)
+    ban = store.get_ban("198.51.100.2")
     assert ban.hosts_deny_line == "ALL: 198.51.100.2 : DENY" and ban.hosts_deny_file is None
+    # and before the evidence grades: none for the old ban, kept for new ones
+    assert ban.evidence is None
+    store.add_ban(BanRecord("192.0.2.2", 2, None, reason="scan", evidence="handshake"))
+    assert Store(path).get_ban("192.0.2.2").evidence == "handshake"
+    assert store.evidence_counts() == {"ungraded": 1, "handshake": 1}
 
 
 def test_no_negative_limit_evicts_everything(tmp_path: Path):
