@@ -338,7 +338,8 @@ def counters_read(lab: netlab.Lab) -> dict[str, int]:
 
 def parse_nmap(text: str) -> tuple[dict[int, str], bool, bool]:
     """(port -> state, any closed port seen, host timed out)."""
-    states = {int(m[1]): m[3] for m in re.finditer(r"^(\d+)/(tcp|udp)\s+(\S+)", text, re.M)}
+    states = {int(m[1]): m[3] for m in re.finditer(r"^(\d+)/(tcp|udp|sctp)\s+(\S+)", text,
+                                                   re.M)}
     closed = "closed" in states.values() or re.search(r"Not shown: \d+ closed", text) is not None
     return states, closed, "host timeout" in text
 
@@ -348,10 +349,11 @@ def answered(text: str) -> int:
     "Not shown": `open`, `closed`, `unfiltered` (an ACK scan's). A state with
     "filtered" in it (`open|filtered`: no answer) taught it nothing."""
     learned = ("open", "closed", "unfiltered")
-    listed = sum(m[1] in learned for m in re.finditer(r"^\d+(?:/(?:tcp|udp))?\s+(\S+)\s",
+    listed = sum(m[1] in learned for m in re.finditer(r"^\d+(?:/(?:tcp|udp|sctp))?\s+(\S+)\s",
                                                         text, re.M))
     hidden = sum(int(m[1]) for line in re.findall(r"^Not shown: (.*)$", text, re.M)
-                 for m in re.finditer(r"(\d+) (\S+) (?:tcp|udp|n/a) (?:ports|protocols)", line)
+                 for m in re.finditer(r"(\d+) (\S+) (?:tcp|udp|sctp|n/a) (?:ports|protocols)",
+                                      line)
                  if m[2] in learned)
     return listed + hidden
 
@@ -539,6 +541,9 @@ RECON_SCANS = [  # issue 19: probes the trap did not see (to every port, or to s
     ("IPv6 ACK -sA", ["-sA"], True),
     ("IP protocols -sO", ["-sO"], False),
     ("IPv6 IP protocols -sO", ["-sO"], True),
+    ("SCTP INIT -sY", ["-sY"], False),
+    ("IPv6 SCTP INIT -sY", ["-sY"], True),
+    ("SCTP COOKIE-ECHO -sZ", ["-sZ"], False),
 ]
 
 

@@ -67,8 +67,12 @@ class Kind(enum.Enum):
     OTHER = "other"  # any other flag mix without ACK/RST
     ACK = "ack"  # ACK without RST that matches no connection (nmap -sA, -sW, -sM)
     PROTOCOL = "protocol"  # an IP protocol other than TCP, UDP, ICMP (nmap -sO)
+    TRANSPORT = "transport"  # an SCTP INIT, UDP-Lite datagram or DCCP Request (nmap -sY)
     FRAGMENT = "fragment"  # a TCP header split across fragments (nmap -f): flags unseen
     UDP = "udp"  # a datagram seen by the packet sensor
+
+
+STATELESS_EVIDENCE = (Kind.ACK, Kind.PROTOCOL, Kind.TRANSPORT)  # one proves nothing
 
 
 def classify_tcp(flags: int) -> Kind:
@@ -91,7 +95,7 @@ def classify_tcp(flags: int) -> Kind:
 class Probe:
     source: Address
     port: int
-    protocol: str  # TCP or UDP
+    protocol: str  # TCP, UDP, IP; for Kind.TRANSPORT: "sctp", "udplite", "dccp"
     kind: Kind
     time: float
     flags: int = 0
@@ -300,6 +304,7 @@ class Engine:
         self._pending: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._acks: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._protocols: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
+        self._transports: OrderedDict[bytes, dict[tuple[str, int], float]] = OrderedDict()
         self._bans: OrderedDict[bytes, Ban] = OrderedDict()
         self._offences: OrderedDict[bytes, int] = OrderedDict()  # earlier bans per host
         self._decoys: OrderedDict[bytes, float] = OrderedDict()  # host -> last reported
@@ -329,6 +334,9 @@ class Engine:
         if probe.kind is Kind.PROTOCOL:
             return self._evidence(probe, facts, self._protocols,
                                   self.policy.proto_scan_trigger, self.policy.proto_scan_window)
+        if probe.kind is Kind.TRANSPORT:  # ports of SCTP, UDP-Lite, DCCP: as ACK probes
+            return self._evidence(probe, facts, self._transports, self.policy.ack_scan_trigger,
+                                  self.policy.ack_scan_window)
         stateless = probe.kind is not Kind.CONNECT
         counted = None
         if probe.trap and not facts.served:
@@ -398,7 +406,7 @@ class Engine:
             return Decision(Verdict.IGNORED, probe)
         if self.is_blocked(probe.source):
             return Decision(Verdict.ALREADY_BLOCKED, probe, report=False)
-        evidence = _grade(probe, probe.kind in (Kind.ACK, Kind.PROTOCOL))  # their evidence chains
+        evidence = _grade(probe, probe.kind in STATELESS_EVIDENCE)  # their evidence chains
         return self._ban_decision(probe, self.policy.actions_for(probe.protocol), evidence)
 
     def _first_contact(self, probe: Probe, facts) -> Decision | None:
@@ -598,6 +606,7 @@ class Engine:
             self._offences.pop(key, None)
             self._acks.pop(key, None)
             self._protocols.pop(key, None)
+            self._transports.pop(key, None)
             self._pending.pop(key, None)
         ban = self._bans.get(key)
         if ban is None or (since is not None and ban.since != since):

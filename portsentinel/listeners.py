@@ -87,6 +87,28 @@ def udp_bound() -> set[int]:
         socket.IPPROTO_UDP, socket.AF_INET6, ALL_STATES)
 
 
+# SCTP, UDP-Lite, DCCP: their name in /proc/net/protocols (a module loaded) and number
+TRANSPORT_PROTOCOLS = {"sctp": ("SCTP", 132), "udplite": ("UDP-Lite", 136), "dccp": ("DCCP", 33)}
+
+
+def loaded_transports(path: str = "/proc/net/protocols") -> set[str]:
+    """Which of TRANSPORT_PROTOCOLS the kernel has now. Read, never asked
+    through a socket or sock_diag: either would load the module."""
+    try:
+        with open(path) as f:
+            names = {line.split(None, 1)[0] for line in f if line.strip()}
+    except OSError:
+        return set()
+    return {name for name, (label, _) in TRANSPORT_PROTOCOLS.items() if label in names}
+
+
+def transport_bound(name: str) -> set[int]:
+    """Local ports of the sockets of a loaded transport (OSError: its
+    sock_diag handler is missing, e.g. no sctp_diag)."""
+    number = TRANSPORT_PROTOCOLS[name][1]
+    return _dump(number, socket.AF_INET, ALL_STATES) | _dump(number, socket.AF_INET6, ALL_STATES)
+
+
 # TCP states reached only through a completed handshake (not SYN_RECV: a
 # spoofed SYN puts a socket there)
 _POST_HANDSHAKE = sum(1 << state for state in (1, 4, 5, 6, 8, 9, 11))

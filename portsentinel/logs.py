@@ -37,7 +37,16 @@ def _flag(flags: int, bit: int) -> int:
     return 1 if flags & bit else 0
 
 
+# (protocol, SCTP chunk type or DCCP packet type) -> the scan's name
+_TRANSPORT_SCANS = {("sctp", 1): "SCTP INIT scan", ("sctp", 10): "SCTP COOKIE-ECHO scan",
+                    ("dccp", 0): "DCCP Request scan"}
+TRANSPORT_LABELS = {"sctp": "SCTP", "udplite": "UDP-Lite", "dccp": "DCCP"}
+
+
 def scan_name(probe: Probe) -> str:
+    if probe.kind is Kind.TRANSPORT:
+        label = TRANSPORT_LABELS.get(probe.protocol, probe.protocol.upper())
+        return _TRANSPORT_SCANS.get((probe.protocol, probe.flags), f"{label} scan")
     if probe.kind is Kind.OTHER:
         f = probe.flags
         return (f"Unknown Type: TCP Packet Flags: SYN: {_flag(f, SYN)} FIN: {_flag(f, FIN)} "
@@ -49,7 +58,7 @@ def scan_name(probe: Probe) -> str:
 def alert_line(probe: Probe, name: str | None = None, source: str | None = None) -> str:
     """`source`: the source's text, when the caller has it already."""
     host = host_label(source or address_text(probe.source), name)
-    proto = probe.protocol.upper()
+    proto = TRANSPORT_LABELS.get(probe.protocol) or probe.protocol.upper()
     if probe.kind is Kind.CONNECT:
         return f"attackalert: Connect from host: {host} to {proto} port: {probe.port}"
     if probe.kind is Kind.PROTOCOL:

@@ -13,6 +13,7 @@ from .addrset import canonical
 from .engine import ACK, IP, RST, TCP, UDP
 
 PROTO_TCP, PROTO_UDP = 6, 17
+PROTO_SCTP, PROTO_UDPLITE, PROTO_DCCP = 132, 136, 33
 # IPv6 extension headers that may precede TCP/UDP
 _HOP, _ROUTING, _FRAGMENT, _DSTOPTS, _AH = 0, 43, 44, 60, 51
 _MAX_EXTENSIONS = 8
@@ -28,6 +29,7 @@ class Packet:
     ip_options: bool
     source_port: int = 0
     truncated: bool = False  # a first fragment too short for the TCP flags (nmap -f)
+    service: int = 0  # SCTP, UDP-Lite, DCCP (protocol IP): the destination port
 
 
 def parse(data: bytes, probes_only: bool = True) -> Packet | None:
@@ -115,5 +117,19 @@ def _transport(proto: int, segment: bytes, source, destination, ip_options: bool
         return Packet(source, destination, UDP, int.from_bytes(segment[2:4], "big"),
                       0, ip_options, int.from_bytes(segment[0:2], "big"))
     if not probes_only:  # what the kernel logged as another protocol's probe (nmap -sO)
+        if proto in (PROTO_SCTP, PROTO_UDPLITE, PROTO_DCCP) and len(segment) >= 4:
+            return Packet(source, destination, IP, proto, _opening(proto, segment), ip_options,
+                          int.from_bytes(segment[0:2], "big"),
+                          service=int.from_bytes(segment[2:4], "big"))
         return Packet(source, destination, IP, proto, 0, ip_options)
     return None
+
+
+def _opening(proto: int, segment: bytes) -> int:
+    """What kind of packet of its transport: SCTP's first chunk type, DCCP's
+    packet type (-1: too short to say); 0 for UDP-Lite."""
+    if proto == PROTO_SCTP:
+        return segment[12] if len(segment) > 12 else -1
+    if proto == PROTO_DCCP:
+        return (segment[8] >> 1) & 0x0F if len(segment) > 8 else -1
+    return 0

@@ -30,6 +30,10 @@ CONTACT_PREFIX = "portsentinel contact"  # a first SYN to a port nothing serves
 SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
 ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved trap port
 PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP, UDP, ICMP
+TRANSPORT_PREFIX = "portsentinel port"  # an SCTP INIT, UDP-Lite datagram, DCCP Request: unserved port
+# the other transports with ports, judged per port as ACK-family probes are
+TRANSPORTS = ("sctp", "udplite", "dccp")
+ANSWER_MEMORY = "2m"  # what answers this host's own packet of those, this long after it
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
 ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
 HIT_RATE = "20/second burst 40 packets"
@@ -71,6 +75,7 @@ class KernelTrap:
     proto_trigger: int = 0  # >= 2, with proto_window and ban_tcp: this many distinct protocols ban in the kernel
     hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
     service_memory: float = 0.0  # > 0: a served port a client's packet reached goes to served_*
+    transports: tuple[str, ...] = ()  # with ack_window: of TRANSPORTS, those judged per port
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -147,6 +152,8 @@ def _sets(t: str, set_size: int) -> list[str]:
         # trap; the daemon's poll and the trap (a client's packet) fill them
         f"add set inet {t} served_tcp {{ type inet_service; {dynamic} size 65536; }}",
         f"add set inet {t} served_udp {{ type inet_service; {dynamic} size 65536; }}",
+        *(f"add set inet {t} served_{name} {{ type inet_service; flags timeout; size 65536; }}"
+          for name in TRANSPORTS),  # no socket lookup for these: the daemon fills them
         # completed challenges, per connection: only its first ACK may ban
         f"add set inet {t} chal4 {{ type ipv4_addr . inet_service; {dynamic} size 65536; }}",
         f"add set inet {t} chal6 {{ type ipv6_addr . inet_service; {dynamic} size 65536; }}",
@@ -307,6 +314,8 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules += _bogus(t)
         if trap.ack_window > 0:
             rules += _ack_scans(t, trap)
+        if trap.ack_window > 0 and trap.transports:
+            rules += _transport_scans(t, trap)
         if trap.proto_window > 0:
             rules += _proto_scans(t, trap)
         rules.append(f"add rule inet {t} input tcp flags & (ack | rst) == 0 "
@@ -395,6 +404,44 @@ def _ack_scans(t: str, trap: KernelTrap) -> list[str]:
                                       trap.log_group, ACK_PREFIX)
 
 
+def _transport_scans(t: str, trap: KernelTrap) -> list[str]:
+    """nmap -sY and -sZ (SCTP INIT, COOKIE-ECHO), and a UDP-Lite datagram or a
+    DCCP Request: the opening packet of another transport, to a port no
+    socket of this host serves (`served_*`, filled by the daemon: the
+    kernel's socket lookup knows only TCP and UDP), is evidence as an
+    ACK-family probe is: ACK_SCAN_TRIGGER distinct ports ban. The packet
+    then counts as its IP protocol too (`proto`)."""
+    names = [name for name in TRANSPORTS if name in trap.transports]
+    protocols = f"{{ {', '.join(names)} }}"
+    rules = [f"add chain inet {t} transport", f"flush chain inet {t} transport",
+             f"add chain inet {t} output {{ type filter hook output priority filter; "
+             "policy accept; }", f"flush chain inet {t} output"]
+    for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        rules += [f"add set inet {t} ported{v} {{ type {kind} . inet_proto . inet_service; "
+                  "flags dynamic, timeout; size 262144; }",
+                  f"add set inet {t} answers{v} {{ type {kind} . inet_proto . inet_service . "
+                  "inet_service; flags dynamic, timeout; size 65536; }"]
+    # this host's own traffic of these protocols: what answers it is no probe. Not
+    # connection tracking's reply direction: it takes every UDP-Lite packet that
+    # comes in for invalid (its checksum is checked as UDP's)
+    rules += [f"add rule inet {t} output meta l4proto {protocols} meta nfproto {family} "
+              f"update @answers{v} {{ {field.replace('saddr', 'daddr')} . meta l4proto . "
+              f"th dport . th sport timeout {ANSWER_MEMORY} }}" for v, family, field in FAMILIES]
+    rules += [f"add rule inet {t} input meta l4proto {protocols} jump transport",
+              f"add rule inet {t} transport ct direction reply return",
+              *(f"add rule inet {t} transport {field} . meta l4proto . th sport . th dport "
+                f"@answers{v} return" for v, _, field in FAMILIES),
+              # SCTP: the first chunk an INIT (1) or a COOKIE ECHO (10); DCCP: a Request
+              f"add rule inet {t} transport meta l4proto sctp @th,96,8 != {{ 1, 10 }} return",
+              f"add rule inet {t} transport meta l4proto dccp dccp type != request return"]
+    rules += [f"add rule inet {t} transport meta l4proto {name} th dport @served_{name} return"
+              for name in names]
+    return rules + _distinct_evidence(t, "transport", "ported", "porters",
+                                      "meta l4proto . th dport", trap.ack_window,
+                                      trap.ack_trigger if trap.ban_tcp else 0,
+                                      trap.log_group, TRANSPORT_PREFIX)
+
+
 def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
     """nmap -sO: packets of IP protocols other than TCP, UDP and ICMP are
     evidence; a tunnel's peer sends one or two (GRE, ESP)."""
@@ -403,6 +450,9 @@ def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
               "timeout; size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
     rules += [f"add rule inet {t} input meta l4proto != {KNOWN_PROTOCOLS} jump proto",
               f"add rule inet {t} proto ct direction reply return"]
+    if trap.ack_window > 0 and trap.transports:  # answers to this host (`_transport_scans`)
+        rules += [f"add rule inet {t} proto {field} . meta l4proto . th sport . th dport "
+                  f"@answers{v} return" for v, _, field in FAMILIES]
     return rules + _distinct_evidence(t, "proto", "protos", "protocolers", "meta l4proto",
                                       trap.proto_window,
                                       trap.proto_trigger if trap.ban_tcp else 0,

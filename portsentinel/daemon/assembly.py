@@ -13,7 +13,8 @@ from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
 from ..ruleset import (ACK_PREFIX, CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX,
-                       PROTO_PREFIX, SERVED_PREFIX, KernelTrap, port_ranges)
+                       PROTO_PREFIX, SERVED_PREFIX, TRANSPORT_PREFIX, TRANSPORTS, KernelTrap,
+                       port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 
@@ -139,7 +140,7 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         hold_rate=config.hold_rate, hold_seconds=config.first_contact_hold,
         service_memory=config.service_memory,
         ack_window=config.ack_scan_window if armed.sensed and config.ack_scan_trigger else 0,
-        ack_trigger=config.ack_scan_trigger,
+        ack_trigger=config.ack_scan_trigger, transports=TRANSPORTS,
         proto_window=config.proto_scan_window if armed.sensed and config.proto_scan_trigger else 0,
         proto_trigger=config.proto_scan_trigger)
 
@@ -159,7 +160,8 @@ def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
     prefixes = {LOG_PREFIX: "ban"}
     if sensing:
         prefixes |= {HIT_PREFIX: "hit", PEER_HIT_PREFIX: "peer hit", CONTACT_PREFIX: "contact",
-                     SERVED_PREFIX: "served", ACK_PREFIX: "ack", PROTO_PREFIX: "proto"}
+                     SERVED_PREFIX: "served", ACK_PREFIX: "ack", PROTO_PREFIX: "proto",
+                     TRANSPORT_PREFIX: "transport"}
     try:
         armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:

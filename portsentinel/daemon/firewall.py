@@ -9,6 +9,7 @@ import time
 
 from .. import logs
 from ..engine import TCP, UDP
+from ..listeners import loaded_transports, transport_bound
 from ..nft import NftError
 from ..nftwatch import RulesetWatch
 from ..store import BanRecord
@@ -21,6 +22,7 @@ TROUBLE_RETRY = 2.0  # s between tries while our table cannot be restored
 FOUND_LINES = 1000  # bans found in the firewall with a line each (the count is logged too)
 RECONCILE_PER_BAN = 0.001  # a dump costs ~10 us a ban, so at most ~1 % of a core
 SET_WARN, SET_EVICT, SET_EVICT_TO = 0.80, 0.95, 0.90  # of BAN_SET_SIZE
+TRANSPORT_SERVED_FOR = 30.0  # s a served SCTP/UDP-Lite/DCCP port is kept (polled every 10 s)
 
 
 class Firewall:
@@ -33,6 +35,7 @@ class Firewall:
         self.next_reconcile = time.monotonic() + RECONCILE_EVERY
         self._served_pushed: dict[str, dict[int, float]] = {TCP: {}, UDP: {}}
         self._set_warned = False
+        self._unlisted: set[str] = set()  # transports whose sockets cannot be listed (said)
         self.trouble: str | None = None  # why our table could not be restored, while so
 
     # -- owner thread ------------------------------------------------------
@@ -76,7 +79,10 @@ class Firewall:
         """Ports served lately go to the kernel's served_* sets, so that the
         trap spares a service's port while it restarts (SERVICE_MEMORY)."""
         memory = self.ctx.config.service_memory
-        if self.ctx.bans is None or not memory:
+        if self.ctx.bans is None:
+            return
+        self._push_transports(memory)
+        if not memory:
             return
         now = time.monotonic()
         for protocol in (TCP, UDP):
@@ -88,6 +94,29 @@ class Firewall:
             if due:
                 self.ctx.bans.elements.refresh_ports(f"served_{protocol}", due, memory)
                 pushed.update((p, now) for p in due)
+
+    def _push_transports(self, memory: float) -> None:
+        """The SCTP, UDP-Lite and DCCP ports sockets serve: the kernel's socket
+        lookup knows only TCP and UDP, so their probes' evidence rules read
+        these sets. A transport the kernel has not loaded serves nothing."""
+        trap = self.kernel_trap
+        judged = set(trap.transports) if trap and trap.ack_window > 0 else set()
+        for name in sorted(judged & loaded_transports()):
+            try:
+                ports = transport_bound(name)
+            except OSError as err:
+                if name not in self._unlisted:
+                    self._unlisted.add(name)
+                    self.ctx.log.error(
+                        f"adminalert: WARNING: cannot list this host's {name.upper()} sockets "
+                        f"({err.strerror}): a client of a {name.upper()} service here may be "
+                        f"taken for a scanner once it reaches {self.ctx.config.ack_scan_trigger}"
+                        " of its ports")
+                continue
+            self._unlisted.discard(name)
+            if ports:
+                self.ctx.bans.elements.refresh_ports(f"served_{name}", ports,
+                                                     max(memory, TRANSPORT_SERVED_FOR))
 
     def watch_fill(self, active: int) -> None:
         """The ban sets must never fill silently: a full set bans no one more.

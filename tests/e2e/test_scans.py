@@ -400,3 +400,115 @@ def test_a_tunnels_two_protocols_never_ban_however_long_it_runs(lab, start_daemo
     time.sleep(0.5)
     assert peer not in daemon.banned()
     assert "IP protocol scan" not in daemon.log_text()
+
+
+UDPLITE_SERVICE = """
+import socket, sys
+socks = []
+for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    for port in range(7000, 7006):  # six ports: more than ACK_SCAN_TRIGGER
+        s = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDPLITE)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port)); s.setblocking(False); socks.append(s)
+print("up", flush=True)
+import select
+while True:
+    for s in select.select(socks, [], [], 30)[0]:
+        data, peer = s.recvfrom(2048); s.sendto(data, peer)
+"""
+UDPLITE_CLIENT = """
+import socket, sys
+source, target, first, last, answers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+fresh = sys.argv[6:] == ["fresh"]  # a new socket (a new local port) for each datagram
+family = socket.AF_INET6 if ":" in target else socket.AF_INET
+def new():
+    s = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDPLITE)
+    s.bind((source, 0)); s.settimeout(2)
+    return s
+s = new()
+got = 0
+for _ in range(3):  # and again: a client's retries are one port each
+    for port in range(first, last + 1):
+        s = new() if fresh else s
+        s.sendto(b"hello", (target, port))
+        if answers:
+            got += s.recvfrom(100)[0] == b"hello"
+print(got)
+"""
+# a DCCP Request (RFC 4340: 16-byte generic header with 48-bit sequence numbers, then
+# the service code), sent raw: this kernel need not speak DCCP for a scanner to send it
+DCCP_REQUESTS = """
+import socket, struct, sys
+source, target, first, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+family = socket.AF_INET6 if ":" in target else socket.AF_INET
+s = socket.socket(family, socket.SOCK_RAW, 33)
+s.bind((source, 0))
+for port in range(first, last + 1):
+    header = struct.pack("!HHBBHBBHI", 40000, port, 5, 0, 0, 0 << 1 | 1, 0, 0, 1) + b"\\0" * 4
+    s.sendto(header, (target, 0))
+"""
+
+
+def test_sctp_udplite_and_dccp_port_scans_are_banned_but_their_clients_are_not(
+        lab, start_daemon):
+    """Issue 19: SCTP (nmap -sY, -sZ), UDP-Lite and DCCP port scans counted as
+    one IP protocol each, so a scan of a thousand SCTP ports went unbanned.
+    Their opening packets (SCTP INIT / COOKIE ECHO, a UDP-Lite datagram, a
+    DCCP Request) to ports no socket serves are evidence as ACK-family probes
+    are: ACK_SCAN_TRIGGER (5) distinct ports ban, in the kernel. A UDP-Lite
+    client of six served ports, one retrying one unserved port, and the
+    answers to this host's own UDP-Lite client (18 new local ports) are
+    never banned."""
+    service = lab.start("target", "python3", "-c", UDPLITE_SERVICE, stdout=subprocess.PIPE)
+    remote = lab.start("client", "python3", "-c", UDPLITE_SERVICE, stdout=subprocess.PIPE)
+    try:
+        assert service.stdout.readline().strip() == b"up"
+        assert remote.stdout.readline().strip() == b"up"
+        daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
+        for target, source in ((netlab.CLIENT4, TARGET4), (netlab.CLIENT6, TARGET6)):
+            done = lab.exec("target", "python3", "-c", UDPLITE_CLIENT, source, target,
+                            "7000", "7005", "1", "fresh", timeout=30)
+            assert done.stdout.strip() == "18", done.stdout + done.stderr
+        for target, source in ((TARGET4, netlab.CLIENT4), (TARGET6, netlab.CLIENT6)):
+            done = lab.exec("client", "python3", "-c", UDPLITE_CLIENT, source, target,
+                            "7000", "7005", "1", timeout=30)
+            assert done.stdout.strip() == "18", done.stdout + done.stderr
+            done = lab.exec("client", "python3", "-c", UDPLITE_CLIENT, source, target,
+                            "9000", "9000", "0", timeout=30)  # a service that is down
+            assert done.returncode == 0, done.stderr
+        time.sleep(0.5)
+        banned = daemon.banned()
+        assert netlab.CLIENT4 not in banned and netlab.CLIENT6 not in banned, banned
+        assert "UDP-Lite scan" not in daemon.log_text()
+        for scan, source, name in (("-sY", extra4(30), "SCTP INIT scan"),
+                                   ("-sY", extra6(30), "SCTP INIT scan"),
+                                   ("-sZ", extra4(31), "SCTP COOKIE-ECHO scan")):
+            done = nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4, "1-1000")
+            port = assert_blocked(daemon, lab, source, f"attackalert: {name}", "SCTP")
+            assert 1 <= port <= 1000
+        for source in (extra4(32), extra6(32)):
+            target = TARGET6 if ":" in source else TARGET4
+            done = lab.exec("attacker", "python3", "-c", UDPLITE_CLIENT, source, target,
+                            "100", "120", "0", timeout=30)
+            assert done.returncode == 0, done.stderr
+            daemon.wait_log(f"attackalert: UDP-Lite scan from host: {source}/{source} to "
+                            "UDP-Lite port: ")
+            assert source in daemon.banned()
+        for source in (extra4(33), extra6(33)):
+            target = TARGET6 if ":" in source else TARGET4
+            done = lab.exec("attacker", "python3", "-c", DCCP_REQUESTS, source, target,
+                            "100", "120", timeout=30)
+            assert done.returncode == 0, done.stderr
+            daemon.wait_log(f"attackalert: DCCP Request scan from host: {source}/{source} to "
+                            "DCCP port: ")
+            assert source in daemon.banned()
+        listed = daemon.cli("list").stdout
+        assert re.search(rf"^{re.escape(extra4(30))} .*repeated.*kernel", listed, re.M), listed
+        daemon.cli("unblock", extra4(30))
+        assert extra4(30) not in daemon.banned()
+        banned = daemon.banned()
+        assert netlab.CLIENT4 not in banned and netlab.CLIENT6 not in banned, banned
+    finally:
+        lab.stop(service)
+        lab.stop(remote)

@@ -483,6 +483,34 @@ def test_ip_protocol_probes_ban_only_as_a_scan_of_distinct_protocols():
     assert Verdict.BLOCK not in peer
 
 
+def test_sctp_udplite_and_dccp_port_probes_ban_as_ack_probes_do():
+    """Issue 19: an SCTP INIT, a UDP-Lite datagram or a DCCP Request to an
+    unserved port is evidence: ack_scan_trigger distinct (protocol, port)
+    pairs within the window ban (BLOCK_TCP's actions, graded repeated), one
+    port retried never does, a served port counts for nothing, a peer's
+    probes are decoys, and a pardon starts the count afresh."""
+    engine = Engine(Policy(ack_scan_trigger=3, ack_scan_window=60))
+    port = lambda proto, number, t=0.0, src="198.51.100.2": Probe(A(src), number, proto,
+                                                                   Kind.TRANSPORT, t, 1)
+    for t in range(5):  # a client retrying one port (its service down)
+        assert engine.handle(port("sctp", 80, float(t))).verdict is Verdict.PENDING
+    assert engine.handle(port("udplite", 7000, 6.0), Facts(served=True)).verdict \
+        is Verdict.PENDING
+    assert engine.handle(port("dccp", 80, 7.0)).verdict is Verdict.PENDING  # another protocol's
+    decision = engine.handle(port("udplite", 9, 8.0))
+    assert decision.verdict is Verdict.BLOCK and decision.actions == (NFTABLES,)
+    assert decision.evidence == "repeated"
+    peer = [engine.handle(port("sctp", n, 1.0, "198.51.100.4"), Facts(peer=True)).verdict
+            for n in range(1, 9)]
+    assert Verdict.BLOCK not in peer and Verdict.DECOY in peer
+    engine.lift(A("198.51.100.2"), pardon=True)
+    assert engine.handle(port("sctp", 81, 9.0)).verdict is Verdict.PENDING
+    off = Engine(Policy(ack_scan_trigger=0))
+    assert {off.handle(port("sctp", n)).verdict for n in range(1, 20)} == {Verdict.PENDING}
+    kernel = Engine(Policy()).handle(port("sctp", 5), Facts(banned_by_kernel=True))
+    assert kernel.verdict is Verdict.BLOCK and kernel.evidence == "repeated"
+
+
 # -- evidence grades (issue 14) -----------------------------------------------
 def test_every_ban_says_what_evidence_made_it():
     """handshake completed / repeated stateless probes / one stateless probe /

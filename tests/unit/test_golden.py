@@ -65,7 +65,8 @@ TRAPS = {
                                challenge_port=41234, log_group=7417, sensor=True,
                                contacts=True, hold_queue=7417, hold_rate=5000,
                                hold_seconds=0.02, service_memory=3600, ack_window=60,
-                               ack_trigger=5, proto_window=60, proto_trigger=4), 86400),
+                               ack_trigger=5, proto_window=60, proto_trigger=4,
+                               transports=("sctp", "udplite", "dccp")), 86400),
     "sets_only": (KernelTrap(((1, 1023),), ((7, 7),), 600, ban_tcp=False, ban_udp=False,
                              challenge_port=40000), 60),
 }
@@ -250,3 +251,22 @@ def test_the_ruleset_watch_filter_drops_our_own_additions_only():
     # a datagram is judged by its first message only
     both = datagram(nftwatch.NFT_MSG_DELTABLE) + datagram(nftwatch.NFT_MSG_NEWSETELEM)
     assert run_bpf(program, both) > 0
+
+
+def test_the_transports_the_kernel_has_are_read_not_asked(tmp_path: Path):
+    """Issue 19: which of SCTP, UDP-Lite and DCCP are loaded comes from
+    /proc/net/protocols: a socket or a sock_diag request for SCTP would load
+    the module on an admin's host."""
+    from portsentinel.listeners import loaded_transports
+    table = tmp_path / "protocols"
+    table.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di\n"
+                     "UDPLITEv6 1472      0       0   NI       0   yes  kernel      y y y\n"
+                     "UDP-Lite  1280      0       0   NI       0   yes  kernel      y y y\n"
+                     "SCTPv6    1616      0       0   no     320   yes  sctp        y y y\n"
+                     "TCP       2432      3       2   no     320   yes  kernel      y y y\n")
+    assert loaded_transports(str(table)) == {"udplite"}
+    table.write_text(table.read_text() + "SCTP      1424      0       0   no     320   yes  sctp"
+                                         "        y y y\nDCCP      1472      0  -1   NI 0 yes  "
+                                         "dccp y y y\n")
+    assert loaded_transports(str(table)) == {"udplite", "sctp", "dccp"}
+    assert loaded_transports(str(tmp_path / "none")) == set()

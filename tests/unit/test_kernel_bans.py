@@ -110,6 +110,37 @@ def test_nflog_message_becomes_the_probe_that_caused_the_ban():
     assert (udp_probe.source, udp_probe.port, udp_probe.kind) == (A("2001:db8::b"), 161, Kind.UDP)
 
 
+def test_an_sctp_udplite_or_dccp_probe_is_a_port_probe_except_in_the_protocol_count():
+    """Issue 19: the same SCTP INIT is a port probe (the `transport` chain's
+    line, the kernel's ban of it: alerted as "SCTP INIT scan ... to SCTP
+    port: 80") and one IP protocol in -sO's count (`proto`: 132)."""
+    from portsentinel.engine import IP
+    from portsentinel.logs import alert_line, history_line
+    from portsentinel.ruleset import PROTO_PREFIX, TRANSPORT_PREFIX
+    log = _log({LOG_PREFIX: "ban", PROTO_PREFIX: "proto", TRANSPORT_PREFIX: "transport"})
+    init = struct.pack("!HHII", 40000, 80, 0, 0) + bytes([1, 0, 0, 20])
+    lines = {}
+    for prefix in (LOG_PREFIX, PROTO_PREFIX, TRANSPORT_PREFIX):
+        message = _nflog_message(ipv4(132, init, src="198.51.100.12"),
+                                 prefix=prefix.encode() + b"\0")
+        said, probe = log.to_logged(_attributes(message, 20))
+        lines[said] = alert_line(probe)
+        expected = ((IP, 132, Kind.PROTOCOL) if said == "proto"
+                    else ("sctp", 80, Kind.TRANSPORT))
+        assert (probe.protocol, probe.port, probe.kind) == expected and probe.trap
+    assert lines["transport"] == lines["ban"] == \
+        "attackalert: SCTP INIT scan from host: 198.51.100.12/198.51.100.12 to SCTP port: 80"
+    assert lines["proto"].endswith("to IP protocol: 132")
+    for number, payload, line in (
+            (136, udp(7000), "UDP-Lite scan from host: 2001:db8::2/2001:db8::2 to UDP-Lite port: 7000"),
+            (33, struct.pack("!HHBBHBB", 1, 5001, 5, 0, 0, 1, 0), "DCCP Request scan from host: "
+             "2001:db8::2/2001:db8::2 to DCCP port: 5001")):
+        message = _nflog_message(ipv6(number, payload), prefix=TRANSPORT_PREFIX.encode() + b"\0")
+        _, probe = log.to_logged(_attributes(message, 20))
+        assert alert_line(probe) == f"attackalert: {line}"
+    assert history_line(0, "192.0.2.1", None, 80, "sctp").endswith("Port: 80 SCTP Blocked")
+
+
 def test_nflog_ignores_other_prefixes_and_garbage():
     other, _ = _probe_of(_nflog_message(ipv4(6, tcp(25, SYN)), prefix=b"someone else\0"))
     assert other is None

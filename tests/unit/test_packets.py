@@ -137,3 +137,21 @@ def test_another_ip_protocol_is_a_packet_only_where_the_kernel_logged_it():
         p = packets.parse(raw, probes_only=False)
         assert p is not None and p.protocol == IP and p.port == raw[9 if raw[0] >> 4 == 4 else 6]
         assert packets.parse(raw) is None
+
+
+def test_sctp_udplite_and_dccp_probes_carry_their_port_and_opening():
+    """Issue 19: nmap -sY's INIT and -sZ's COOKIE ECHO, a UDP-Lite datagram
+    and a DCCP Request: the protocol number stays the port (for -sO's count),
+    the destination port is `service`, the SCTP chunk / DCCP packet type
+    is `flags` (-1: too short to say)."""
+    from portsentinel.engine import IP
+    sctp = lambda port, chunk: struct.pack("!HHII", 40000, port, 0, 0) + bytes([chunk, 0, 0, 20])
+    dccp = lambda port, kind: struct.pack("!HHBBHBB", 40000, port, 5, 0, 0, kind << 1 | 1, 0)
+    cases = [(ipv4(132, sctp(80, 1)), 132, 80, 1), (ipv6(132, sctp(9, 10)), 132, 9, 10),
+             (ipv4(136, udp(7000)), 136, 7000, 0), (ipv6(33, dccp(5001, 0)), 33, 5001, 0),
+             (ipv4(33, dccp(5002, 5)), 33, 5002, 5), (ipv4(132, sctp(80, 1)[:8]), 132, 80, -1)]
+    for raw, number, port, opening in cases:
+        p = packets.parse(raw, probes_only=False)
+        assert (p.protocol, p.port, p.service, p.flags, p.source_port) == \
+            (IP, number, port, opening, 40000)
+        assert packets.parse(raw) is None
