@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in nft:nftables iptables:iptables nmap:nmap ip:iproute2 fail2ban-regex:fail2ban \
             redis-server:redis-server openssl:openssl \
-            unshare:util-linux; do
+            unshare:util-linux systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -76,11 +76,11 @@ def test_advanced_modes_detect_and_block_every_scan_type(lab, start_daemon):
     assert "Ignored TCP port: 22" in log and "Ignored UDP port: 53" in log
     assert not re.search(r"(SYN/Normal scan|Connect) from .* to TCP port: (22|80|443)$", log,
                          re.M)
-    if shutil.which("fail2ban-regex"):  # fail2ban's stock filter reads our history file
-        done = subprocess.run(["fail2ban-regex", str(daemon.history),
-                               "/etc/fail2ban/filter.d/portsentry.conf"],
-                              capture_output=True, text=True)
-        assert f"Failregex: {len(ADVANCED)} total" in done.stdout, done.stdout
+    assert shutil.which("fail2ban-regex"), "fail2ban missing; run scripts/test.sh"
+    done = subprocess.run(["fail2ban-regex", str(daemon.history),  # fail2ban's stock filter
+                           "/etc/fail2ban/filter.d/portsentry.conf"],
+                          capture_output=True, text=True)
+    assert f"Failregex: {len(ADVANCED)} total" in done.stdout, done.stdout
 
 
 # flag combinations no TCP stack sends (nmap's OS fingerprint sends them to open ports)
@@ -108,9 +108,9 @@ def test_flags_no_tcp_stack_sends_are_probes_even_to_served_ports(lab, start_dae
         nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4, "22,80,443")
         port = assert_blocked(daemon, lab, source, re.escape(alert))
         assert port in REAL_TCP, port
-    source = extra4(35)
-    nmap(lab, "-O", source, TARGET4, "22,80")
-    assert_blocked(daemon, lab, source, "attackalert: .*")
+    for source in (extra4(35), extra6(36)):  # nmap -O's probes to open ports, both families
+        nmap(lab, "-O", source, TARGET6 if ":" in source else TARGET4, "22,80")
+        assert_blocked(daemon, lab, source, "attackalert: .*")
     assert_client_untouched(daemon, client.finish())
 
 
@@ -311,7 +311,8 @@ def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_
         idle = lab.start("client", "python3", "-c", IDLE_CLIENT, TARGET4, TARGET6,
                          stdout=subprocess.PIPE)
         for scan, source in (("-sA", extra4(36)), ("-sW", extra6(36)), ("-sM", extra4(37)),
-                             ("-sS --scanflags SYNACK", extra6(37))):
+                             ("-sS --scanflags SYNACK", extra6(37)), ("-sA", extra6(38)),
+                             ("-sW", extra4(39)), ("-sM", extra6(39))):
             done = nmap(lab, scan, source, TARGET6 if ":" in source else TARGET4,
                         "20-25,79-81,111")
             assert_blocked(daemon, lab, source, "attackalert: TCP ACK scan")

@@ -92,8 +92,9 @@ def test_hosts_deny_append_is_idempotent(tmp_path: Path):
     assert deny.read_text() == "# existing\nALL: 192.0.2.9 : DENY\nALL: 198.51.100.2 : DENY\n"
 
 
-@pytest.mark.skipif(not shutil.which("fail2ban-regex"), reason="fail2ban not installed")
 def test_fail2ban_stock_filter_matches_history(tmp_path: Path):
+    if not shutil.which("fail2ban-regex"):
+        pytest.fail("fail2ban missing; run scripts/test.sh")
     records = Records(tmp_path / "portsentry.history", tmp_path / "portsentry.blocked",
                       logs.Log(to_syslog=False, stream=io.StringIO()))
     now = time.time()
