@@ -463,6 +463,14 @@ def print_bans(bans: list[dict]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _print_bypass(bypass: dict | None) -> None:
+    """Bridges that forward past the IP firewall, and bans that do not hold there."""
+    for bridge in (bypass or {}).get("bridges", []):
+        print(f"bridge past the firewall: {bridge}")
+    for address, packets in (bypass or {}).get("bans_getting_through", {}).items():
+        print(f"banned but getting through a bridge: {address} ({packets} packets)")
+
+
 def print_status(status: dict) -> None:
     modes = status["modes"]
     print(f"portsentinel {status['version']} (pid {status['pid']}) running since "
@@ -472,6 +480,7 @@ def print_status(status: dict) -> None:
           f"firewall: {status['firewall']}; kernel trap: {', '.join(status['kernel_trap']) or 'off'}")
     if status.get("firewall_trouble"):
         print(f"firewall NOT IN FORCE: {status['firewall_trouble']}")
+    _print_bypass(status.get("bypass"))
     print(f"first-contact hold: {status.get('first_contact_hold') or 'off'}")
     grades = ", ".join(f"{grade} {n}" for grade, n in
                        sorted((status.get("bans_by_evidence") or {}).items()))
@@ -551,6 +560,7 @@ def control(args) -> int:
             print(f"{address}: in the firewall only; now recorded")
         for address in state_only:
             print(f"{address}: missing from the firewall; put back")
+        _print_bypass(reply.get("bypass"))
     elif args.command == "reload":
         note = reply.get("restart_needed")
         print("reloaded" + (f" ({', '.join(note)} need a restart)" if note else ""))

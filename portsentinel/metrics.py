@@ -107,6 +107,9 @@ class Metrics:
         self.banned_dropped = g("portsentinel_banned_packets_dropped",
                                 "Packets dropped from the sources banned now, by their bans "
                                 "(their set elements' counters, at the last reconciliation)")
+        self.bypassed = g("portsentinel_ban_bypass_packets",
+                          "Packets from the sources banned now that a bridge forwarded past "
+                          "the IP firewall (at the last reconciliation; bridges.py)")
         self.dropped = c("portsentinel_dropped_events", "Events not fully handled, by reason",
                          ["reason"])
         self.kernel_bans = c("portsentinel_kernel_bans",

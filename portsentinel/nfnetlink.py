@@ -21,7 +21,7 @@ from .netlink import (NETLINK_NETFILTER, NFGEN, NLA_F_NESTED, NLM_F_ACK, NLM_F_A
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
-NFPROTO_INET = 1
+NFPROTO_INET, NFPROTO_BRIDGE = 1, 7
 # attributes
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 LIST_ELEM = 1
@@ -70,7 +70,8 @@ def _edge(kind: int, seq: int) -> bytes:
     return nfnl_message(0, kind, NLM_F_REQUEST, seq, 0, b"", NFNL_SUBSYS_NFTABLES)
 
 
-def batch(table: bytes, operations, seq: int) -> tuple[bytes, int, int]:
+def batch(table: bytes, operations, seq: int,
+          family: int = NFPROTO_INET) -> tuple[bytes, int, int]:
     """One nf_tables transaction of every (kind, {set: addresses}, timeout_ms)
     in order: the datagram, and the first and last sequence numbers that the
     kernel acknowledges (the batch's begin and end are not acknowledged)."""
@@ -80,7 +81,7 @@ def batch(table: bytes, operations, seq: int) -> tuple[bytes, int, int]:
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
         for set_name, addresses in by_set.items():
             seq += 1
-            parts.append(nfnl_message(NFNL_SUBSYS_NFTABLES, kind, flags, seq, NFPROTO_INET,
+            parts.append(nfnl_message(NFNL_SUBSYS_NFTABLES, kind, flags, seq, family,
                                       elements_body(table, set_name, addresses, timeout_ms)))
     seq += 1
     parts.append(_edge(NFNL_MSG_BATCH_END, seq))
@@ -116,10 +117,10 @@ OWN_COMMITS = OwnCommits()
 
 
 class SetElements:
-    """Batch writer for the elements of one table's sets."""
+    """Batch writer for the elements of one table's sets (of `family`)."""
 
-    def __init__(self, table: str):
-        self.table = table.encode() + b"\0"
+    def __init__(self, table: str, family: int = NFPROTO_INET):
+        self.table, self.family = table.encode() + b"\0", family
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.bind((0, 0))
         self._seq = 0
@@ -131,7 +132,7 @@ class SetElements:
     def _commit(self, operations: list[tuple[int, dict[str, list], int | None]]) -> None:
         """One transaction: every (kind, {set: addresses}, timeout) in order."""
         with self._lock:
-            data, first, last = batch(self.table, operations, self._seq + 1)
+            data, first, last = batch(self.table, operations, self._seq + 1, self.family)
             self._seq = last + 1
             self._sock.send(data)
             self._wait_acks(first, last)
@@ -265,11 +266,12 @@ def dump_set(table: str, set_name: str) -> dict[str, float | None]:
     return found
 
 
-def dump_counted(table: str, set_name: str) -> dict[str, tuple[float | None, int | None]]:
+def dump_counted(table: str, set_name: str, family: int = NFPROTO_INET
+                 ) -> dict[str, tuple[float | None, int | None]]:
     """Every element of one address set: address -> (seconds left, packets
     its counter saw; None for a set without counters)."""
     found: dict[str, tuple[float | None, int | None]] = {}
-    for key, left, packets in _dump(table, set_name, counted=True):
+    for key, left, packets in _dump(table, set_name, counted=True, family=family):
         if len(key) in (4, 16):
             found[str(ipaddress.ip_address(key))] = (left, packets)
     return found
@@ -280,7 +282,8 @@ def dump_keys(table: str, set_name: str) -> list[bytes]:
     return [key for key, _ in _dump(table, set_name)]
 
 
-def _dump(table: str, set_name: str, counted: bool = False) -> list[tuple]:
+def _dump(table: str, set_name: str, counted: bool = False,
+          family: int = NFPROTO_INET) -> list[tuple]:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
@@ -288,7 +291,7 @@ def _dump(table: str, set_name: str, counted: bool = False) -> list[tuple]:
         body = (attr(SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
         sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
-                               NLM_F_REQUEST | NLM_F_DUMP, 1, NFPROTO_INET, body))
+                               NLM_F_REQUEST | NLM_F_DUMP, 1, family, body))
         found: list[tuple] = []
         while True:
             data = sock.recv(1 << 20)

@@ -131,6 +131,21 @@ def table_commands(t: str, set_size: int, trap: KernelTrap | None, ban_time: flo
     return commands
 
 
+def bridge_commands(t: str, set_size: int) -> list[str]:
+    """The `bridge <t>` table (bridges.py): copies of the ban sets, with
+    counters, looked up for each IP frame a bridge forwards past the IP
+    hooks; counted, never dropped (the hosts behind a bridge are not ours)."""
+    copy = "flags timeout; counter;"
+    return [f"add table bridge {t}",
+            f"add set bridge {t} ban4 {{ type ipv4_addr; {copy} size {set_size}; }}",
+            f"add set bridge {t} ban6 {{ type ipv6_addr; {copy} size {set_size}; }}",
+            f"add chain bridge {t} forward {{ type filter hook forward priority -200; "
+            "policy accept; }",
+            f"flush chain bridge {t} forward",
+            f"add rule bridge {t} forward ether type ip ip saddr @ban4",
+            f"add rule bridge {t} forward ether type ip6 ip6 saddr @ban6"]
+
+
 def _sets(t: str, set_size: int) -> list[str]:
     dynamic = "flags dynamic, timeout;"
     return [

@@ -96,6 +96,7 @@ class Commands:
                 "config": config.source,
                 "firewall": f"nftables inet {config.nft_table}" if ctx.bans else "none",
                 "firewall_trouble": self.firewall.trouble,
+                "bypass": self.firewall.bypass.status(),
                 "kernel_trap": [p for p in (TCP, UDP)
                                 if kernel_trap_armed(config, p, ctx.modes[p])],
                 "first_contact_hold": ctx.hold,

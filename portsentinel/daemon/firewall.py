@@ -14,6 +14,7 @@ from ..nft import NftError
 from ..nftwatch import RulesetWatch
 from ..store import BanRecord
 from .assembly import RECONCILE_EVERY
+from .bypass import BypassWatch
 from .context import Context
 from .ledger import BanLedger
 
@@ -36,6 +37,7 @@ class Firewall:
         self._served_pushed: dict[str, dict[int, float]] = {TCP: {}, UDP: {}}
         self._set_warned = False
         self._unlisted: set[str] = set()  # transports whose sockets cannot be listed (said)
+        self.bypass = BypassWatch(ctx)  # bridges that forward banned sources' packets anyway
         self.trouble: str | None = None  # why our table could not be restored, while so
 
     # -- owner thread ------------------------------------------------------
@@ -223,6 +225,7 @@ class Firewall:
             return {"kernel_only": [], "state_only": [], "table_restored": restored}
         kernel = {address: left for address, (left, _) in counted.items()}
         self.ctx.metrics.banned_dropped.set(sum(n or 0 for _, n in counted.values()))
+        self.bypass.check(kernel)
         stored = {r.address: r for r in self.ledger.in_force(now + 1)}
         unknown = {a: left for a, left in kernel.items()
                    if a not in stored and a not in self.ledger.expiring}
@@ -244,7 +247,7 @@ class Firewall:
                                f"from the firewall and are back: "
                                f"{_some(r.address for r in state_only)}")
         return {"kernel_only": sorted(kernel_only), "state_only": [r.address for r in state_only],
-                "table_restored": restored}
+                "table_restored": restored, "bypass": self.bypass.status()}
 
     def _engine_holds(self, addresses: list[str]) -> set[str]:
         engine = self.ctx.engine

@@ -207,9 +207,11 @@ def test_reconciliation_writes_what_is_pending_first(daemon):
             return True
 
     daemon.ctx.bans = Sets()
+    daemon.firewall.bypass.find = lambda: []  # no bridge here
     settle(daemon, ban(A))
     assert daemon.firewall.reconcile() == {"kernel_only": [], "state_only": [],
-                                           "table_restored": False}
+                                           "table_restored": False,
+                                           "bypass": {"bridges": [], "bans_getting_through": {}}}
     assert daemon.ctx.store.get_ban(A).reason == "TCP SYN/Normal scan"  # not "found"
 
 

@@ -77,7 +77,7 @@ FILTERS = {"both_1024": (True, True, 1024, 1024), "tcp_only": (True, False),
 def set_element_messages() -> list[bytes]:
     elements = SetElements.__new__(SetElements)
     elements.table, elements._sock, elements._seq = b"portsentinel\0", FakeNetlink(), 0
-    elements._lock = threading.Lock()
+    elements._lock, elements.family = threading.Lock(), 1  # NFPROTO_INET
     elements.add([A("198.51.100.2"), A("2001:db8::2")], 3600)
     elements.add([A("198.51.100.3")])
     elements.add_each([("198.51.100.4", 60.5), ("2001:db8::4", 0)])
