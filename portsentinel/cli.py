@@ -454,7 +454,7 @@ def print_bans(bans: list[dict]) -> None:
     rows = [("ADDRESS", "SINCE", "EXPIRES", "LEFT", "PORT", "EVIDENCE", "DROPPED", "REASON",
              "ORIGIN")]
     for b in bans:
-        port = f"{b['port']}/{b['protocol']}" if b.get("port") else "-"
+        port = f"{b['port']}/{b['protocol']}" if b.get("port") is not None else "-"
         dropped = "-" if b.get("dropped") is None else str(b["dropped"])
         rows.append((b["address"], _when(b["since"]), _when(b["until"]), _left(b["remaining"]),
                      port, b.get("evidence") or "-", dropped, b["reason"], b["origin"]))

@@ -118,6 +118,7 @@ class Facts:
     kernel_decides: bool = False  # the kernel trap judges strangers' trap hits (NFLOG reports)
     banned_by_kernel: bool = False  # the kernel trap banned the source for this probe
     young: bool = False  # first sight: too early to know whether NAT forwarded it
+    triggered: bool = False  # the kernel counted enough distinct ports of this source's probes
 
 
 NO_FACTS = Facts()
@@ -392,7 +393,8 @@ class Engine:
         if not trigger or facts.served:
             return Decision(Verdict.PENDING, probe, report=False)
         key = _key(probe.source)
-        if not self._distinct(table, key, probe, trigger, window):
+        counted = self._distinct(table, key, probe, trigger, window)
+        if not (counted or facts.triggered):  # the kernel may have counted ports we missed
             return Decision(Verdict.PENDING, probe, report=False)
         if facts.peer:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))

@@ -109,6 +109,21 @@ def transport_bound(name: str) -> set[int]:
     return _dump(number, socket.AF_INET, ALL_STATES) | _dump(number, socket.AF_INET6, ALL_STATES)
 
 
+def _transport_ports(name: str) -> set[int]:
+    """A transport's bound ports now; none when the kernel has not loaded it."""
+    return transport_bound(name) if name in loaded_transports() else set()
+
+
+def local_port_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The ports this host's own sockets get when they bind none."""
+    try:
+        with open(path) as f:
+            first, last = (int(n) for n in f.read().split())
+        return first, last
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 # TCP states reached only through a completed handshake (not SYN_RECV: a
 # spoofed SYN puts a socket there)
 _POST_HANDSHAKE = sum(1 << state for state in (1, 4, 5, 6, 8, 9, 11))
@@ -167,10 +182,12 @@ class ListeningPorts:
     def __init__(self, clock, max_age: float = 0.02, memory: float = 0.0):
         self._clock = clock
         self.max_age, self.memory = max_age, memory
-        self.last_served: dict[str, dict[int, float]] = {"tcp": {}, "udp": {}}
-        self._ports = {"tcp": set(), "udp": set()}
-        self._stamp = {"tcp": float("-inf"), "udp": float("-inf")}
-        self._readers = {"tcp": tcp_listening, "udp": udp_bound}
+        self._readers = {"tcp": tcp_listening, "udp": udp_bound,
+                         **{name: (lambda n=name: _transport_ports(n))
+                            for name in TRANSPORT_PROTOCOLS}}
+        self.last_served: dict[str, dict[int, float]] = {p: {} for p in self._readers}
+        self._ports: dict[str, set[int]] = {p: set() for p in self._readers}
+        self._stamp = {p: float("-inf") for p in self._readers}
 
     def refresh(self, protocol: str) -> set[int]:
         self._ports[protocol] = self._readers[protocol]()
@@ -189,9 +206,14 @@ class ListeningPorts:
 
     def in_use(self, protocol: str, port: int) -> bool:
         """True when a real service uses the port (or did within `memory`);
-        re-asks the kernel if stale."""
+        re-asks the kernel if stale. A protocol whose sockets cannot be listed
+        (no sctp_diag): True, it might be."""
         if port in self._ports[protocol]:
             return True
-        if self._clock() - self._stamp[protocol] > self.max_age and port in self.refresh(protocol):
+        try:
+            if self._clock() - self._stamp[protocol] > self.max_age \
+                    and port in self.refresh(protocol):
+                return True
+        except OSError:
             return True
         return bool(self.memory) and self.remembered(protocol, port)

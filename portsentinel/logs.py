@@ -101,7 +101,7 @@ def history_line(epoch: float, target: str, name: str | None, port: int, protoco
     """`942286729 - 11/10/1999 20:18:49 Host: 192.0.2.12/192.0.2.12 Port: 111 TCP Blocked`"""
     stamp = _stamp("%m/%d/%Y %H:%M:%S", int(epoch))
     return (f"{int(epoch)} - {stamp} Host: {host_label(target, name)} "
-            f"Port: {port} {protocol.upper()} Blocked")
+            f"Port: {port} {TRANSPORT_LABELS.get(protocol) or protocol.upper()} Blocked")
 
 
 _stamps: dict[str, tuple[int, str]] = {}  # format -> (second, its text): a flood's lines

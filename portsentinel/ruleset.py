@@ -31,11 +31,13 @@ SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
 ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved trap port
 PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP, UDP, ICMP
 TRANSPORT_PREFIX = "portsentinel port"  # an SCTP INIT, UDP-Lite datagram, DCCP Request: unserved port
+PORT_SCAN_PREFIX = "portsentinel port scan"  # ... the ACK_SCAN_TRIGGER-th distinct one: userspace bans
 # the other transports with ports, judged per port as ACK-family probes are
 TRANSPORTS = ("sctp", "udplite", "dccp")
-ANSWER_MEMORY = "2m"  # what answers this host's own packet of those, this long after it
+ANSWER_MEMORY = "10m"  # what answers this host's own packet of those, this long after it
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
 ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
+BUCKET_MEMORY = 5  # windows a source's evidence bucket is remembered after its last probe
 HIT_RATE = "20/second burst 40 packets"
 # A source is forgotten by the hit meter once its bucket (HIT_RATE) is full
 # again: remembering it longer changes nothing but fills the set. 262,144
@@ -76,6 +78,7 @@ class KernelTrap:
     hold_seconds: float = 0.0  # with hold_queue: how long a SYN waits (FIRST_CONTACT_HOLD)
     service_memory: float = 0.0  # > 0: a served port a client's packet reached goes to served_*
     transports: tuple[str, ...] = ()  # with ack_window: of TRANSPORTS, those judged per port
+    local_ports: tuple[int, int] = (32768, 60999)  # ip_local_port_range: no transport trap there
 
 
 def port_ranges(ports) -> tuple[tuple[int, int], ...]:
@@ -424,11 +427,17 @@ def _transport_scans(t: str, trap: KernelTrap) -> list[str]:
     DCCP Request: the opening packet of another transport, to a port no
     socket of this host serves (`served_*`, filled by the daemon: the
     kernel's socket lookup knows only TCP and UDP), is evidence as an
-    ACK-family probe is: ACK_SCAN_TRIGGER distinct ports ban. The packet
-    then counts as its IP protocol too (`proto`)."""
+    ACK-family probe is. At the ACK_SCAN_TRIGGER-th distinct port the kernel
+    does not ban: it tells userspace (`port_scan`), which asks whether that
+    port is served now (a service started since the last poll of `served_*`)
+    and bans. Ports in the local port range are left alone (late answers to
+    this host's own traffic go there). They are not counted as IP protocols
+    (`proto`): their own ports say more."""
     names = [name for name in TRANSPORTS if name in trap.transports]
     protocols = f"{{ {', '.join(names)} }}"
+    first, last = trap.local_ports
     rules = [f"add chain inet {t} transport", f"flush chain inet {t} transport",
+             f"add chain inet {t} port_scan", f"flush chain inet {t} port_scan",
              f"add chain inet {t} output {{ type filter hook output priority filter; "
              "policy accept; }", f"flush chain inet {t} output"]
     for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
@@ -448,13 +457,17 @@ def _transport_scans(t: str, trap: KernelTrap) -> list[str]:
                 f"@answers{v} return" for v, _, field in FAMILIES),
               # SCTP: the first chunk an INIT (1) or a COOKIE ECHO (10); DCCP: a Request
               f"add rule inet {t} transport meta l4proto sctp @th,96,8 != {{ 1, 10 }} return",
-              f"add rule inet {t} transport meta l4proto dccp dccp type != request return"]
+              f"add rule inet {t} transport meta l4proto dccp dccp type != request return",
+              f"add rule inet {t} transport th dport {first}-{last} return"]
     rules += [f"add rule inet {t} transport meta l4proto {name} th dport @served_{name} return"
               for name in names]
+    rules += [f"add rule inet {t} port_scan limit rate over {ACK_RATE} return",
+              f'add rule inet {t} port_scan log group {int(trap.log_group)} '
+              f'prefix "{PORT_SCAN_PREFIX}"']
     return rules + _distinct_evidence(t, "transport", "ported", "porters",
                                       "meta l4proto . th dport", trap.ack_window,
-                                      trap.ack_trigger if trap.ban_tcp else 0,
-                                      trap.log_group, TRANSPORT_PREFIX)
+                                      trap.ack_trigger, trap.log_group, TRANSPORT_PREFIX,
+                                      over="port_scan")
 
 
 def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
@@ -463,11 +476,11 @@ def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
     rules = [f"add chain inet {t} proto", f"flush chain inet {t} proto"]
     rules += [f"add set inet {t} protos{v} {{ type {kind} . inet_proto; flags dynamic, "
               "timeout; size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
-    rules += [f"add rule inet {t} input meta l4proto != {KNOWN_PROTOCOLS} jump proto",
+    known = KNOWN_PROTOCOLS
+    if trap.ack_window > 0 and trap.transports:  # judged per port (`_transport_scans`)
+        known = f"{{ {', '.join(['tcp', 'udp', 'icmp', 'ipv6-icmp', *trap.transports])} }}"
+    rules += [f"add rule inet {t} input meta l4proto != {known} jump proto",
               f"add rule inet {t} proto ct direction reply return"]
-    if trap.ack_window > 0 and trap.transports:  # answers to this host (`_transport_scans`)
-        rules += [f"add rule inet {t} proto {field} . meta l4proto . th sport . th dport "
-                  f"@answers{v} return" for v, _, field in FAMILIES]
     return rules + _distinct_evidence(t, "proto", "protos", "protocolers", "meta l4proto",
                                       trap.proto_window,
                                       trap.proto_trigger if trap.ban_tcp else 0,
@@ -475,26 +488,30 @@ def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
 
 
 def _distinct_evidence(t: str, chain: str, seen: str, counts: str, what: str, seconds: float,
-                       trigger: int, group: int, prefix: str) -> list[str]:
+                       trigger: int, group: int, prefix: str, over: str = "trapped") -> list[str]:
     """Each (source, `what`) goes to userspace once (`seen`; one that goes on
     being seen counts once), at most ACK_RATE a second; with `trigger` >= 2
-    the trigger-th distinct one within the window is banned here: a token
-    bucket per source (`counts`) of trigger-1 at once, then one more a window,
-    so that one is always over (stricter than a sliding count only for
-    sustained probing); its ban is reported as the kernel's (not as evidence)."""
+    the trigger-th distinct one within the window goes to chain `over`
+    (`trapped`: banned here, reported as the kernel's ban): a token bucket per
+    source (`counts`) of trigger-1 at once, then one more a window, so that
+    one is always over, remembered BUCKET_MEMORY windows (a source that pauses
+    between rounds of probes gets no fresh bucket). The bucket counts before
+    the rate limit on what userspace is told: a spoofed flood of one-packet
+    sources silences the log, not the count of a real scanner."""
     window = f"{max(1, int(seconds))}s"
     rules = [f"add rule inet {t} {chain} {field} . {what} @{seen}{v} update @{seen}{v} "
              f"{{ {field} . {what} timeout {window} }} return" for v, _, field in FAMILIES]
-    rules.append(f"add rule inet {t} {chain} limit rate over {ACK_RATE} return")
     remember = [f"add @{seen}{v} {{ {field} . {what} timeout {window} }}"
                 for v, _, field in FAMILIES]
     if trigger >= 2:
         rate = limit((1 / max(1.0, seconds), trigger - 1))
+        memory = f"{BUCKET_MEMORY * max(1, int(seconds))}s"
         rules += [f"add set inet {t} {counts}{v} {{ type {kind}; flags dynamic, timeout; "
                   "size 65536; }" for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))]
         rules += [f"add rule inet {t} {chain} meta nfproto {family} update @{counts}{v} "
-                  f"{{ {field} timeout {window} limit rate over {rate} }} {add} goto trapped"
+                  f"{{ {field} timeout {memory} limit rate over {rate} }} {add} goto {over}"
                   for (v, family, field), add in zip(FAMILIES, remember)]
+    rules.append(f"add rule inet {t} {chain} limit rate over {ACK_RATE} return")
     return rules + [f"add rule inet {t} {chain} meta nfproto {family} {add} log group "
                     f'{int(group)} prefix "{prefix}"'
                     for (v, family, field), add in zip(FAMILIES, remember)]

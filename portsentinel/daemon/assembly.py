@@ -12,9 +12,10 @@ from ..command_templates import kill_route_for, undo_command
 from ..config import Config, duration_text
 from ..engine import TCP, UDP, Policy
 from ..nflog import KernelBanLog
+from ..listeners import local_port_range
 from ..ruleset import (ACK_PREFIX, CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX,
-                       PROTO_PREFIX, SERVED_PREFIX, TRANSPORT_PREFIX, TRANSPORTS, KernelTrap,
-                       port_ranges)
+                       PORT_SCAN_PREFIX, PROTO_PREFIX, SERVED_PREFIX, TRANSPORT_PREFIX, TRANSPORTS,
+                       KernelTrap, port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
 
@@ -141,6 +142,7 @@ def _kernel_trap(config: Config, modes: dict, stealth: dict, armed: Armed, log,
         service_memory=config.service_memory,
         ack_window=config.ack_scan_window if armed.sensed and config.ack_scan_trigger else 0,
         ack_trigger=config.ack_scan_trigger, transports=TRANSPORTS,
+        local_ports=local_port_range(),
         proto_window=config.proto_scan_window if armed.sensed and config.proto_scan_trigger else 0,
         proto_trigger=config.proto_scan_trigger)
 
@@ -161,7 +163,7 @@ def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
     if sensing:
         prefixes |= {HIT_PREFIX: "hit", PEER_HIT_PREFIX: "peer hit", CONTACT_PREFIX: "contact",
                      SERVED_PREFIX: "served", ACK_PREFIX: "ack", PROTO_PREFIX: "proto",
-                     TRANSPORT_PREFIX: "transport"}
+                     TRANSPORT_PREFIX: "transport", PORT_SCAN_PREFIX: "port scan"}
     try:
         armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:

@@ -36,12 +36,12 @@ class LiveFacts:
     use (slots and plain properties: one of these is made per probe)."""
 
     __slots__ = ("_path", "_probe", "_listener_check", "young", "_served", "_peer", "_reply",
-                 "_forwarded")
+                 "_forwarded", "triggered")
     banned_by_kernel = False
 
     def __init__(self, path: "ProbePath", probe, listener_check: bool, young: bool):
         self._path, self._probe, self._listener_check = path, probe, listener_check
-        self.young = young
+        self.young, self.triggered = young, False
         self._served = self._peer = self._reply = self._forwarded = _UNKNOWN
 
     @property
@@ -78,14 +78,18 @@ class LiveFacts:
 class KernelFacts(LiveFacts):
     """A probe the kernel sensor logged: it judged the port (served?), the
     reply direction and NAT already, and for a trap hit whether the source is
-    a mature peer (its log prefix); a first contact's `peer` is asked."""
+    a mature peer (its log prefix); a first contact's `peer` is asked.
+    `served` None: asked now (a port the kernel's sets may not know yet)."""
 
     __slots__ = ()
     kernel_decides = False
 
-    def __init__(self, path: "ProbePath", probe, served: bool, peer: bool | None = None):
-        super().__init__(path, probe, False, young=False)
-        self._served, self._reply, self._forwarded = served, False, False
+    def __init__(self, path: "ProbePath", probe, served: bool | None,
+                 peer: bool | None = None):
+        super().__init__(path, probe, served is None, young=False)
+        self._reply, self._forwarded = False, False
+        if served is not None:
+            self._served = served
         if peer is not None:
             self._peer = peer
 
@@ -158,7 +162,12 @@ class ProbePath:
             self.kernel_banned(probe)
             return
         peer = {"hit": False, "peer hit": True}.get(what)
-        self.handle(probe, facts=KernelFacts(self, probe, what == "served", peer))
+        if what in ("transport", "port scan"):  # served now? (the kernel's sets poll)
+            facts = KernelFacts(self, probe, None)
+            facts.triggered = what == "port scan"  # the kernel counted its ports
+        else:
+            facts = KernelFacts(self, probe, what == "served", peer)
+        self.handle(probe, facts=facts)
 
     def _handle_safely(self, probe, sensor) -> None:
         self._safely(probe, self.handle, probe, sensor.needs_listener_check)

@@ -63,5 +63,5 @@ def test_a_banned_source_getting_through_is_warned_about_once_an_hour_while_it_g
     watch._warn(5000.0)
     text = ctx.stream.getvalue()
     assert text.count("still gets through") == 2 + WARN_LINES
-    assert f"and 5 more banned hosts get through bridge br0" in text
+    assert "and 5 more banned hosts get through bridge br0" in text
     assert "198.51.100.7" not in watch._warned  # lifted: forgotten

@@ -116,11 +116,12 @@ def test_an_sctp_udplite_or_dccp_probe_is_a_port_probe_except_in_the_protocol_co
     port: 80") and one IP protocol in -sO's count (`proto`: 132)."""
     from portsentinel.engine import IP
     from portsentinel.logs import alert_line, history_line
-    from portsentinel.ruleset import PROTO_PREFIX, TRANSPORT_PREFIX
-    log = _log({LOG_PREFIX: "ban", PROTO_PREFIX: "proto", TRANSPORT_PREFIX: "transport"})
+    from portsentinel.ruleset import PORT_SCAN_PREFIX, PROTO_PREFIX, TRANSPORT_PREFIX
+    log = _log({LOG_PREFIX: "ban", PROTO_PREFIX: "proto", TRANSPORT_PREFIX: "transport",
+                PORT_SCAN_PREFIX: "port scan"})
     init = struct.pack("!HHII", 40000, 80, 0, 0) + bytes([1, 0, 0, 20])
     lines = {}
-    for prefix in (LOG_PREFIX, PROTO_PREFIX, TRANSPORT_PREFIX):
+    for prefix in (LOG_PREFIX, PROTO_PREFIX, TRANSPORT_PREFIX, PORT_SCAN_PREFIX):
         message = _nflog_message(ipv4(132, init, src="198.51.100.12"),
                                  prefix=prefix.encode() + b"\0")
         said, probe = log.to_logged(_attributes(message, 20))
@@ -128,7 +129,7 @@ def test_an_sctp_udplite_or_dccp_probe_is_a_port_probe_except_in_the_protocol_co
         expected = ((IP, 132, Kind.PROTOCOL) if said == "proto"
                     else ("sctp", 80, Kind.TRANSPORT))
         assert (probe.protocol, probe.port, probe.kind) == expected and probe.trap
-    assert lines["transport"] == lines["ban"] == \
+    assert lines["transport"] == lines["ban"] == lines["port scan"] == \
         "attackalert: SCTP INIT scan from host: 198.51.100.12/198.51.100.12 to SCTP port: 80"
     assert lines["proto"].endswith("to IP protocol: 132")
     for number, payload, line in (
@@ -139,6 +140,7 @@ def test_an_sctp_udplite_or_dccp_probe_is_a_port_probe_except_in_the_protocol_co
         _, probe = log.to_logged(_attributes(message, 20))
         assert alert_line(probe) == f"attackalert: {line}"
     assert history_line(0, "192.0.2.1", None, 80, "sctp").endswith("Port: 80 SCTP Blocked")
+    assert history_line(0, "192.0.2.1", None, 7, "udplite").endswith("Port: 7 UDP-Lite Blocked")
 
 
 def test_nflog_ignores_other_prefixes_and_garbage():
