@@ -111,9 +111,8 @@ class Firewall:
                     self._unlisted.add(name)
                     self.ctx.log.error(
                         f"adminalert: WARNING: cannot list this host's {name.upper()} sockets "
-                        f"({err.strerror}): a client of a {name.upper()} service here may be "
-                        f"taken for a scanner once it reaches {self.ctx.config.ack_scan_trigger}"
-                        " of its ports")
+                        f"({err.strerror}): {name.upper()} port scans are not banned (any "
+                        "port might be a service's)")
                 continue
             self._unlisted.discard(name)
             if ports:
