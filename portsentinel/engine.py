@@ -53,6 +53,9 @@ from .trw import SequentialDetector, TrwParameters
 TCP = "tcp"
 UDP = "udp"
 IP = "ip"  # any other IP protocol (a probe's port is then the protocol number)
+# the other transports with ports (Kind.TRANSPORT's protocols): number, and the
+# name that both our lines and /proc/net/protocols use
+TRANSPORTS = {"sctp": (132, "SCTP"), "udplite": (136, "UDP-Lite"), "dccp": (33, "DCCP")}
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20

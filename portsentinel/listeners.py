@@ -15,6 +15,7 @@ import struct
 import threading
 from collections import OrderedDict
 
+from .engine import TRANSPORTS
 from .netlink import (NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
                       error_code, message, messages)
 
@@ -87,25 +88,21 @@ def udp_bound() -> set[int]:
         socket.IPPROTO_UDP, socket.AF_INET6, ALL_STATES)
 
 
-# SCTP, UDP-Lite, DCCP: their name in /proc/net/protocols (a module loaded) and number
-TRANSPORT_PROTOCOLS = {"sctp": ("SCTP", 132), "udplite": ("UDP-Lite", 136), "dccp": ("DCCP", 33)}
-
-
 def loaded_transports(path: str = "/proc/net/protocols") -> set[str]:
-    """Which of TRANSPORT_PROTOCOLS the kernel has now. Read, never asked
-    through a socket or sock_diag: either would load the module."""
+    """Which of engine.TRANSPORTS the kernel has now (a module loaded). Read,
+    never asked through a socket or sock_diag: either would load the module."""
     try:
         with open(path) as f:
             names = {line.split(None, 1)[0] for line in f if line.strip()}
     except OSError:
         return set()
-    return {name for name, (label, _) in TRANSPORT_PROTOCOLS.items() if label in names}
+    return {name for name, (_, label) in TRANSPORTS.items() if label in names}
 
 
 def transport_bound(name: str) -> set[int]:
     """Local ports of the sockets of a loaded transport (OSError: its
     sock_diag handler is missing, e.g. no sctp_diag)."""
-    number = TRANSPORT_PROTOCOLS[name][1]
+    number = TRANSPORTS[name][0]
     return _dump(number, socket.AF_INET, ALL_STATES) | _dump(number, socket.AF_INET6, ALL_STATES)
 
 
@@ -184,7 +181,7 @@ class ListeningPorts:
         self.max_age, self.memory = max_age, memory
         self._readers = {"tcp": tcp_listening, "udp": udp_bound,
                          **{name: (lambda n=name: _transport_ports(n))
-                            for name in TRANSPORT_PROTOCOLS}}
+                            for name in TRANSPORTS}}
         self.last_served: dict[str, dict[int, float]] = {p: {} for p in self._readers}
         self._ports: dict[str, set[int]] = {p: set() for p in self._readers}
         self._stamp = {p: float("-inf") for p in self._readers}

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 
 from .addrset import text as address_text
-from .engine import FIN, SYN, ACK, PSH, URG, RST, Kind, Probe
+from .engine import FIN, SYN, ACK, PSH, URG, RST, TRANSPORTS, Kind, Probe
 
 _SCAN_NAMES = {
     Kind.SYN: "TCP SYN/Normal scan",
@@ -40,7 +40,7 @@ def _flag(flags: int, bit: int) -> int:
 # (protocol, SCTP chunk type or DCCP packet type) -> the scan's name
 _TRANSPORT_SCANS = {("sctp", 1): "SCTP INIT scan", ("sctp", 10): "SCTP COOKIE-ECHO scan",
                     ("dccp", 0): "DCCP Request scan"}
-TRANSPORT_LABELS = {"sctp": "SCTP", "udplite": "UDP-Lite", "dccp": "DCCP"}
+TRANSPORT_LABELS = {name: label for name, (_, label) in TRANSPORTS.items()}
 
 
 def scan_name(probe: Probe) -> str:

@@ -110,17 +110,15 @@ class KernelBanLog:
         protocol, port = packet.protocol, packet.port
         kind = (classify_tcp(packet.flags) if protocol == TCP
                 else Kind.UDP if protocol == UDP else Kind.PROTOCOL)
-        if kind is Kind.PROTOCOL and packet.port in TRANSPORT_NAMES and what != "proto":
-            # an SCTP, UDP-Lite or DCCP port probe (its protocol's count: "proto")
-            kind, protocol, port = Kind.TRANSPORT, TRANSPORT_NAMES[packet.port], packet.service
+        name = packets.TRANSPORT_NAMES.get(port) if kind is Kind.PROTOCOL else None
+        if name is not None and what != "proto":  # an SCTP, UDP-Lite or DCCP port probe
+            kind, protocol, port = Kind.TRANSPORT, name, packet.service
         return what, Probe(packet.source, port, protocol, kind, when,
                            packet.flags, packet.ip_options,
                            trap=what not in ("contact", "served"),
                            source_port=packet.source_port, destination=packet.destination)
 
 
-TRANSPORT_NAMES = {packets.PROTO_SCTP: "sctp", packets.PROTO_UDPLITE: "udplite",
-                   packets.PROTO_DCCP: "dccp"}
 _WANTED = frozenset((NFULA_TIMESTAMP, NFULA_PAYLOAD, NFULA_PREFIX))
 
 

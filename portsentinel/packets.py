@@ -10,10 +10,11 @@ import ipaddress
 from dataclasses import dataclass
 
 from .addrset import canonical
-from .engine import ACK, IP, RST, TCP, UDP
+from .engine import ACK, IP, RST, TCP, TRANSPORTS, UDP
 
 PROTO_TCP, PROTO_UDP = 6, 17
-PROTO_SCTP, PROTO_UDPLITE, PROTO_DCCP = 132, 136, 33
+PROTO_SCTP, PROTO_DCCP = TRANSPORTS["sctp"][0], TRANSPORTS["dccp"][0]
+TRANSPORT_NAMES = {number: name for name, (number, _) in TRANSPORTS.items()}
 # IPv6 extension headers that may precede TCP/UDP
 _HOP, _ROUTING, _FRAGMENT, _DSTOPTS, _AH = 0, 43, 44, 60, 51
 _MAX_EXTENSIONS = 8
@@ -117,7 +118,7 @@ def _transport(proto: int, segment: bytes, source, destination, ip_options: bool
         return Packet(source, destination, UDP, int.from_bytes(segment[2:4], "big"),
                       0, ip_options, int.from_bytes(segment[0:2], "big"))
     if not probes_only:  # what the kernel logged as another protocol's probe (nmap -sO)
-        if proto in (PROTO_SCTP, PROTO_UDPLITE, PROTO_DCCP) and len(segment) >= 4:
+        if proto in TRANSPORT_NAMES and len(segment) >= 4:
             return Packet(source, destination, IP, proto, _opening(proto, segment), ip_options,
                           int.from_bytes(segment[0:2], "big"),
                           service=int.from_bytes(segment[2:4], "big"))

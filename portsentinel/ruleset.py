@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .engine import TRANSPORTS as TRANSPORT_PROTOCOLS
+
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
 # what the kernel sensor logs for userspace (with `sensor`), judged as far as it can:
@@ -32,8 +34,7 @@ ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved
 PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP, UDP, ICMP
 TRANSPORT_PREFIX = "portsentinel port"  # an SCTP INIT, UDP-Lite datagram, DCCP Request: unserved port
 PORT_SCAN_PREFIX = "portsentinel port scan"  # ... the ACK_SCAN_TRIGGER-th distinct one: userspace bans
-# the other transports with ports, judged per port as ACK-family probes are
-TRANSPORTS = ("sctp", "udplite", "dccp")
+TRANSPORTS = tuple(TRANSPORT_PROTOCOLS)  # the other transports with ports, judged per port
 ANSWER_MEMORY = "10m"  # what answers this host's own packet of those, this long after it
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
 ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
