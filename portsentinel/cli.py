@@ -463,12 +463,15 @@ def print_bans(bans: list[dict]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _print_bypass(bypass: dict | None) -> None:
+def _print_bypass(bypass: dict | None, most: int = 20) -> None:
     """Bridges that forward past the IP firewall, and bans that do not hold there."""
     for bridge in (bypass or {}).get("bridges", []):
         print(f"bridge past the firewall: {bridge}")
-    for address, packets in (bypass or {}).get("bans_getting_through", {}).items():
+    through = list((bypass or {}).get("bans_getting_through", {}).items())
+    for address, packets in through[:most]:
         print(f"banned but getting through a bridge: {address} ({packets} packets)")
+    if len(through) > most:
+        print(f"... and {len(through) - most} more banned hosts getting through a bridge")
 
 
 def print_status(status: dict) -> None:

@@ -56,6 +56,9 @@ IP = "ip"  # any other IP protocol (a probe's port is then the protocol number)
 # the other transports with ports (Kind.TRANSPORT's protocols): number, and the
 # name that both our lines and /proc/net/protocols use
 TRANSPORTS = {"sctp": (132, "SCTP"), "udplite": (136, "UDP-Lite"), "dccp": (33, "DCCP")}
+# stateless evidence (ACK family, protocols, transports' ports) is remembered this
+# many windows after a source's last probe: pausing between rounds earns nothing
+EVIDENCE_WINDOWS = 5
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -121,7 +124,6 @@ class Facts:
     kernel_decides: bool = False  # the kernel trap judges strangers' trap hits (NFLOG reports)
     banned_by_kernel: bool = False  # the kernel trap banned the source for this probe
     young: bool = False  # first sight: too early to know whether NAT forwarded it
-    triggered: bool = False  # the kernel counted enough distinct ports of this source's probes
 
 
 NO_FACTS = Facts()
@@ -338,9 +340,9 @@ class Engine:
         if probe.kind is Kind.PROTOCOL:
             return self._evidence(probe, facts, self._protocols,
                                   self.policy.proto_scan_trigger, self.policy.proto_scan_window)
-        if probe.kind is Kind.TRANSPORT:  # ports of SCTP, UDP-Lite, DCCP: as ACK probes
+        if probe.kind is Kind.TRANSPORT:  # ports of SCTP, UDP-Lite, DCCP: judged here alone
             return self._evidence(probe, facts, self._transports, self.policy.ack_scan_trigger,
-                                  self.policy.ack_scan_window)
+                                  self.policy.ack_scan_window * EVIDENCE_WINDOWS)
         stateless = probe.kind is not Kind.CONNECT
         counted = None
         if probe.trap and not facts.served:
@@ -396,8 +398,7 @@ class Engine:
         if not trigger or facts.served:
             return Decision(Verdict.PENDING, probe, report=False)
         key = _key(probe.source)
-        counted = self._distinct(table, key, probe, trigger, window)
-        if not (counted or facts.triggered):  # the kernel may have counted ports we missed
+        if not self._distinct(table, key, probe, trigger, window):
             return Decision(Verdict.PENDING, probe, report=False)
         if facts.peer:
             return Decision(Verdict.DECOY, probe, report=self._decoy_report(key, probe.time))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import TRANSPORTS as TRANSPORT_PROTOCOLS
+from .engine import EVIDENCE_WINDOWS, TRANSPORTS as TRANSPORT_PROTOCOLS
 
 PEER_MATURITY = 2  # seconds after its first completed handshake before a host is a peer
 LOG_PREFIX = "portsentinel ban"  # NFLOG prefix of the kernel's own bans
@@ -33,12 +33,12 @@ SERVED_PREFIX = "portsentinel served"  # a first SYN to a served port
 ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved trap port
 PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP, UDP, ICMP
 TRANSPORT_PREFIX = "portsentinel port"  # an SCTP INIT, UDP-Lite datagram, DCCP Request: unserved port
-PORT_SCAN_PREFIX = "portsentinel port scan"  # ... the ACK_SCAN_TRIGGER-th distinct one: userspace bans
+PORT_SCAN_PREFIX = "portsentinel port scan"  # ... past the source's bucket: own log limit
 TRANSPORTS = tuple(TRANSPORT_PROTOCOLS)  # the other transports with ports, judged per port
 ANSWER_MEMORY = "10m"  # what answers this host's own packet of those, this long after it
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
 ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
-BUCKET_MEMORY = 5  # windows a source's evidence bucket is remembered after its last probe
+BUCKET_MEMORY = EVIDENCE_WINDOWS  # windows a source's bucket is remembered after its last probe
 HIT_RATE = "20/second burst 40 packets"
 # A source is forgotten by the hit meter once its bucket (HIT_RATE) is full
 # again: remembering it longer changes nothing but fills the set. 262,144
@@ -428,10 +428,12 @@ def _transport_scans(t: str, trap: KernelTrap) -> list[str]:
     DCCP Request: the opening packet of another transport, to a port no
     socket of this host serves (`served_*`, filled by the daemon: the
     kernel's socket lookup knows only TCP and UDP), is evidence as an
-    ACK-family probe is. At the ACK_SCAN_TRIGGER-th distinct port the kernel
-    does not ban: it tells userspace (`port_scan`), which asks whether that
-    port is served now (a service started since the last poll of `served_*`)
-    and bans. Ports in the local port range are left alone (late answers to
+    ACK-family probe is, but the kernel never bans for it: a service started
+    since the daemon's last poll is unknown here, so the daemon asks about
+    each port it is told of and counts only those served by nothing. Past a
+    source's bucket its ports go through `port_scan`, with a log limit of its
+    own (a flood that used up the shared one does not hide a scanner's later
+    ports). Ports in the local port range are left alone (late answers to
     this host's own traffic go there). They are not counted as IP protocols
     (`proto`): their own ports say more."""
     names = [name for name in TRANSPORTS if name in trap.transports]

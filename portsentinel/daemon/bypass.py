@@ -1,7 +1,8 @@
 """Ban effectiveness past the IP hooks (issue 14): bridges that forward a
 banned source's packets anyway are found, their table of counting copies
-of the ban sets is kept in step with ours at each reconciliation, and a
-banned source whose packets went through is warned about (bridges.py)."""
+of the ban sets follows each ban and lift (the ledger's) and is checked
+against ours at each reconciliation, and a banned source whose packets went
+through is warned about (bridges.py)."""
 
 from __future__ import annotations
 
@@ -50,16 +51,34 @@ class BypassWatch:
         except (NftError, OSError) as err:
             self.ctx.report_error(f"bridge ban copies: {err}")
 
+    def copy(self, address: str, seconds: float | None) -> None:
+        """Worker, as a ban is made: its copy at once (its packets through a
+        bridge counted from the start, not from the next reconciliation)."""
+        if self._installed:
+            try:
+                self._elements.add_each([(address, seconds or 0)])
+            except OSError:
+                pass  # the next reconciliation makes it
+        self._warned.pop(address, None)
+
+    def uncopy(self, address: str) -> None:
+        """Worker, as a ban is lifted: what it sends from now on is not a ban's."""
+        if self._installed:
+            try:
+                self._elements.delete([address])
+            except OSError:
+                pass  # gone already, or the next reconciliation removes it
+        self.through.pop(address, None)
+        self._warned.pop(address, None)
+
     def _sync(self, table: str, kernel: dict[str, float | None]) -> None:
-        try:
-            copies = self._copies(table)
-        except OSError:  # not made yet, or deleted meanwhile (a ruleset flush)
-            self.ctx.bans.nft.run("\n".join(bridge_commands(table, self.ctx.bans.set_size))
-                                  + "\n")
-            self._installed = True
-            copies = self._copies(table)
+        # made each time (a transaction, only while a bridge bypasses): an emptied
+        # chain counts nothing, and nothing else would tell
+        self.ctx.bans.nft.run("\n".join(bridge_commands(table, self.ctx.bans.set_size)) + "\n")
+        self._installed = True
         if self._elements is None:
             self._elements = SetElements(table, NFPROTO_BRIDGE)
+        copies = self._copies(table)
         missing = [(a, left or 0) for a, left in kernel.items() if a not in copies]
         extra = [a for a in copies if a not in kernel]
         if missing:

@@ -14,7 +14,6 @@ from ..nft import NftError
 from ..nftwatch import RulesetWatch
 from ..store import BanRecord
 from .assembly import RECONCILE_EVERY
-from .bypass import BypassWatch
 from .context import Context
 from .ledger import BanLedger
 
@@ -37,7 +36,7 @@ class Firewall:
         self._served_pushed: dict[str, dict[int, float]] = {TCP: {}, UDP: {}}
         self._set_warned = False
         self._unlisted: set[str] = set()  # transports whose sockets cannot be listed (said)
-        self.bypass = BypassWatch(ctx)  # bridges that forward banned sources' packets anyway
+        self.bypass = ledger.bypass
         self.trouble: str | None = None  # why our table could not be restored, while so
 
     # -- owner thread ------------------------------------------------------

@@ -39,6 +39,7 @@ from ..engine import HOSTS_DENY, KILL_ROUTE, NFTABLES, RUN_CMD, Order
 from ..nft import NftError, SetFull
 from ..responders import ActionFailed, CompatActions, Records
 from ..store import BanRecord
+from .bypass import BypassWatch
 from .context import Context
 
 # bans this member made (shared with the fleet); any other origin is a fleet member's name
@@ -59,6 +60,7 @@ class BanLedger:
         self.unremoved: dict[str, str] = {}  # lifted bans whose removal failed -> cause
         self.expiring: set[str] = set()  # lifts queued, not done yet
         self.set_full = False  # the kernel refused a ban: make room now
+        self.bypass = BypassWatch(ctx)  # bridges that forward banned sources' packets anyway
         self.configure()
 
     def configure(self) -> None:
@@ -103,6 +105,8 @@ class BanLedger:
             self.ctx.inbox.post(self.ctx.engine.lift, from_stored(record.address))
             return False
         self.save(record)
+        if NFTABLES in actions and not isinstance(nft_result, Exception):
+            self.bypass.copy(record.address, record.remaining(time.time()))
         self.ctx.metrics.active_bans.inc()  # exact again at the next housekeeping
         self.ctx.metrics.bans.labels(
             record.origin if record.origin in LOCAL_ORIGINS else "fleet").inc()
@@ -178,6 +182,7 @@ class BanLedger:
         self.ctx.inbox.post(self.ctx.engine.lift, from_stored(record.address), False, record.since)
         if self.ctx.bans is not None:
             self.ctx.bans.unban(from_stored(record.address), pardon=cause == "unblock")
+            self.bypass.uncopy(record.address)
         problems = self.compat.undo(record.address, record.hosts_deny_line,
                                     record.kill_route_command, record.port or 0,
                                     record.mode or "", record.hosts_deny_file,

@@ -36,12 +36,12 @@ class LiveFacts:
     use (slots and plain properties: one of these is made per probe)."""
 
     __slots__ = ("_path", "_probe", "_listener_check", "young", "_served", "_peer", "_reply",
-                 "_forwarded", "triggered")
+                 "_forwarded")
     banned_by_kernel = False
 
     def __init__(self, path: "ProbePath", probe, listener_check: bool, young: bool):
         self._path, self._probe, self._listener_check = path, probe, listener_check
-        self.young, self.triggered = young, False
+        self.young = young
         self._served = self._peer = self._reply = self._forwarded = _UNKNOWN
 
     @property
@@ -162,12 +162,11 @@ class ProbePath:
             self.kernel_banned(probe)
             return
         peer = {"hit": False, "peer hit": True}.get(what)
-        if what in ("transport", "port scan"):  # served now? (the kernel's sets poll)
-            facts = KernelFacts(self, probe, None)
-            facts.triggered = what == "port scan"  # the kernel counted its ports
-        else:
-            facts = KernelFacts(self, probe, what == "served", peer)
-        self.handle(probe, facts=facts)
+        # a transport's port: served now? (the kernel's sets follow a poll). Only the
+        # ports found unserved here count: a new service's client drained the
+        # kernel's bucket with ports the kernel did not know were served
+        served = None if what in ("transport", "port scan") else what == "served"
+        self.handle(probe, facts=KernelFacts(self, probe, served, peer))
 
     def _handle_safely(self, probe, sensor) -> None:
         self._safely(probe, self.handle, probe, sensor.needs_listener_check)

@@ -349,6 +349,18 @@ def _bridged_guest(lab, start_daemon, guest: str) -> None:
              "'http://127.0.0.1:9311/metrics', timeout=5).read().decode())")
     metrics = lab.exec("target", sys.executable, "-c", fetch).stdout
     assert float(re.search(r"^portsentinel_ban_bypass_packets (\S+)$", metrics, re.M)[1]) >= 2
+    # a ban made now is counted at once (not from the next reconciliation on); one
+    # lifted is not: what it sends while unbanned is no ban's, even if banned again
+    banned, other, address, _ = BRIDGED[4]
+    daemon.cli("block", other)
+    assert reaches(other, address)
+    daemon.cli("unblock", banned)
+    assert reaches(banned, address)
+    daemon.cli("block", banned)
+    done = daemon.cli("reconcile").stdout
+    assert re.search(rf"getting through a bridge: {re.escape(other)} \([1-9]", done), done
+    assert f"getting through a bridge: {banned} " not in done, done
+    daemon.cli("unblock", other)
     for tool in ("iptables", "ip6tables"):  # bridged IP traffic to the IP hooks: the ban holds
         lab.sysctl(target, f"net.bridge.bridge-nf-call-{tool}", "1")
     for banned, other, address, _ in BRIDGED.values():

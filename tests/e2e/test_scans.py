@@ -545,14 +545,21 @@ def test_transport_evidence_spares_new_services_and_survives_floods_and_pauses(
     counted as one IP protocol toward -sO's four; (3) a spoofed flood drained
     the one rate limit before anything was counted, so a real scan went
     unbanned; (4) a scanner pausing longer than the window between rounds of
-    four ports got a fresh bucket each round."""
+    four ports got a fresh bucket each round. A second try: (5) that client's
+    served ports drained the kernel's bucket, so one probe of an unserved
+    port banned it: only ports the daemon finds unserved count now; (6) a
+    peer (the legitimate client, a completed handshake) sending them is
+    never banned."""
     daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\nACK_SCAN_WINDOW="3s"\n')
+    client = Client(lab)
     service = lab.start("target", "python3", "-c", UDPLITE_SERVICE, stdout=subprocess.PIPE)
     try:
         assert service.stdout.readline().strip() == b"up"  # after the daemon's poll
         done = lab.exec("client", "python3", "-c", UDPLITE_CLIENT, netlab.CLIENT4, TARGET4,
                         "7000", "7005", "1", timeout=30)
         assert done.stdout.strip() == "18", done.stdout + done.stderr
+        lab.exec("client", "python3", "-c", RAW_SCTP_INITS, netlab.CLIENT4, TARGET4, "3301",
+                 "3301", "0", timeout=30)  # one SCTP INIT to a port nothing serves
         done = lab.exec("client", "python3", "-c", THREE_PROTOCOLS, netlab.CLIENT4, TARGET4,
                         timeout=30)
         assert done.returncode == 0, done.stderr  # with UDP-Lite four: -sO's trigger
@@ -580,3 +587,9 @@ def test_transport_evidence_spares_new_services_and_survives_floods_and_pauses(
         time.sleep(4)
     daemon.wait_log(f"attackalert: SCTP INIT scan from host: {slow}/{slow}")
     assert slow in daemon.banned()
+    time.sleep(3)  # the client a mature peer for a while now (it is a peer since its start)
+    for source, target in ((netlab.CLIENT4, TARGET4), (netlab.CLIENT6, TARGET6)):
+        lab.exec("client", "python3", "-c", RAW_SCTP_INITS, source, target, "900", "907",
+                 "0.01", timeout=30)  # a peer's stateless probes: spoofable, never a ban
+    daemon.wait_log(f"from host: {netlab.CLIENT6}/{netlab.CLIENT6} to SCTP port: ")
+    assert_client_untouched(daemon, client.finish())
