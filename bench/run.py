@@ -830,6 +830,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--gap", type=float, default=100.0, help="µs between follow-up probes")
     parser.add_argument("--flood-seconds", type=float, default=3.0)
+    parser.add_argument("--rates", type=lambda text: [int(n) for n in text.split(",")],
+                        metavar="N,N", help="new sources a second of the capacity floods")
     parser.add_argument("--output", type=Path, default=ROOT / "docs/benchmarks.md")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the first-probe-to-block trials; print the table")
@@ -879,7 +881,7 @@ def main() -> None:
     scans = SCANS[:2] + SCANS[8:9] if args.quick else SCANS
     if args.quick:
         args.trials = min(args.trials, 5)
-    rates = [2000, 5000] if args.quick else [2000, 5000, 10000, 20000]
+    rates = args.rates or ([2000, 5000] if args.quick else [2000, 5000, 10000, 20000])
     with netlab.Lab("bn") as lab, tempfile.TemporaryDirectory() as tmp:
         services = lab.start("target", sys.executable, str(ROOT / "tests/services.py"), "7200",
                              stdout=subprocess.PIPE)
