@@ -92,6 +92,8 @@ def classify_tcp(flags: int) -> Kind:
         return Kind.NULL
     if significant == FIN | URG | PSH:
         return Kind.XMAS
+    if significant & (SYN | FIN) == SYN | FIN:  # no stack sends it, ACK or not: the
+        return Kind.OTHER                        # kernel bans it at once (ruleset.BOGUS_FLAGS)
     if significant & (ACK | RST) == ACK:  # SYN+ACK too: unsolicited, it is the same probe
         return Kind.ACK
     return Kind.OTHER

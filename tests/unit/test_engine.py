@@ -172,6 +172,18 @@ def test_classify_tcp(flags, kind):
     assert classify_tcp(flags) is kind
 
 
+def test_syn_with_fin_is_never_the_ack_family_even_with_ack():
+    """The kernel bans SYN+FIN at once, ACK or not (no stack sends it): its
+    line names the flags and its ban is graded on one packet, not as the
+    ACK family's repeated evidence (an adversarial try found 'TCP ACK scan',
+    'repeated', and BAN_TIME_BY_EVIDENCE's longer ban for one packet)."""
+    for flags in (SYN | FIN | ACK, SYN | FIN | ACK | PSH, SYN | FIN | PSH | URG):
+        assert classify_tcp(flags) is Kind.OTHER
+        decision = Engine(Policy()).handle(probe(port=80, kind=classify_tcp(flags)),
+                                           Facts(banned_by_kernel=True))
+        assert decision.verdict is Verdict.BLOCK and decision.evidence == "single"
+
+
 def test_ack_and_rst_are_not_classified_as_stealth_kinds():
     assert classify_tcp(SYN | ACK) is Kind.ACK  # unsolicited: the ACK family, counted apart
     assert classify_tcp(RST) is Kind.OTHER
