@@ -336,9 +336,10 @@ class Engine:
         decision = self._check(probe)
         if decision is not None:
             return decision
-        if probe.kind is Kind.ACK:
+        if probe.kind is Kind.ACK:  # over the windows the kernel's bucket remembers: a
+            # scan a little slower than its refill (one port a window) is banned here
             return self._evidence(probe, facts, self._acks, self.policy.ack_scan_trigger,
-                                  self.policy.ack_scan_window)
+                                  self.policy.ack_scan_window * EVIDENCE_WINDOWS)
         if probe.kind is Kind.PROTOCOL:
             return self._evidence(probe, facts, self._protocols,
                                   self.policy.proto_scan_trigger, self.policy.proto_scan_window)

@@ -356,6 +356,40 @@ def test_ack_scans_are_banned_but_late_acks_and_a_peers_acks_are_not(lab, start_
         lab.stop(echo)
 
 
+def test_an_ack_scan_slower_than_the_kernels_bucket_is_banned_by_the_daemon(
+        lab, start_daemon):
+    """Found by an adversarial try: one ACK to a new trap port a little
+    slower than one a window never overflowed the kernel's bucket (it gets a
+    port back each window), so the scan went on unseen. The daemon is told
+    of each port and counts them over five windows: the fifth bans, made by
+    the daemon. A keep-alive client whose connection tracking entries expire
+    meanwhile is not touched."""
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\nACK_SCAN_WINDOW="2s"\n')
+    timeout = "net.netfilter.nf_conntrack_tcp_timeout_established"
+    old = lab.exec("target", "sysctl", "-n", timeout, check=True).stdout.strip()
+    lab.exec("target", "sysctl", "-qw", f"{timeout}=2", check=True)
+    echo = lab.start("target", "python3", "-c", IDLE_ECHO, stdout=subprocess.PIPE)
+    try:
+        assert echo.stdout.readline().strip() == b"up"
+        idle = lab.start("client", "python3", "-c", IDLE_CLIENT, TARGET4, TARGET6,
+                         stdout=subprocess.PIPE)
+        slow = extra6(35)
+        for port in (20, 21, 23, 24, 79):  # one every 2.5 s: the bucket never overflows
+            started = time.monotonic()
+            nmap(lab, "-sA", slow, TARGET6, str(port))
+            time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+        daemon.wait_log(f"attackalert: TCP ACK scan from host: {slow}/{slow} to TCP port: 79")
+        assert slow in daemon.banned()
+        listed = daemon.cli("list").stdout
+        assert re.search(rf"^{re.escape(slow)} .*local", listed, re.M), listed
+        assert idle.wait(timeout=30) == 0 and idle.stdout.read().strip() == b"ok"
+        banned = daemon.banned()
+        assert netlab.CLIENT4 not in banned and netlab.CLIENT6 not in banned, banned
+    finally:
+        lab.exec("target", "sysctl", "-qw", f"{timeout}={old}")
+        lab.stop(echo)
+
+
 def test_an_ip_protocol_scan_is_banned_but_one_tunnels_protocol_is_not(lab, start_daemon):
     """Issue 19: nmap -sO (which IP protocols does the host speak?) went
     unseen. PROTO_SCAN_TRIGGER (4) distinct protocols other than TCP, UDP and

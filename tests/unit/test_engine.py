@@ -452,17 +452,33 @@ def test_ack_probes_ban_only_as_a_scan_of_distinct_ports_and_never_a_peer():
     ack = lambda port, t, src="198.51.100.2": probe(src, port, t=t, kind=Kind.ACK)
     assert engine.handle(ack(80, 0.0)).verdict is Verdict.PENDING
     assert engine.handle(ack(80, 1.0)).verdict is Verdict.PENDING  # the same port again
-    assert engine.handle(ack(81, 70.0)).verdict is Verdict.PENDING  # port 80's is too old
-    assert engine.handle(ack(82, 71.0)).verdict is Verdict.PENDING
-    assert engine.handle(ack(83, 72.0, "198.51.100.3"), Facts(served=True)).verdict \
+    # counted over five windows, as the kernel's bucket remembers: port 80's is too old
+    assert engine.handle(ack(81, 310.0)).verdict is Verdict.PENDING
+    assert engine.handle(ack(82, 311.0)).verdict is Verdict.PENDING
+    assert engine.handle(ack(83, 312.0, "198.51.100.3"), Facts(served=True)).verdict \
         is Verdict.PENDING
-    decision = engine.handle(ack(83, 72.0))
+    decision = engine.handle(ack(83, 312.0))
     assert decision.verdict is Verdict.BLOCK and decision.probe.kind is Kind.ACK
     peer = "198.51.100.4"
     verdicts = [engine.handle(ack(p, 1.0, peer), Facts(peer=True)).verdict for p in range(1, 9)]
     assert Verdict.BLOCK not in verdicts and Verdict.DECOY in verdicts
     off = Engine(Policy(ack_scan_trigger=0))
     assert {off.handle(ack(p, 0.0)).verdict for p in range(1, 20)} == {Verdict.PENDING}
+
+
+def test_a_slow_ack_scan_is_banned_by_the_daemon_within_five_windows():
+    """The kernel's bucket refills one port a window, so a scan of one new
+    port a little slower than that never overflows it (an adversarial try:
+    one ACK every 62 s, nothing said, never banned). The daemon is told of
+    each (source, port) once a window and counts them over five windows, as
+    the kernel's bucket remembers, as it does the other transports' ports."""
+    engine = Engine(Policy())  # ACK_SCAN_TRIGGER 5, ACK_SCAN_WINDOW 60 s
+    ack = lambda port, t: probe("198.51.100.2", port, t=t, kind=Kind.ACK)
+    verdicts = [engine.handle(ack(600 + n, 62.0 * n)).verdict for n in range(5)]
+    assert verdicts == [Verdict.PENDING] * 4 + [Verdict.BLOCK]
+    slower = Engine(Policy())  # one every 80 s: five take 320 s, beyond five windows
+    assert {slower.handle(ack(600 + n, 80.0 * n)).verdict for n in range(8)} \
+        == {Verdict.PENDING}
 
 
 def test_a_pardoned_host_starts_counting_afresh():
