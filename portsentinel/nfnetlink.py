@@ -27,7 +27,8 @@ SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 LIST_ELEM = 1
 SET_ELEM_KEY, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION = 1, 4, 5
 SET_ELEM_EXPR, SET_ELEM_EXPRESSIONS = 7, 10  # an element's expressions: one, or a list
-EXPR_NAME, EXPR_DATA, COUNTER_PACKETS = 1, 2, 2  # an expression's name and data; a counter's
+EXPR_NAME, EXPR_DATA = 1, 2  # an expression's name and data
+COUNTER_BYTES, COUNTER_PACKETS = 1, 2
 DATA_VALUE = 1
 
 CHUNK = 1000
@@ -40,27 +41,38 @@ _TIMEOUT_ATTR = attr(SET_ELEM_TIMEOUT, b"\0" * 8)[:-8]
 _ELEMENT = struct.Struct("=HH")
 
 
-def _element(key: bytes, timeout_ms: int | None) -> bytes:
+def _element(key: bytes, timeout_ms: int | None, counted: tuple[int, int] | None = None) -> bytes:
+    """`counted`: (packets, bytes) its counter starts from (a ban put back
+    or given a new timeout keeps what it dropped)."""
     head = _KEY_ATTRS.get(len(key))
-    if head is None:  # a port (2 bytes): padded, the general way
+    if head is None or counted:  # a port (2 bytes): padded, the general way
         parts = [nested(SET_ELEM_KEY, attr(DATA_VALUE, key))]
         if timeout_ms:
             parts.append(attr(SET_ELEM_TIMEOUT, struct.pack("!Q", timeout_ms)))
+        if counted:
+            parts.append(nested(SET_ELEM_EXPR, _counter_expr(*counted)))  # as nft does
         return nested(LIST_ELEM, *parts)
     body = head + key + (_TIMEOUT_ATTR + timeout_ms.to_bytes(8, "big") if timeout_ms else b"")
     return _ELEMENT.pack(4 + len(body), LIST_ELEM | NLA_F_NESTED) + body
 
 
+def _counter_expr(packets: int, octets: int) -> bytes:
+    return attr(EXPR_NAME, b"counter\0") + nested(
+        EXPR_DATA, attr(COUNTER_BYTES, struct.pack("!Q", octets)),
+        attr(COUNTER_PACKETS, struct.pack("!Q", packets)))
+
+
 def elements_body(table: bytes, set_name: str, addresses, timeout_ms: int | None) -> bytes:
-    """A set-element list. `addresses` are ip objects or raw keys, or
-    (key, timeout_ms) pairs when timeout_ms is None."""
+    """A set-element list. `addresses` are ip objects or raw keys, or when
+    timeout_ms is None (key, timeout_ms) or (key, timeout_ms, (packets, bytes))."""
     elements = []
     for address in addresses:
-        each = timeout_ms
+        each, counted = timeout_ms, None
         if isinstance(address, tuple):
-            address, each = address
+            address, each, *rest = address
+            counted = rest[0] if rest else None
         elements.append(_element(address if isinstance(address, bytes) else address.packed,
-                                 each))
+                                 each, counted))
     return (attr(SET_ELEM_LIST_TABLE, table) + attr(SET_ELEM_LIST_SET, set_name.encode() + b"\0")
             + nested(SET_ELEM_LIST_ELEMENTS, *elements))
 
@@ -160,16 +172,17 @@ class SetElements:
         by_set: dict[str, list] = {}
         for address in addresses:
             item = address
-            if isinstance(address, tuple):
+            if isinstance(address, tuple):  # (address, seconds[, (packets, bytes)])
                 ip = canonical(address[0])
-                item = (ip, int(address[1] * 1000) or None)
+                item = (ip, int(address[1] * 1000) or None, *address[2:])
             else:
                 ip = item = canonical(address)
             by_set.setdefault("ban4" if ip.version == 4 else "ban6", []).append(item)
         return by_set
 
     def add_each(self, pairs) -> None:
-        """Add (address, timeout seconds) pairs, each with its own timeout (0 = none)."""
+        """Add (address, timeout seconds) pairs, each with its own timeout (0 = none);
+        a third item (packets, bytes), if any, is where its counter starts."""
         self._each_chunk(NFT_MSG_NEWSETELEM, [tuple(p) for p in pairs], None)
 
     def add(self, addresses, timeout: float = 0) -> None:
@@ -219,16 +232,33 @@ class SetElements:
                                          NLM_F_REQUEST | NLM_F_ACK, self._seq, NFPROTO_INET, body))
             return bool(answers(self._sock, self._seq, "nftables get element"))
 
+    def counted(self, set_name: str, address) -> tuple[int, int] | None:
+        """One GETSETELEM round trip: (packets, bytes) of the element's
+        counter; None when it is not in the set or has no counter."""
+        body = elements_body(self.table, set_name, [ipaddress.ip_address(address)], None)
+        with self._lock:
+            self._seq += 1
+            self._sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
+                                         NLM_F_REQUEST | NLM_F_ACK, self._seq, NFPROTO_INET, body))
+            found: list = []
+            for data, at, end in answers(self._sock, self._seq, "nftables get element"):
+                _elements_into(found, data, at + NFGEN.size, end, counted=True)
+        return next((counter for _, _, counter in found if counter), None)
+
     def replace(self, addresses, timeout: float = 0) -> None:
         """Set the timeout of addresses whether or not they are in the set yet:
-        add (if missing), delete, add with the timeout, in one transaction."""
+        add (if missing), delete, add with the timeout, in one transaction.
+        Each keeps what its counter counted (the delete would zero it)."""
         addresses = list(addresses)
         for start in range(0, len(addresses), CHUNK):
             by_set = self._group(addresses[start:start + CHUNK])
             if by_set:
+                ms = int(timeout * 1000) or None
+                again = {name: [(ip, ms, self.counted(name, ip)) for ip in ips]
+                         for name, ips in by_set.items()}
                 self._commit([(NFT_MSG_NEWSETELEM, by_set, None),
                               (NFT_MSG_DELSETELEM, by_set, None),
-                              (NFT_MSG_NEWSETELEM, by_set, int(timeout * 1000) or None)])
+                              (NFT_MSG_NEWSETELEM, again, None)])
 
 
 NFT_MSG_GETGEN, NFTA_GEN_ID = 16, 1
@@ -267,13 +297,13 @@ def dump_set(table: str, set_name: str) -> dict[str, float | None]:
 
 
 def dump_counted(table: str, set_name: str, family: int = NFPROTO_INET
-                 ) -> dict[str, tuple[float | None, int | None]]:
+                 ) -> dict[str, tuple[float | None, int | None, int | None]]:
     """Every element of one address set: address -> (seconds left, packets
-    its counter saw; None for a set without counters)."""
-    found: dict[str, tuple[float | None, int | None]] = {}
-    for key, left, packets in _dump(table, set_name, counted=True, family=family):
+    and bytes its counter saw; None for a set without counters)."""
+    found: dict[str, tuple[float | None, int | None, int | None]] = {}
+    for key, left, counter in _dump(table, set_name, counted=True, family=family):
         if len(key) in (4, 16):
-            found[str(ipaddress.ip_address(key))] = (left, packets)
+            found[str(ipaddress.ip_address(key))] = (left, *(counter or (None, None)))
     return found
 
 
@@ -308,7 +338,8 @@ def _dump(table: str, set_name: str, counted: bool = False,
 
 def _elements_into(found: list, data: bytes, start: int, end: int,
                    counted: bool = False) -> None:
-    """(key, seconds left) of each element, and with `counted` its counter's packets."""
+    """(key, seconds left) of each element, and with `counted` its counter's
+    (packets, bytes) or None."""
     listed = attributes(data, start, end).get(SET_ELEM_LIST_ELEMENTS, b"")
     for payload in _each_nested(listed):
         element = attributes(payload, 0, len(payload))
@@ -316,7 +347,7 @@ def _elements_into(found: list, data: bytes, start: int, end: int,
         if key is not None:
             expires = element.get(SET_ELEM_EXPIRATION)
             left = struct.unpack("!Q", expires)[0] / 1000 if expires else None
-            found.append((key, left, _packets(element)) if counted else (key, left))
+            found.append((key, left, _counter(element)) if counted else (key, left))
 
 
 def _each_nested(listed: bytes):
@@ -331,16 +362,17 @@ def _each_nested(listed: bytes):
         at += (length + 3) & ~3
 
 
-def _packets(element: dict[int, bytes]) -> int | None:
-    """The packets of an element's counter, if it has one."""
+def _counter(element: dict[int, bytes]) -> tuple[int, int] | None:
+    """(packets, bytes) of an element's counter, if it has one."""
     exprs = [element[SET_ELEM_EXPR]] if SET_ELEM_EXPR in element else []
     exprs += _each_nested(element.get(SET_ELEM_EXPRESSIONS, b""))
     for expr in exprs:
         fields = attributes(expr, 0, len(expr))
         if fields.get(EXPR_NAME, b"").rstrip(b"\0") == b"counter":
-            value = attributes(fields.get(EXPR_DATA, b""), 0, 64).get(COUNTER_PACKETS)
-            if value is not None and len(value) == 8:
-                return struct.unpack("!Q", value)[0]
+            data = attributes(fields.get(EXPR_DATA, b""), 0, 64)
+            packets, octets = data.get(COUNTER_PACKETS), data.get(COUNTER_BYTES, bytes(8))
+            if packets is not None and len(packets) == len(octets) == 8:
+                return struct.unpack("!Q", packets)[0], struct.unpack("!Q", octets)[0]
     return None
 
 

@@ -405,9 +405,9 @@ class NftBans:
         absence with `holds` before acting on it."""
         return self._ban_sets(dump_set, lambda left: left)
 
-    def banned_counted(self) -> dict[str, tuple[float | None, int | None]]:
-        """Address -> (seconds left, packets its ban dropped): `banned`, with
-        each element's counter (None in a table made before the counters)."""
+    def banned_counted(self) -> dict[str, tuple[float | None, int | None, int | None]]:
+        """Address -> (seconds left, packets and bytes its ban dropped): `banned`,
+        with each element's counter (None in a table made before the counters)."""
         return self._ban_sets(dump_counted, lambda value: value[0])
 
     def _ban_sets(self, dump, left_of) -> dict:

@@ -85,12 +85,12 @@ class BypassWatch:
             self._elements.add_each(missing)
         if extra:
             self._elements.delete(extra)
-        self.through = {a: n for a, (_, n) in copies.items() if n and a in kernel}
+        self.through = {a: n for a, (_, n, _) in copies.items() if n and a in kernel}
         self.ctx.metrics.bypassed.set(sum(self.through.values()))
         self._warn(time.time())
 
     @staticmethod
-    def _copies(table: str) -> dict[str, tuple[float | None, int | None]]:
+    def _copies(table: str) -> dict[str, tuple[float | None, int | None, int | None]]:
         copies = {}
         for name in ("ban4", "ban6"):
             copies.update(dump_counted(table, name, NFPROTO_BRIDGE))

@@ -38,6 +38,7 @@ class Firewall:
         self._unlisted: set[str] = set()  # transports whose sockets cannot be listed (said)
         self.bypass = ledger.bypass
         self.trouble: str | None = None  # why our table could not be restored, while so
+        self.dropped: dict[str, tuple[int, int]] = {}  # packets, bytes at the last reconciliation
 
     # -- owner thread ------------------------------------------------------
     def install(self, kernel_trap, trapped) -> None:
@@ -201,7 +202,7 @@ class Firewall:
         self.ctx.inbox.post(self.reset_served)
         now = time.time()
         records = self.ledger.in_force(now)
-        bans.elements.add_each((r.address, r.remaining(now) or 0) for r in records)
+        bans.elements.add_each(self._again(records, now))
         self.ctx.log(f"adminalert: firewall restored: table, kernel trap and {len(records)} "
                      f"bans, in {1000 * (time.perf_counter() - started):.0f} ms", logs.NOTICE)
         return True
@@ -221,8 +222,9 @@ class Firewall:
         except NftError as err:
             self.ctx.report_error(f"reconciliation: cannot list the ban sets: {err}")
             return {"kernel_only": [], "state_only": [], "table_restored": restored}
-        kernel = {address: left for address, (left, _) in counted.items()}
-        self.ctx.metrics.banned_dropped.set(sum(n or 0 for _, n in counted.values()))
+        kernel = {address: left for address, (left, _, _) in counted.items()}
+        self.dropped = {a: (n, size or 0) for a, (_, n, size) in counted.items() if n}
+        self.ctx.metrics.banned_dropped.set(sum(n for n, _ in self.dropped.values()))
         self.bypass.check(kernel)
         stored = {r.address: r for r in self.ledger.in_force(now + 1)}
         unknown = {a: left for a, left in kernel.items()
@@ -238,14 +240,19 @@ class Firewall:
                                f"firewall but not in the state; now recorded: "
                                f"{_some(kernel_only)}")
         if state_only:
-            self.ctx.bans.elements.add_each((r.address, r.remaining(now) or 0)
-                                            for r in state_only)
+            self.ctx.bans.elements.add_each(self._again(state_only, now))
             self.ctx.metrics.drift.labels("state_only").inc(len(state_only))
             self.ctx.log.error(f"adminalert: WARNING: {len(state_only)} bans were missing "
                                f"from the firewall and are back: "
                                f"{_some(r.address for r in state_only)}")
         return {"kernel_only": sorted(kernel_only), "state_only": [r.address for r in state_only],
                 "table_restored": restored, "bypass": self.bypass.status()}
+
+    def _again(self, records, now: float):
+        """Bans to put back, each with what it had dropped by the last
+        reconciliation (its counter went with the element)."""
+        return [(r.address, r.remaining(now) or 0, self.dropped.get(r.address))
+                for r in records]
 
     def _engine_holds(self, addresses: list[str]) -> set[str]:
         engine = self.ctx.engine

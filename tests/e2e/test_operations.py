@@ -223,6 +223,34 @@ def test_status_metrics_and_json_events(lab, start_daemon, tmp_path):
     assert record["evidence"] == "single"
 
 
+def test_a_bans_dropped_count_survives_a_new_ban_time_and_a_ruleset_flush(lab, start_daemon):
+    """Found by an adversarial try: `block` on a banned host (a new ban time)
+    and the restore after `nft flush ruleset` put its set element back with
+    a fresh counter, so `list` said the ban had dropped nothing. The new
+    time's element starts from the old counter; a restored one from what
+    the last reconciliation read."""
+    daemon = start_daemon(ATCP)
+    source = extra4(27)
+    scan_and_wait(daemon, lab, source)
+
+    def dropped() -> int:
+        bans = json.loads(daemon.cli("list", "--json").stdout)
+        return next(b["dropped"] for b in bans if b["address"] == source) or 0
+
+    for _ in range(3):
+        assert not can_connect(lab, source, TARGET4, 80)
+    before = dropped()
+    assert before >= 3, before
+    daemon.cli("block", source, "--for", "48h")
+    assert 47 * 3600 < daemon.set_timeouts()[source] <= 48 * 3600
+    assert dropped() >= before
+    daemon.cli("reconcile")  # what the counters read now is what a restore puts back
+    lab.exec("target", "nft", "flush", "ruleset", check=True)
+    daemon.wait_log("firewall restored: table, kernel trap and 1 bans")
+    assert dropped() >= before
+    assert not can_connect(lab, source, TARGET4, 80)
+
+
 def test_ban_time_by_evidence_gives_each_grade_its_time(lab, start_daemon):
     """One stateless probe (spoofable) 10 minutes, a completed handshake (the
     tcp mode's listener: a real source) a week; in the kernel's set too."""

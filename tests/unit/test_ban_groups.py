@@ -201,7 +201,7 @@ def test_reconciliation_writes_what_is_pending_first(daemon):
             return True
 
         def banned_counted(self):
-            return {A: (3600.0, 12)}
+            return {A: (3600.0, 12, 960)}
 
         def holds(self, address):
             return True

@@ -82,6 +82,7 @@ def set_element_messages() -> list[bytes]:
     elements.add([A("198.51.100.3")])
     elements.add_each([("198.51.100.4", 60.5), ("2001:db8::4", 0)])
     elements.replace([A("198.51.100.5")], 7200)
+    elements.add_each([("198.51.100.7", 60, (5, 300))])  # put back with its counter
     elements.delete([A("198.51.100.2"), A("2001:db8::2")])
     elements.refresh_ports("served_tcp", [443, 22], 3600)
     elements.contains("peers4", "198.51.100.6")

@@ -597,7 +597,8 @@ def test_a_ban_elements_counter_is_read_from_the_kernels_dump():
     found = []
     _elements_into(found, listed, 0, len(listed), counted=True)
     assert [(ipaddress.ip_address(k), left, n) for k, left, n in found] == [
-        (ipaddress.ip_address("192.0.2.1"), 5.0, 7), (ipaddress.ip_address("192.0.2.2"), 5.0, 3),
+        (ipaddress.ip_address("192.0.2.1"), 5.0, (7, 420)),
+        (ipaddress.ip_address("192.0.2.2"), 5.0, (3, 180)),
         (ipaddress.ip_address("192.0.2.3"), 5.0, None)]
 
 
