@@ -269,7 +269,10 @@ def _challenge(t: str, port: int, hit_log: list[str]) -> list[str]:
         f"add rule inet {t} challenge socket transparent 1 return",
         f"add rule inet {t} challenge tcp dport @served_tcp return",
         *hit_log,
-        f"add rule inet {t} challenge meta l4proto tcp redirect to :{int(port)}",
+        # its own (local) destination, another port: `redirect` would take the incoming
+        # interface's address, and drops the packet where it has none of that family
+        f"add rule inet {t} challenge meta l4proto tcp dnat ip to ip daddr:{int(port)}",
+        f"add rule inet {t} challenge meta l4proto tcp dnat ip6 to ip6 daddr:{int(port)}",
     ]
 
 

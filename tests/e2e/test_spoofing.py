@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 import netlab
 from conftest import Client, can_connect, nmap
-from netlab import ATTACKER4, CLIENT4, TARGET4, extra4
+from netlab import ATTACKER4, CLIENT4, TARGET4, TARGET6, extra4, extra6
 
 ATCP = 'TCP_MODE="atcp"\nUDP_MODE="audp"\n'
 
@@ -132,17 +134,43 @@ print('sent', len(frames) + 3)
     assert "198.51.100.27" not in daemon.banned()  # nothing parsed out of the garbage
 
 
-def test_a_peer_that_connect_scans_is_challenged_and_banned(lab, start_daemon):
-    """A peer's SYN is not enough, but a completed connection to a trap port is."""
+@pytest.mark.parametrize("source, target", [(extra4(20), TARGET4), (extra6(20), TARGET6)])
+def test_a_peer_that_connect_scans_is_challenged_and_banned(lab, start_daemon, source, target):
+    """A peer's SYN is not enough, but a completed connection to a trap port
+    is (both families: the challenge's destination NAT is written per family)."""
     daemon = start_daemon(ATCP, classic=True)
-    source = extra4(20)
-    assert can_connect(lab, source, TARGET4, 80)  # a real conversation: now a peer
+    assert can_connect(lab, source, target, 80)  # a real conversation: now a peer
     time.sleep(2.5)  # ... a mature one
-    nmap(lab, "-sT", source, TARGET4, "20-25")
+    nmap(lab, "-sT", source, target, "20-25")
     daemon.wait_log(f"attackalert: Connect from host: {source}/{source} to TCP port: ")
     daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
     assert source in daemon.banned()
-    assert not can_connect(lab, source, TARGET4, 80)
+    assert not can_connect(lab, source, target, 80)
+
+
+def test_the_challenge_works_when_the_address_is_not_on_the_incoming_interface(
+        lab, start_daemon):
+    """Found by an adversarial try: nftables' `redirect` drops a packet that
+    came in by an interface with no address of its family (a bridge port, a
+    service address on lo or a dummy interface), so a peer's connect scan met only
+    dropped SYNs there and was never banned. The challenge now keeps the
+    packet's own (local) destination and changes only its port."""
+    lab.exec("target", "ip", "addr", "del", f"{TARGET4}/24", "dev", "eth0", check=True)
+    try:
+        for argv in (("addr", "add", f"{TARGET4}/32", "dev", "lo"),  # a service address
+                     ("route", "add", f"{netlab.NET4}.0/24", "dev", "eth0", "src", TARGET4)):
+            lab.exec("target", "ip", *argv, check=True)
+        daemon = start_daemon(ATCP, classic=True)
+        source = extra4(23)
+        assert can_connect(lab, source, TARGET4, 80)  # a real conversation: now a peer
+        time.sleep(2.5)  # ... a mature one
+        nmap(lab, "-sT", source, TARGET4, "20-25")
+        daemon.wait_log(f"attackalert: Connect from host: {source}/{source} to TCP port: ")
+        daemon.wait_log(f"attackalert: Host {source} has been blocked via dropped route")
+        assert not can_connect(lab, source, TARGET4, 80)
+    finally:
+        lab.exec("target", "ip", "addr", "del", f"{TARGET4}/32", "dev", "lo")
+        lab.exec("target", "ip", "addr", "add", f"{TARGET4}/24", "dev", "eth0")
 
 
 def test_a_paced_scan_that_avoids_every_trap_is_caught(lab, start_daemon):
