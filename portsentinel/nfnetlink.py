@@ -239,7 +239,7 @@ class SetElements:
         with self._lock:
             self._seq += 1
             self._sock.send(nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM,
-                                         NLM_F_REQUEST | NLM_F_ACK, self._seq, NFPROTO_INET, body))
+                                         NLM_F_REQUEST | NLM_F_ACK, self._seq, self.family, body))
             found: list = []
             for data, at, end in answers(self._sock, self._seq, "nftables get element"):
                 _elements_into(found, data, at + NFGEN.size, end, counted=True)
