@@ -236,15 +236,18 @@ def start_daemon(lab, tmp_path):
         daemon.stop()
 
 
+def nmap_argv(scan: str, source: str, target: str, ports: str) -> list[str]:
+    argv = ["nmap", *scan.split(), "-Pn", "-n", "-T4", "--max-retries", "0", "--host-timeout", "40s",
+            "-e", "eth0", "-S", source, "-p", ports, "-oG", "-", target]
+    if ":" in source:
+        argv.insert(1, "-6")
+    return argv
+
+
 def nmap(lab: netlab.Lab, scan: str, source: str, target: str, ports: str,
          timeout: float = 90) -> subprocess.CompletedProcess:
     """One bounded nmap scan from `source` (an attacker address) to `target`."""
-    v6 = ":" in source
-    argv = ["nmap", *scan.split(), "-Pn", "-n", "-T4", "--max-retries", "0", "--host-timeout", "40s",
-            "-e", "eth0", "-S", source, "-p", ports, "-oG", "-", target]
-    if v6:
-        argv.insert(1, "-6")
-    done = lab.exec("attacker", *argv, timeout=timeout)
+    done = lab.exec("attacker", *nmap_argv(scan, source, target, ports), timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

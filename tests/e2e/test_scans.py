@@ -18,7 +18,7 @@ import pytest
 
 import netlab
 from netlab import TARGET4, TARGET6, extra4, extra6
-from conftest import Client, can_connect, nmap, open_ports
+from conftest import Client, can_connect, nmap, nmap_argv, open_ports
 
 PROBES = str(Path(__file__).resolve().parents[2] / "bench" / "probes.py")
 REAL_TCP = {22, 80, 443, 8080}
@@ -374,10 +374,13 @@ def test_an_ack_scan_slower_than_the_kernels_bucket_is_banned_by_the_daemon(
         idle = lab.start("client", "python3", "-c", IDLE_CLIENT, TARGET4, TARGET6,
                          stdout=subprocess.PIPE)
         slow = extra6(35)
-        for port in (20, 21, 23, 24, 79):  # one every 2.5 s: the bucket never overflows
-            started = time.monotonic()
-            nmap(lab, "-sA", slow, TARGET6, str(port))
-            time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+        # one every 2.2 s, on a fixed schedule (however long each nmap takes):
+        # slower than the bucket's refill, yet the five span 8.8 s of the 10
+        scans, start = [], time.monotonic()
+        for n, port in enumerate((20, 21, 23, 24, 79)):
+            time.sleep(max(0.0, start + 2.2 * n - time.monotonic()))
+            scans.append(lab.start("attacker", *nmap_argv("-sA", slow, TARGET6, str(port))))
+        assert all(scan.wait(timeout=60) == 0 for scan in scans)
         daemon.wait_log(f"attackalert: TCP ACK scan from host: {slow}/{slow} to TCP port: 79")
         assert slow in daemon.banned()
         listed = daemon.cli("list").stdout
