@@ -251,6 +251,18 @@ def _hit_log(t: str, trap: KernelTrap, chain: str = "challenge",
             f'prefix "{prefix}"' for v, family, field in FAMILIES]
 
 
+def _unanswered(t: str, ban_tcp: bool, ban_udp: bool) -> list[str]:
+    """A peer's trap hit: not banned (its address may be a decoy's), but not
+    answered either where a stranger's would ban: the stack's RST (ICMP
+    unreachable) from every trap port and its silence from the real ones
+    would map the open ports for any host that once used a service. No real
+    stack sends these probes (a peer's SYN goes to the challenge)."""
+    rules = [f"add chain inet {t} unanswered", f"flush chain inet {t} unanswered"]
+    return rules + [f"add rule inet {t} unanswered meta l4proto {protocol} drop"
+                    for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp),
+                                           (f"!= {KNOWN_PROTOCOLS}", ban_tcp)) if bans]
+
+
 def _challenge(t: str, port: int, hit_log: list[str]) -> list[str]:
     """A peer's SYN to an unserved TCP trap port goes to our catch-all
     socket: only a host that really sent it can complete the handshake
@@ -310,8 +322,11 @@ def _trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry: str,
         rules.append(f"add rule inet {t} input udp dport @trap_udp jump trap")
     rules += _hold(t, trap) + _spared(t, trap.service_memory)
     if trap.peer_memory > 0:  # a peer's address may be a decoy: userspace decides
-        rules += [f"add rule inet {t} trapped ip saddr @peers4 ip saddr != @young4 return",
-                  f"add rule inet {t} trapped ip6 saddr @peers6 ip6 saddr != @young6 return"]
+        rules += _unanswered(t, ban_tcp, ban_udp)
+        rules += [f"add rule inet {t} trapped ip saddr @peers4 ip saddr != @young4 "
+                  "goto unanswered",
+                  f"add rule inet {t} trapped ip6 saddr @peers6 ip6 saddr != @young6 "
+                  "goto unanswered"]
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
         rules.append(f"add rule inet {t} trapped limit rate over {limit(trap.ban_rate)} return")
     rules += [f"add rule inet {t} trapped meta nfproto {family} "
@@ -361,15 +376,18 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
                       f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
                       for v, family, field in FAMILIES]
     rules.append(f"add rule inet {t} trapped goto hit")  # no kernel ban: userspace decides
-    for chain, prefix in (("hit", HIT_PREFIX), ("peer_hit", PEER_HIT_PREFIX)):
-        rules += [rule + " accept" for rule in _hit_log(t, trap, chain, prefix)]
+    rules += _unanswered(t, ban_tcp, ban_udp) + [f"add rule inet {t} unanswered accept"]
+    for chain, prefix, verdict in (("hit", HIT_PREFIX, "accept"),
+                                   ("peer_hit", PEER_HIT_PREFIX, "goto unanswered")):
+        rules += [f"{rule} {verdict}" for rule in _hit_log(t, trap, chain, prefix)]
         # past its rate (in the meter): seen enough; not in it, the meter was full
         # (a flood of new sources): logged all the same, within an overall rate
-        rules += [f"add rule inet {t} {chain} {field} @hits{v} accept" for v, _, field in FAMILIES]
+        rules += [f"add rule inet {t} {chain} {field} @hits{v} {verdict}"
+                  for v, _, field in FAMILIES]
         rules += [f"add rule inet {t} {chain} meta nfproto {family} limit rate "
-                  f'{HIT_OVERFLOW_RATE} log group {group} prefix "{prefix}" accept'
+                  f'{HIT_OVERFLOW_RATE} log group {group} prefix "{prefix}" {verdict}'
                   for _, family, _ in FAMILIES]
-        rules.append(f"add rule inet {t} {chain} accept")
+        rules.append(f"add rule inet {t} {chain} {verdict}")
     rules += [f"add rule inet {t} contact {field} . tcp dport @seen{v} return"
               for v, _, field in FAMILIES]
     rules += [f"add rule inet {t} contact meta nfproto {family} add @seen{v} {{ {field} . "

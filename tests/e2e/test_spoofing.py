@@ -148,6 +148,28 @@ def test_a_peer_that_connect_scans_is_challenged_and_banned(lab, start_daemon, s
     assert not can_connect(lab, source, target, 80)
 
 
+@pytest.mark.parametrize("source, target", [(extra4(24), TARGET4), (extra6(24), TARGET6)])
+def test_a_peers_stateless_scan_learns_nothing(lab, start_daemon, source, target):
+    """Found by an adversarial try: a peer's FIN, NULL and XMAS probes (and
+    UDP datagrams) to trap ports were let through, unbanned (its address may
+    be a decoy's), so the stack answered them: a RST (an ICMP unreachable)
+    from every trap port, silence from the real services. Any host that had
+    used the web site mapped the open ports. A peer's probe is still not
+    banned, but no longer answered: every port looks alike."""
+    daemon = start_daemon(ATCP)
+    assert can_connect(lab, source, target, 80)  # a real conversation: now a peer
+    time.sleep(2.5)  # ... a mature one
+    for scan in ("-sN", "-sF", "-sX"):
+        done = nmap(lab, scan, source, target, "20-25,80,443")
+        assert "closed" not in done.stdout, (scan, done.stdout)
+    done = nmap(lab, "-sU", source, target, "53,69,111,161")
+    assert "closed" not in done.stdout, done.stdout
+    daemon.wait_log(f"attackalert: Host {source} completed a TCP handshake with this host "
+                    "lately: not blocked on stateless probes")
+    assert source not in daemon.banned()
+    assert can_connect(lab, source, target, 80)  # and its real service still answers
+
+
 def test_the_challenge_works_when_the_address_is_not_on_the_incoming_interface(
         lab, start_daemon):
     """Found by an adversarial try: nftables' `redirect` drops a packet that

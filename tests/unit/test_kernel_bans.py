@@ -606,3 +606,23 @@ def test_the_ban_sets_count_what_each_ban_drops():
     rules = "\n".join(table_commands("t", 1000, None, 3600))
     for v in ("4", "6"):
         assert re.search(rf"add set inet t ban{v} {{[^}}]*counter;", rules), rules[:800]
+
+
+@pytest.mark.parametrize("sensor", [True, False])
+def test_a_peers_trap_hit_is_not_banned_and_not_answered(sensor):
+    """A peer's FIN/NULL/XMAS or UDP probe of a trap port: no ban (a decoy
+    may use its address), and no RST or ICMP answer either (those, beside
+    the real services' silence, mapped the open ports). With BLOCK_UDP="0"
+    (alerts only) its UDP is answered as a stranger's is."""
+    trap = KernelTrap(((1, 1023),), ((1, 1023),), 600, log_group=5, sensor=sensor,
+                      ban_udp=False)
+    rules = table_commands("t", 1024, trap, 60)
+    assert "add rule inet t unanswered meta l4proto tcp drop" in rules
+    assert not any(r.startswith("add rule inet t unanswered meta l4proto udp") for r in rules)
+    peer = "add rule inet t trapped ip saddr @peers4 ip saddr != @young4 goto "
+    assert peer + ("peer_hit" if sensor else "unanswered") in rules
+    if sensor:
+        verdicts = [r for r in rules if r.startswith("add rule inet t peer_hit ")]
+        assert verdicts and all(r.endswith(" goto unanswered") for r in verdicts)
+        assert rules[-1] != "add rule inet t unanswered accept"
+        assert "add rule inet t unanswered accept" in rules
