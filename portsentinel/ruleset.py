@@ -34,6 +34,7 @@ ACK_PREFIX = "portsentinel ack"  # an ACK matching no connection, to an unserved
 PROTO_PREFIX = "portsentinel proto"  # a packet of another IP protocol than TCP, UDP, ICMP
 TRANSPORT_PREFIX = "portsentinel port"  # an SCTP INIT, UDP-Lite datagram, DCCP Request: unserved port
 PORT_SCAN_PREFIX = "portsentinel port scan"  # ... past the source's bucket: own log limit
+UNREPORTED_PREFIX = "portsentinel unreported"  # evidence past ACK_RATE went untold (a second's)
 TRANSPORTS = tuple(TRANSPORT_PROTOCOLS)  # the other transports with ports, judged per port
 ANSWER_MEMORY = "10m"  # what answers this host's own packet of those, this long after it
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
@@ -349,6 +350,8 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
         rules += _first_contact_delay(t)
     if trap.tcp:
         rules += _bogus(t)
+        if trap.ack_window > 0 or trap.proto_window > 0:
+            rules += _unreported(t, trap)
         if trap.ack_window > 0:
             rules += _ack_scans(t, trap)
         if trap.ack_window > 0 and trap.transports:
@@ -485,7 +488,7 @@ def _transport_scans(t: str, trap: KernelTrap) -> list[str]:
               f"add rule inet {t} transport th dport {first}-{last} return"]
     rules += [f"add rule inet {t} transport meta l4proto {name} th dport @served_{name} return"
               for name in names]
-    rules += [f"add rule inet {t} port_scan limit rate over {ACK_RATE} return",
+    rules += [f"add rule inet {t} port_scan limit rate over {ACK_RATE} goto unreported",
               f'add rule inet {t} port_scan log group {int(trap.log_group)} '
               f'prefix "{PORT_SCAN_PREFIX}"']
     return rules + _distinct_evidence(t, "transport", "ported", "porters",
@@ -511,6 +514,16 @@ def _proto_scans(t: str, trap: KernelTrap) -> list[str]:
                                       trap.log_group, PROTO_PREFIX)
 
 
+def _unreported(t: str, trap: KernelTrap) -> list[str]:
+    """Evidence past ACK_RATE is not told (a spoofed flood must not drown
+    userspace), but that it happened is, once a second: the daemon counts
+    the slow scans the kernel's buckets do not catch, and warns when it may
+    have missed one."""
+    return [f"add chain inet {t} unreported", f"flush chain inet {t} unreported",
+            f"add rule inet {t} unreported limit rate 1/second burst 1 packets "
+            f'log group {int(trap.log_group)} prefix "{UNREPORTED_PREFIX}"']
+
+
 def _distinct_evidence(t: str, chain: str, seen: str, counts: str, what: str, seconds: float,
                        trigger: int, group: int, prefix: str, over: str = "trapped") -> list[str]:
     """Each (source, `what`) goes to userspace once (`seen`; one that goes on
@@ -521,7 +534,8 @@ def _distinct_evidence(t: str, chain: str, seen: str, counts: str, what: str, se
     one is always over, remembered BUCKET_MEMORY windows (a source that pauses
     between rounds of probes gets no fresh bucket). The bucket counts before
     the rate limit on what userspace is told: a spoofed flood of one-packet
-    sources silences the log, not the count of a real scanner."""
+    sources silences the log (said: `unreported`), not the kernel's count of a
+    real scanner."""
     window = f"{max(1, int(seconds))}s"
     rules = [f"add rule inet {t} {chain} {field} . {what} @{seen}{v} update @{seen}{v} "
              f"{{ {field} . {what} timeout {window} }} return" for v, _, field in FAMILIES]
@@ -535,7 +549,7 @@ def _distinct_evidence(t: str, chain: str, seen: str, counts: str, what: str, se
         rules += [f"add rule inet {t} {chain} meta nfproto {family} update @{counts}{v} "
                   f"{{ {field} timeout {memory} limit rate over {rate} }} {add} goto {over}"
                   for (v, family, field), add in zip(FAMILIES, remember)]
-    rules.append(f"add rule inet {t} {chain} limit rate over {ACK_RATE} return")
+    rules.append(f"add rule inet {t} {chain} limit rate over {ACK_RATE} goto unreported")
     return rules + [f"add rule inet {t} {chain} meta nfproto {family} {add} log group "
                     f'{int(group)} prefix "{prefix}"'
                     for (v, family, field), add in zip(FAMILIES, remember)]

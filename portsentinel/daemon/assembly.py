@@ -15,6 +15,7 @@ from ..nflog import KernelBanLog
 from ..listeners import local_port_range
 from ..ruleset import (ACK_PREFIX, CONTACT_PREFIX, HIT_PREFIX, LOG_PREFIX, PEER_HIT_PREFIX,
                        PORT_SCAN_PREFIX, PROTO_PREFIX, SERVED_PREFIX, TRANSPORT_PREFIX, TRANSPORTS,
+                       UNREPORTED_PREFIX,
                        KernelTrap, port_ranges)
 from ..sensors import ChallengeSensor, ListenSensor, PacketSensor, TrapPorts
 from ..trw import TrwParameters
@@ -163,7 +164,8 @@ def _kernel_log(config: Config, armed: Armed, log, sensing: bool) -> int:
     if sensing:
         prefixes |= {HIT_PREFIX: "hit", PEER_HIT_PREFIX: "peer hit", CONTACT_PREFIX: "contact",
                      SERVED_PREFIX: "served", ACK_PREFIX: "ack", PROTO_PREFIX: "proto",
-                     TRANSPORT_PREFIX: "transport", PORT_SCAN_PREFIX: "port scan"}
+                     TRANSPORT_PREFIX: "transport", PORT_SCAN_PREFIX: "port scan",
+                     UNREPORTED_PREFIX: "unreported"}
     try:
         armed.sensors.append(KernelBanLog(group, LOG_PREFIX, prefixes))
     except OSError as err:

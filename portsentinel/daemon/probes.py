@@ -11,6 +11,7 @@ from collections import deque
 from .. import logs
 from ..addrset import text as address_text
 from ..engine import NFTABLES, TCP, Decision, Facts, Kind, Verdict
+from ..ruleset import ACK_RATE
 from ..sensors import ChallengeSensor
 from .alerts import Alerts
 from .context import Context
@@ -19,6 +20,7 @@ from .ledger import BanLedger
 
 DEFERRED_TRIALS = 65536  # first contacts judged later; bounded under floods (oldest dropped)
 REPEAT_LINES_PER_SECOND = 20  # "already blocked" lines, all hosts together
+UNREPORTED_EVERY = 60.0  # s between warnings that the kernel kept evidence from us
 BAN_GROUP = 16  # a kernel log batch's bans go to the firewall this many a transaction
 # Under a flood each wake of the run loop cost more than a source's whole
 # handling (100 us and more on these machines): after a batch of COALESCE_FROM
@@ -105,6 +107,7 @@ class ProbePath:
         self.repeat_lines = logs.LineBudget(REPEAT_LINES_PER_SECOND, REPEAT_LINES_PER_SECOND)
         self._reports: list | None = None  # reports of the kernel log batch being read
         self._bans: list = []  # its bans not sent yet: (decision, index of its report)
+        self._unreported_said = float("-inf")
 
     # -- sensors ----------------------------------------------------------
     def read(self, sensor) -> None:
@@ -161,12 +164,29 @@ class ProbePath:
         if what == "ban":
             self.kernel_banned(probe)
             return
+        if what == "unreported":
+            self._unreported()
+            return
         peer = {"hit": False, "peer hit": True}.get(what)
         # a transport's port: served now? (the kernel's sets follow a poll). Only the
         # ports found unserved here count: a new service's client drained the
         # kernel's bucket with ports the kernel did not know were served
         served = None if what in ("transport", "port scan") else what == "served"
         self.handle(probe, facts=KernelFacts(self, probe, served, peer))
+
+    def _unreported(self) -> None:
+        """The kernel kept evidence from us this second (past its log limit):
+        counted, and said at most once a minute."""
+        self.ctx.metrics.dropped.labels("kernel log limit").inc()
+        now = time.monotonic()
+        if now - self._unreported_said < UNREPORTED_EVERY:
+            return
+        self._unreported_said = now
+        self.ctx.log.error(
+            "adminalert: WARNING: more ACK-family, IP protocol or transport probes than "
+            f"{ACK_RATE.split('/')[0]} a second (a spoofed flood?): the kernel does not report "
+            "those past it, so a scan slower than the kernel's bucket can go unseen meanwhile "
+            "(faster ones are still banned in the kernel)")
 
     def _handle_safely(self, probe, sensor) -> None:
         self._safely(probe, self.handle, probe, sensor.needs_listener_check)

@@ -393,6 +393,24 @@ def test_an_ack_scan_slower_than_the_kernels_bucket_is_banned_by_the_daemon(
         lab.stop(echo)
 
 
+def test_a_flood_past_the_evidence_log_limit_is_said(lab, start_daemon):
+    """Found by an adversarial try: a spoofed ACK flood past the kernel's
+    log limit for ACK-family probes (2,000 a second) hid a slow ACK scan,
+    which only the daemon counts, and nothing said so. The kernel now tells
+    the daemon, at most once a second, that probes went unreported; the
+    daemon warns, at most once a minute."""
+    daemon = start_daemon('TCP_MODE="atcp"\nUDP_MODE="audp"\n')
+    mac = re.search(r"link/ether (\S+)", lab.exec("target", "ip", "link", "show",
+                                                  "eth0").stdout)[1]
+    flood = lab.exec("attacker", sys.executable, PROBES, "flood", "eth0", mac, TARGET6,
+                     "8000", "2", "23", "ack", timeout=30)
+    assert flood.returncode == 0, flood.stderr
+    line = daemon.wait_log("adminalert: WARNING: more ACK-family, IP protocol or transport "
+                           "probes than")
+    assert "a scan slower than the kernel's bucket can go unseen" in line, line
+    assert daemon.log_text().count("probes than") == 1  # once a minute, not once a second
+
+
 def test_an_ip_protocol_scan_is_banned_but_one_tunnels_protocol_is_not(lab, start_daemon):
     """Issue 19: nmap -sO (which IP protocols does the host speak?) went
     unseen. PROTO_SCAN_TRIGGER (4) distinct protocols other than TCP, UDP and
