@@ -596,6 +596,22 @@ def test_ban_time_by_evidence_is_off_by_default_and_maps_grades_to_ban_times():
     assert graded.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 10.0)).ban_seconds == 1200
 
 
+def test_blocking_a_banned_address_again_gives_it_the_manual_ban_time():
+    """Found by an adversarial try: `block` of an address banned already
+    reset it to BAN_TIME, where a fresh `block` gets the manual grade's time."""
+    a = ipaddress.ip_address
+    graded = Engine(Policy(ban_time=86400, ban_time_by_evidence={"single": 3600,
+                                                                 "manual": 10800}))
+    graded.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0))
+    again = graded.block(a("192.0.2.1"), 100.0)
+    assert again.verdict is Verdict.ALREADY_BLOCKED
+    assert (again.ban_seconds, again.until) == (10800, 100.0 + 10800)
+    assert graded.block(a("192.0.2.1"), 200.0, seconds=60).until == 260.0  # --for wins
+    plain = Engine(Policy(ban_time=86400))
+    plain.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0))
+    assert plain.block(a("192.0.2.1"), 100.0).ban_seconds == 86400
+
+
 def test_trap_hits_below_the_trigger_are_marked_as_fleet_evidence():
     """What a fleet shares to catch a scan spread over its members: a trap hit
     that did not ban here (below SCAN_TRIGGER); never a served port's, a
