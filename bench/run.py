@@ -383,8 +383,8 @@ def run_scan(lab, contender, name, args, v6, host_timeout: int = 300,
              cgroup: bool = False) -> dict:
     source = ATTACKER6 if v6 else ATTACKER4
     target = TARGET6 if v6 else TARGET4
-    contender.start()
-    counters_install(lab, source)
+    counters_install(lab, source)  # before the start: a foreign commit would cost the daemon
+    contender.start()              # a listing of its table at its next reconciliation (12 ms)
     client = legit_start(lab)
     time.sleep(0.5)
     cpu0, _ = proc_stats(contender.pids())
