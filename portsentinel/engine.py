@@ -498,8 +498,10 @@ class Engine:
               recorded: tuple[float, float | None] | None = None) -> Order:
         """An admin's ban, escalated unless `seconds` is given. An address
         blocked already (here, or `recorded` (since, until) in the state) only
-        gets its ban time set (unless given, a manual ban's: the manual grade's
-        time, else BAN_TIME; not escalated): no action runs twice."""
+        gets its ban time set: `seconds` if given, else a manual ban's (the
+        manual grade's time, else BAN_TIME; not escalated) unless it ends
+        sooner than the ban in force (a block keeps a host out, it never
+        shortens its ban): no action runs twice."""
         refused = self._refusal(address)
         if refused:
             return Order(Verdict.REFUSED, address, now, error=refused)
@@ -507,8 +509,11 @@ class Engine:
             self.restore(address, *recorded)
         ban = self._active(address, now)
         if ban is not None:
-            length = (self.policy.ban_time_by_evidence.get(MANUAL, self.policy.ban_time)
-                      if seconds is None else float(seconds))
+            length = float(seconds or 0)
+            if seconds is None:
+                length = self.policy.ban_time_by_evidence.get(MANUAL, self.policy.ban_time)
+                if ban.until is None or (length and now + length < ban.until):
+                    length = 0.0 if ban.until is None else ban.until - now  # kept
             ban.until = now + length if length else None
             return Order(Verdict.ALREADY_BLOCKED, address, ban.since, ban.until,
                          ban_seconds=length)

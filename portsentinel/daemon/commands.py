@@ -160,8 +160,10 @@ class Commands:
         error = self._on_worker(lambda: self.ledger.set_time(order))
         if error:
             return {"ok": False, "error": error}
+        lasts = (f"{_duration(order.ban_seconds)} from now" if order.ban_seconds
+                 else _duration(0))
         self.ctx.log(f"adminalert: Host {order.address} was blocked already; its ban now lasts "
-                     f"{_duration(order.ban_seconds)} from now", logs.NOTICE)
+                     f"{lasts}", logs.NOTICE)
         return {"ok": True, "address": str(order.address), "until": order.until,
                 "already": True}
 
@@ -335,4 +337,4 @@ def _in_force(record: BanRecord, now: float) -> bool:
 
 
 def _duration(seconds: float) -> str:
-    return "ever" if not seconds else f"{int(seconds)}s"
+    return "forever" if not seconds else f"{int(seconds)}s"

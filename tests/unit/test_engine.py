@@ -610,6 +610,12 @@ def test_blocking_a_banned_address_again_gives_it_the_manual_ban_time():
     plain = Engine(Policy(ban_time=86400))
     plain.handle(Probe(a("192.0.2.1"), 1, TCP, Kind.SYN, 0.0))
     assert plain.block(a("192.0.2.1"), 100.0).ban_seconds == 86400
+    # ... and never shortens one (a second try): an admin's block keeps a host out
+    longer = graded.block(a("192.0.2.1"), 300.0, seconds=43200)
+    assert graded.block(a("192.0.2.1"), 400.0).until == longer.until
+    graded.block(a("192.0.2.1"), 500.0, seconds=0)  # --for 0: forever
+    forever = graded.block(a("192.0.2.1"), 600.0)
+    assert (forever.until, forever.ban_seconds) == (None, 0)
 
 
 def test_trap_hits_below_the_trigger_are_marked_as_fleet_evidence():
