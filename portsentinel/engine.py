@@ -509,11 +509,14 @@ class Engine:
             self.restore(address, *recorded)
         ban = self._active(address, now)
         if ban is not None:
-            length = float(seconds or 0)
-            if seconds is None:
+            if seconds is not None:
+                length = float(seconds)
+            elif ban.until is None:
+                length = 0.0  # forever stays forever
+            else:
                 length = self.policy.ban_time_by_evidence.get(MANUAL, self.policy.ban_time)
-                if ban.until is None or (length and now + length < ban.until):
-                    length = 0.0 if ban.until is None else ban.until - now  # kept
+                if length and now + length < ban.until:
+                    length = ban.until - now  # never shortened
             ban.until = now + length if length else None
             return Order(Verdict.ALREADY_BLOCKED, address, ban.since, ban.until,
                          ban_seconds=length)

@@ -38,7 +38,8 @@ UNREPORTED_PREFIX = "portsentinel unreported"  # evidence past ACK_RATE went unt
 TRANSPORTS = tuple(TRANSPORT_PROTOCOLS)  # the other transports with ports, judged per port
 ANSWER_MEMORY = "10m"  # what answers this host's own packet of those, this long after it
 KNOWN_PROTOCOLS = "{ tcp, udp, icmp, ipv6-icmp }"  # what the other rules judge
-ACK_RATE = "2000/second burst 2000 packets"  # a spoofed ACK flood: userspace's work bounded
+ACK_RATE_PER_SECOND = 2000  # a spoofed ACK flood: userspace's work bounded
+ACK_RATE = f"{ACK_RATE_PER_SECOND}/second burst {ACK_RATE_PER_SECOND} packets"
 BUCKET_MEMORY = EVIDENCE_WINDOWS  # windows a source's bucket is remembered after its last probe
 HIT_RATE = "20/second burst 40 packets"
 # A source is forgotten by the hit meter once its bucket (HIT_RATE) is full

@@ -11,7 +11,7 @@ from collections import deque
 from .. import logs
 from ..addrset import text as address_text
 from ..engine import NFTABLES, TCP, Decision, Facts, Kind, Verdict
-from ..ruleset import ACK_RATE
+from ..ruleset import ACK_RATE_PER_SECOND
 from ..sensors import ChallengeSensor
 from .alerts import Alerts
 from .context import Context
@@ -184,7 +184,7 @@ class ProbePath:
         self._unreported_said = now
         self.ctx.log.error(
             "adminalert: WARNING: more ACK-family, IP protocol or transport probes than "
-            f"{ACK_RATE.split('/')[0]} a second (a spoofed flood?): the kernel does not report "
+            f"{ACK_RATE_PER_SECOND} a second (a spoofed flood?): the kernel does not report "
             "those past it, so a scan slower than the kernel's bucket can go unseen meanwhile "
             "(faster ones are still banned in the kernel)")
 
