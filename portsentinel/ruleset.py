@@ -261,8 +261,14 @@ def _unanswered(t: str, ban_tcp: bool, ban_udp: bool) -> list[str]:
     stack sends these probes (a peer's SYN goes to the challenge)."""
     rules = [f"add chain inet {t} unanswered", f"flush chain inet {t} unanswered"]
     return rules + [f"add rule inet {t} unanswered meta l4proto {protocol} drop"
-                    for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp),
-                                           (f"!= {KNOWN_PROTOCOLS}", ban_tcp)) if bans]
+                    for protocol in _banned_protocols(ban_tcp, ban_udp)]
+
+
+def _banned_protocols(ban_tcp: bool, ban_udp: bool) -> list[str]:
+    """The `meta l4proto` matches whose trap hits the kernel bans (IP protocol
+    scans go by BLOCK_TCP)."""
+    return [protocol for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp),
+                                            (f"!= {KNOWN_PROTOCOLS}", ban_tcp)) if bans]
 
 
 def _challenge(t: str, port: int, hit_log: list[str]) -> list[str]:
@@ -373,12 +379,10 @@ def _sensed_trap(t: str, trap: KernelTrap, ban_tcp: bool, ban_udp: bool, expiry:
     if trap.ban_rate[0] > 0:  # circuit breaker: past the rate, userspace only alerts
         rules.append(f"add rule inet {t} trapped limit rate over {limit(trap.ban_rate)} "
                      f'log group {group} prefix "{HIT_PREFIX}" accept')
-    for protocol, bans in (("tcp", ban_tcp), ("udp", ban_udp),
-                           (f"!= {KNOWN_PROTOCOLS}", ban_tcp)):  # IP protocol scans: BLOCK_TCP
-        if bans:
-            rules += [f"add rule inet {t} trapped meta l4proto {protocol} meta nfproto {family} "
-                      f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
-                      for v, family, field in FAMILIES]
+    for protocol in _banned_protocols(ban_tcp, ban_udp):
+        rules += [f"add rule inet {t} trapped meta l4proto {protocol} meta nfproto {family} "
+                  f"add @ban{v} {{ {field}{expiry} }}{log} counter drop"
+                  for v, family, field in FAMILIES]
     rules.append(f"add rule inet {t} trapped goto hit")  # no kernel ban: userspace decides
     rules += _unanswered(t, ban_tcp, ban_udp) + [f"add rule inet {t} unanswered accept"]
     for chain, prefix, verdict in (("hit", HIT_PREFIX, "accept"),
